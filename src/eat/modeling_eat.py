@@ -1,0 +1,868 @@
+"""EAT: a BERT-compatible encoder whose token pruning, sparse attention and early exit remove real work.
+
+One file, read top to bottom:
+
+1. pure functions: attention kernels (dense SDPA, blocked sliding window), token importance, token
+   compaction (drop), bipartite token merging (ToMe), exit policies;
+2. the module tree with Hugging Face `BertModel` parameter names (`embeddings.*`, `encoder.layer.N.attention.self.query`,
+   ...), so every BERT checkpoint loads with `from_pretrained`;
+3. the layer loop (`EATModel.forward`), which keeps a batch's bookkeeping in `_TokenState` and shrinks the tensors:
+   pruned tokens are gathered away, exited rows leave the batch, and padding is trimmed as soon as the longest
+   row is gone;
+4. `EATForSequenceClassification` with exit heads.
+
+Shapes in comments: B batch rows still running, n current sequence length, d hidden size, H heads, dh head size.
+Modifications with respect to Hugging Face `BertModel`: the attention kernel (fused QKV at inference, windowed
+attention), the layer loop (pruning, exits, compaction); everything else computes the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_eat import EATConfig
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Pure functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dense_attention(q, k, v, mask=None, dropout_p: float = 0.0):
+    """Full attention with `scaled_dot_product_attention`. q, k, v: (B, H, n, dh); mask broadcastable to
+    (B, H, n, n), bool (True = attend) or additive float. Returns (B, H, n, dh)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def _band_mask(block: int, radius: int, device) -> torch.Tensor:
+    """(block, block + 2 * radius) bool: query t of a block sees window key w iff |t - (w - radius)| <= radius."""
+    t = torch.arange(block, device=device)[:, None]
+    w = torch.arange(block + 2 * radius, device=device)[None, :]
+    offset = w - t  # key position minus query position, shifted by radius
+    return (offset >= 0) & (offset <= 2 * radius)
+
+
+def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
+                             key_mask=None, key_bias=None, dropout_p: float = 0.0):
+    """Sliding-window attention with global leading tokens, computed block by block.
+
+    Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
+    first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
+    never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
+    band (gathered with `unfold`, a view) plus the global keys, in one batched SDPA call.
+
+    q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
+    every score of that key (log token sizes after merging) or None. Returns ((B, H, n, dh), scores computed).
+    """
+    B, H, n, dh = q.shape
+    g = min(num_global, n)
+    block = block or max(radius, 1)
+    num_blocks = -(-n // block)
+    n_pad = num_blocks * block
+    width = block + 2 * radius
+    device = q.device
+
+    # Keys of block i are positions [i * block - radius, i * block + block + radius): pad, then unfold (a view).
+    pad = (0, 0, radius, radius + n_pad - n)
+    k_win = F.pad(k, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
+    v_win = F.pad(v, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
+    k_glob = k[:, None, :, :g].expand(B, num_blocks, H, g, dh)  # (B, nb, H, g, dh)
+    v_glob = v[:, None, :, :g].expand(B, num_blocks, H, g, dh)
+    keys = torch.cat([k_glob, k_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
+    values = torch.cat([v_glob, v_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
+    queries = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, num_blocks, block, dh).transpose(1, 2)
+    queries = queries.reshape(B * num_blocks, H, block, dh)
+
+    # Which window keys are real: inside [g, n) (the global ones are already in front) and not padding.
+    real = torch.ones(B, n, dtype=torch.bool, device=device) if key_mask is None else key_mask
+    window_real = real.clone()
+    window_real[:, :g] = False
+    window_real = F.pad(window_real, (radius, radius + n_pad - n), value=False).unfold(1, width, block)  # (B, nb, W)
+    allowed = _band_mask(block, radius, device)[None, None] & window_real[:, :, None, :]  # (B, nb, b, W)
+    glob_real = real[:, None, None, :g].expand(B, num_blocks, block, g)
+    allowed = torch.cat([glob_real, allowed], dim=-1)  # (B, nb, b, g + W)
+    if key_bias is None:
+        mask = allowed
+    else:
+        bias_win = F.pad(key_bias, (radius, radius + n_pad - n)).unfold(1, width, block)  # (B, nb, W)
+        bias = torch.cat([key_bias[:, None, None, :g].expand(B, num_blocks, block, g),
+                          bias_win[:, :, None, :].expand(B, num_blocks, block, width)], dim=-1)
+        mask = bias.masked_fill(~allowed, float("-inf"))
+    mask = mask.reshape(B * num_blocks, 1, block, g + width)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
+    out = out.view(B, num_blocks, H, block, dh).transpose(1, 2).reshape(B, H, n_pad, dh)[:, :, :n]
+
+    # Global queries see every key.
+    glob_mask = _dense_mask(key_mask, key_bias)
+    out_glob = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=glob_mask, dropout_p=dropout_p)
+    out = torch.cat([out_glob, out[:, :, g:]], dim=2)
+    scores = B * (num_blocks * block * (g + width) + g * n)
+    return out, scores
+
+
+def _dense_mask(key_mask, key_bias):
+    """SDPA mask (B, 1, 1, n) from a key mask (B, n) and/or an additive key bias (B, n); None when neither."""
+    if key_bias is not None:
+        bias = key_bias if key_mask is None else key_bias.masked_fill(~key_mask, float("-inf"))
+        return bias[:, None, None, :]
+    if key_mask is not None:
+        return key_mask[:, None, None, :]
+    return None
+
+
+def cls_attention_importance(q, k, key_mask=None):
+    """Attention paid by `[CLS]` to every token, averaged over heads. q, k: (B, H, n, dh) -> (B, n).
+
+    Costs one query row (B * H * n * dh), so it is cheap even when the layer's attention ran in a fused kernel
+    that never materialised its probabilities.
+    """
+    scores = q[:, :, :1] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, 1, n)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(-1).mean(dim=(1, 2))
+
+
+def mean_attention_importance(q, k, key_mask=None):
+    """Attention received by every token, averaged over real queries and heads. (B, H, n, dh) -> (B, n).
+
+    Materialises the (B, H, n, n) probabilities, so it costs as much as one dense attention call.
+    """
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, n, n)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    if key_mask is None:
+        return probs.mean(dim=(1, 2))
+    query_weight = key_mask.to(probs.dtype)[:, None, :, None]  # padding queries do not vote
+    return (probs * query_weight).sum(dim=(1, 2)) / (query_weight.sum(dim=(1, 2)) * probs.shape[1])
+
+
+def compaction_index(keep, lengths_kept):
+    """Indices that gather the kept tokens of every row to the front, in their original order.
+
+    keep: (B, n) bool; lengths_kept: (B,) number of True per row. Returns (index (B, k), valid (B, k)) with
+    k = max(lengths_kept); positions past a row's own count are filler (valid False).
+    """
+    B, n = keep.shape
+    k = int(lengths_kept.max())
+    positions = torch.arange(n, device=keep.device).expand(B, n)
+    order = torch.where(keep, positions, positions + n)  # kept tokens sort first, each group in position order
+    order = order.sort(dim=1).values[:, :k]
+    valid = order < n
+    return torch.where(valid, order, order - n), valid
+
+
+def bipartite_merge_plan(metric, merges, mergeable):
+    """ToMe bipartite soft matching: which even-position token merges into which odd-position token.
+
+    metric: (B, n, c) token features (keys); merges: (B,) how many tokens each row should lose; mergeable: (B, n)
+    bool, False for protected tokens and padding (they neither merge away nor receive). Pure function: knows
+    nothing of models. Returns (src (B, na) bool: even token merges away, dst (B, na) long: odd-set index it
+    merges into); the number of merges per row is capped by what can merge (at most half the tokens).
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    a, b = metric[:, ::2], metric[:, 1::2]  # (B, na, c), (B, nb, c)
+    similarity = a @ b.transpose(-1, -2)  # (B, na, nb)
+    similarity = similarity.masked_fill(~mergeable[:, 1::2, None].transpose(1, 2), float("-inf"))
+    best, dst = similarity.max(dim=-1)  # (B, na)
+    best = best.masked_fill(~mergeable[:, ::2], float("-inf"))
+    order = best.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    src = (rank < merges[:, None]) & torch.isfinite(best)
+    return src, dst
+
+
+def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, patience: int, streak=None, previous=None):
+    """Which rows leave at this head. logits: (B, C). Returns (exit (B,) bool, streak, previous prediction).
+
+    - "confidence": max softmax probability >= tau (tau 0 exits at the first head, tau > 1 never);
+    - "entropy": prediction entropy in nats <= entropy_threshold;
+    - "patience": the last `patience` heads agree (PABEE with patience t is `patience = t + 1`).
+    """
+    if policy == "confidence":
+        return logits.softmax(-1).amax(-1) >= tau, streak, previous
+    if policy == "entropy":
+        log_probs = logits.log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return entropy <= entropy_threshold, streak, previous
+    if policy == "patience":
+        prediction = logits.argmax(-1)
+        if previous is None:
+            streak = torch.ones_like(prediction)
+        else:
+            streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
+        return streak >= patience, streak, prediction
+    return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), streak, previous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Modules (Hugging Face BERT parameter names)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EATEmbeddings(nn.Module):
+    """Word + position (+ token type) embeddings, LayerNorm, dropout. Token types are absent when
+    ``type_vocab_size == 0`` (DistilBERT)."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = (nn.Embedding(config.type_vocab_size, config.hidden_size)
+                                      if config.type_vocab_size > 0 else None)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None):
+        """input_ids, token_type_ids: (B, n) -> (B, n, d)."""
+        n = input_ids.shape[1]
+        limit = self.position_embeddings.num_embeddings
+        if n > limit:
+            raise ValueError(f"input of {n} tokens is longer than the model's position limit ({limit}); "
+                             "truncate it (the tokenizer's max_length) first")
+        embeddings = self.word_embeddings(input_ids) + self.position_embeddings.weight[:n]
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                embeddings = embeddings + self.token_type_embeddings.weight[0]
+            else:
+                embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class EATSelfAttention(nn.Module):
+    """Q, K, V projections (names `query`, `key`, `value` as in BERT) and the attention kernel.
+
+    Modifications: at inference the three projections run as one fused matmul whose weight is cached and rebuilt
+    when any projection weight changes (tracked by tensor version counters); the kernel is dense SDPA or the
+    blocked sliding window.
+    """
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size ({config.hidden_size}) is not a multiple of num_attention_heads "
+                             f"({config.num_attention_heads})")
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self._fused = None  # (key, weight (3d, d), bias (3d,))
+
+    def _fused_weights(self):
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        if torch.is_grad_enabled() and params[0].requires_grad:
+            return torch.cat(params[:3]), torch.cat(params[3:])  # differentiable, rebuilt every step
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                self._fused = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._fused[1], self._fused[2]
+
+    def forward(self, hidden, ctx: "_AttentionContext"):
+        """hidden: (B, n, d) -> context (B, n, d), q and k (B, H, n, dh) for importance scores, scores computed."""
+        B, n, _ = hidden.shape
+        weight, bias = self._fused_weights()
+        qkv = F.linear(hidden, weight, bias).view(B, n, 3, self.num_heads, self.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, dh)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if ctx.radius is None:
+            out = dense_attention(q, k, v, ctx.dense_mask, dropout_p)
+            scores = B * n * n
+        else:
+            out, scores = sliding_window_attention(q, k, v, ctx.radius, ctx.num_global, ctx.block, ctx.key_mask,
+                                                   ctx.key_bias, dropout_p)
+        return out.transpose(1, 2).reshape(B, n, -1), q, k, scores
+
+
+class EATSelfOutput(nn.Module):
+    """Attention output projection, dropout, residual and LayerNorm (BERT's `attention.output`)."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, context, residual):
+        """(B, n, d), (B, n, d) -> (B, n, d)."""
+        return self.LayerNorm(self.dropout(self.dense(context)) + residual)
+
+
+class EATAttention(nn.Module):
+    """BERT's `attention` block: `self` (projections + kernel) and `output`."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.self = EATSelfAttention(config)
+        self.output = EATSelfOutput(config)
+
+
+class EATIntermediate(nn.Module):
+    """FFN up-projection and activation."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden):
+        """(B, n, d) -> (B, n, intermediate)."""
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
+class EATOutput(nn.Module):
+    """FFN down-projection, dropout, residual, LayerNorm."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden, residual):
+        """(B, n, intermediate), (B, n, d) -> (B, n, d)."""
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class EATLayer(nn.Module):
+    """One post-LN transformer layer, same function as `BertLayer`."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.attention = EATAttention(config)
+        self.intermediate = EATIntermediate(config)
+        self.output = EATOutput(config)
+
+    def forward(self, hidden, ctx: "_AttentionContext"):
+        """hidden (B, n, d) -> (B, n, d), plus q, k (B, H, n, dh) and the number of attention scores computed."""
+        context, q, k, scores = self.attention.self(hidden, ctx)
+        hidden = self.attention.output(context, hidden)
+        hidden = self.output(self.intermediate(hidden), hidden)
+        return hidden, q, k, scores
+
+
+class EATEncoder(nn.Module):
+    """The stack of layers (`encoder.layer.N`)."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(EATLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class EATPooler(nn.Module):
+    """Dense + activation on the `[CLS]` vector: tanh for BERT, ReLU for DistilBERT's `pre_classifier`."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh() if config.classifier_activation == "tanh" else nn.ReLU()
+
+    def forward(self, cls_hidden):
+        """(B, d) -> (B, d)."""
+        return self.activation(self.dense(cls_hidden))
+
+
+class EATExitHead(nn.Module):
+    """An intermediate exit: the same shape as the final head (pooler dense + activation + classifier)."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh() if config.classifier_activation == "tanh" else nn.ReLU()
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, cls_hidden):
+        """(B, d) -> logits (B, C)."""
+        return self.classifier(self.dropout(self.activation(self.dense(cls_hidden))))
+
+
+def _classifier_dropout(config: EATConfig) -> float:
+    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Batch bookkeeping and the layer loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkCounters:
+    """Work done by one forward pass, counted from tensor shapes (not timed).
+
+    layers_run: sum over samples of layers executed. token_layers: sum over samples and layers of the real tokens
+    each layer processed. padded_token_layers: the same including padding rows (what the matmuls really saw).
+    attention_scores: query-key scores computed per head, padding included. exit_head_rows: rows fed to exit heads.
+    """
+
+    layers_run: int = 0
+    token_layers: int = 0
+    padded_token_layers: int = 0
+    attention_scores: int = 0
+    exit_head_rows: int = 0
+
+    def add(self, other: "WorkCounters") -> None:
+        """Accumulate another pass's counters into this one."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _AttentionContext:
+    """What the attention kernel needs about the current batch (rebuilt only when the batch changes)."""
+
+    dense_mask: torch.Tensor | None
+    key_mask: torch.Tensor | None
+    key_bias: torch.Tensor | None
+    radius: int | None
+    num_global: int
+    block: int | None
+
+
+@dataclass
+class _TokenState:
+    """Bookkeeping for the rows still running. Real tokens are always packed to the front of each row.
+
+    rows: (B,) original batch index; lengths: (B,) real tokens; key_mask: (B, n) bool or None when no row has
+    padding; positions: (B, n) original token index; protected: (B, n) tokens that are never pruned or merged;
+    sizes: (B, n) float token sizes (merge mode) or None; streak/previous: patience-policy state.
+    """
+
+    rows: torch.Tensor
+    lengths: torch.Tensor
+    key_mask: torch.Tensor | None
+    positions: torch.Tensor
+    protected: torch.Tensor
+    sizes: torch.Tensor | None = None
+    streak: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+    context: _AttentionContext | None = None
+
+    def select_rows(self, keep, hidden):
+        """Keep rows where `keep` (B,) is True; trim padding columns nobody needs. Returns the new hidden."""
+        index = keep.nonzero().squeeze(1)
+        self.rows, self.lengths = self.rows[index], self.lengths[index]
+        hidden = hidden[index]
+        width = int(self.lengths.max())
+        self.positions, self.protected = self.positions[index, :width], self.protected[index, :width]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[index, :width]
+            if bool(self.key_mask.all()):
+                self.key_mask = None
+        if self.sizes is not None:
+            self.sizes = self.sizes[index, :width]
+        if self.streak is not None:
+            self.streak, self.previous = self.streak[index], self.previous[index]
+        self.context = None
+        return hidden[:, :width]
+
+    def gather_tokens(self, hidden, index, valid, new_lengths):
+        """Gather tokens `index` (B, k) of every row (valid (B, k) marks real ones). Returns the new hidden."""
+        hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.positions, self.protected = self.positions.gather(1, index), self.protected.gather(1, index) & valid
+        if self.sizes is not None:
+            self.sizes = self.sizes.gather(1, index).masked_fill(~valid, 1.0)
+        self.lengths = new_lengths
+        self.key_mask = None if bool(valid.all()) else valid
+        self.context = None
+        return hidden
+
+    def attention_context(self, config: EATConfig) -> _AttentionContext:
+        """Mask and kernel choice for the current shapes (cached until the batch changes)."""
+        if self.context is None:
+            n = self.positions.shape[1]
+            key_bias = None if self.sizes is None else self.sizes.log()
+            radius = None
+            if config.attention_window is not None:
+                radius = config.attention_window // 2
+                if radius >= n - 1:  # the window covers the whole sequence: dense attention is the same function
+                    radius = None
+            self.context = _AttentionContext(
+                dense_mask=_dense_mask(self.key_mask, key_bias) if radius is None else None,
+                key_mask=self.key_mask, key_bias=key_bias, radius=radius,
+                num_global=config.num_global_tokens, block=config.attention_block_size)
+        return self.context
+
+
+@dataclass
+class EATEncoderOutput(ModelOutput):
+    """Output of `EATModel`.
+
+    last_hidden_state: (B, n_out, d) every sample's hidden states where it stopped (its exit layer), real tokens
+    first; attention_mask: (B, n_out) which of them are real; token_positions: (B, n_out) their index in the input
+    (-1 for filler); pooler_output: (B, d); exit_layer: (B,) layers run; tokens_per_layer: (B, L) real tokens that
+    entered each layer (0 where the sample had exited); exit_logits: (B, E, C) logits of every evaluated exit head
+    (NaN where not evaluated) when asked; work: WorkCounters.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    token_positions: torch.Tensor | None = None
+    exit_layer: torch.Tensor | None = None
+    tokens_per_layer: torch.Tensor | None = None
+    exit_logits: torch.Tensor | None = None
+    exit_outputs: torch.Tensor | None = None
+    work: WorkCounters | None = None
+
+
+class EATPreTrainedModel(PreTrainedModel):
+    """Weight init and loading glue shared by every EAT model (`PreTrainedModel` subclass)."""
+
+    config_class = EATConfig
+    config: EATConfig
+    base_model_prefix = "bert"
+    _keys_to_ignore_on_load_unexpected = [r"position_ids", r"cls\.predictions", r"cls\.seq_relationship"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+
+
+class EATModel(EATPreTrainedModel):
+    """The adaptive encoder (BERT's `BertModel` with `embeddings`, `encoder`, `pooler`).
+
+    With every knob off its `last_hidden_state` and `pooler_output` equal `BertModel`'s. Exit heads belong to
+    task models, which pass them to :meth:`forward` as ``exit_head``.
+    """
+
+    def __init__(self, config: EATConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = EATEmbeddings(config)
+        self.encoder = EATEncoder(config)
+        self.pooler = EATPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, exit_head=None,
+                output_exit_logits: bool = False, disable_exit: bool = False, return_hidden: bool = True,
+                **unused) -> EATEncoderOutput:
+        """Run the adaptive encoder.
+
+        input_ids, attention_mask, token_type_ids: (B, n), right-padded. exit_head: callable
+        ``(layer, hidden (B, n, d), state) -> (B, C) logits`` evaluated after every layer in ``config.exit_layers``
+        (the last layer's head gives the final output). output_exit_logits: also return every evaluated head's
+        logits. disable_exit: evaluate heads but never leave early (the cache a threshold sweep reads). In training
+        mode no sample exits early and every head is evaluated. return_hidden: collect each sample's hidden
+        states where it stopped (needed by token tasks; skip it for speed when only the heads matter).
+        """
+        config = self.config
+        B, n = input_ids.shape
+        device = input_ids.device
+        num_layers = config.num_hidden_layers
+        state = self._initial_state(input_ids, attention_mask)
+        hidden = self.embeddings(input_ids, token_type_ids)  # (B, n, d)
+
+        schedule = config.keep_schedule
+        exit_layers = config.exit_layer_list if exit_head is not None else ()
+        exit_slot = {layer: slot for slot, layer in enumerate(exit_layers)}
+        early_exit = (not self.training and not disable_exit and config.exit_policy != "none"
+                      and not (config.exit_policy == "confidence" and config.exit_threshold > 1.0)
+                      and not (config.exit_policy == "entropy" and config.entropy_threshold < 0.0))
+        evaluate_all_heads = self.training or output_exit_logits
+
+        work = WorkCounters()
+        tokens_trace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        exit_layer = torch.full((B,), num_layers, dtype=torch.long, device=device)
+        results = None  # (B, C) logits of the head each sample left at
+        exit_logits = None  # (B, E, C)
+        finished_hidden: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        for index, layer in enumerate(self.encoder.layer):
+            layer_number = index + 1
+            tokens_trace.append((index, state.rows, state.lengths))
+            ctx = state.attention_context(config)
+            hidden, q, k, scores = layer(hidden, ctx)
+            work.padded_token_layers += hidden.shape[0] * hidden.shape[1]
+            work.attention_scores += scores
+
+            # --- early exit: evaluate this layer's head, let confident rows leave the batch ----------------------
+            slot = exit_slot.get(layer_number)
+            last = layer_number == num_layers
+            if slot is not None and (last or early_exit or evaluate_all_heads):
+                logits = exit_head(layer_number, hidden, state)  # (B, C)
+                work.exit_head_rows += logits.shape[0]
+                if results is None:
+                    results = logits.new_full((B, logits.shape[-1]), float("nan"))
+                if evaluate_all_heads:
+                    if exit_logits is None:
+                        exit_logits = logits.new_full((B, len(exit_layers), logits.shape[-1]), float("nan"))
+                    exit_logits = exit_logits.index_put((state.rows, torch.full_like(state.rows, slot)), logits)
+                if last:
+                    results = results.index_put((state.rows,), logits)
+                    break
+                if early_exit:
+                    leave, state.streak, state.previous = exit_decision(
+                        logits, config.exit_policy, config.exit_threshold, config.entropy_threshold,
+                        config.exit_patience, state.streak, state.previous)
+                    if bool(leave.any()):
+                        rows = state.rows[leave]
+                        results = results.index_put((rows,), logits[leave])
+                        exit_layer = exit_layer.index_put((rows,), torch.full_like(rows, layer_number))
+                        if return_hidden:
+                            finished_hidden.append(self._finished(hidden, state, leave))
+                        if bool(leave.all()):
+                            state = None
+                            break
+                        hidden = state.select_rows(~leave, hidden)
+                        if schedule[index] < 1.0:  # pruning below still needs this layer's q, k of the rows left
+                            width = hidden.shape[1]
+                            q, k = q[~leave][:, :, :width], k[~leave][:, :, :width]
+
+            # --- token pruning / merging after this layer ---------------------------------------------------------
+            ratio = schedule[index]
+            if ratio < 1.0 and not last:
+                hidden = self._reduce_tokens(hidden, state, ratio, q, k)
+
+        if state is not None and return_hidden:
+            finished_hidden.append(self._finished(hidden, state, None))
+
+        tokens_per_layer = torch.zeros(B, num_layers, dtype=torch.long, device=device)
+        for index, rows, lengths in tokens_trace:
+            tokens_per_layer[rows, index] = lengths
+        work.token_layers = int(tokens_per_layer.sum())
+        work.layers_run = int(exit_layer.sum())
+
+        output = EATEncoderOutput(exit_layer=exit_layer, tokens_per_layer=tokens_per_layer, exit_logits=exit_logits,
+                                  exit_outputs=results, work=work)
+        if return_hidden:
+            last_hidden, mask, positions = self._scatter_finished(finished_hidden, B, hidden.shape[-1])
+            output.last_hidden_state, output.attention_mask, output.token_positions = last_hidden, mask, positions
+            if self.pooler is not None:
+                output.pooler_output = self.pooler(last_hidden[:, 0])
+        return output
+
+    # --- helpers of the loop ----------------------------------------------------------------------------------
+    def _initial_state(self, input_ids, attention_mask) -> _TokenState:
+        """Bookkeeping for a fresh batch; checks that padding is on the right."""
+        B, n = input_ids.shape
+        device = input_ids.device
+        positions = torch.arange(n, device=device).expand(B, n)
+        if attention_mask is None or bool(attention_mask.all()):
+            lengths = torch.full((B,), n, dtype=torch.long, device=device)
+            key_mask = None
+        else:
+            key_mask = attention_mask.bool()
+            lengths = key_mask.sum(1)
+            if not torch.equal(key_mask, positions < lengths[:, None]):
+                raise ValueError("attention_mask must be right-padded (real tokens first); use padding_side='right'")
+            if bool((lengths == 0).any()):
+                raise ValueError("a row of the batch has no real token (attention_mask all zero)")
+        config = self.config
+        protected = positions < config.num_global_tokens
+        if config.keep_sep:
+            sep_id = getattr(config, "sep_token_id", None)
+            protected = protected | (input_ids == (_DEFAULT_SEP_ID if sep_id is None else sep_id))
+        sizes = torch.ones(B, n, device=device) if config.prune_mode == "merge" and _prunes(config) else None
+        return _TokenState(rows=torch.arange(B, device=device), lengths=lengths, key_mask=key_mask,
+                           positions=positions, protected=protected, sizes=sizes)
+
+    def _reduce_tokens(self, hidden, state: _TokenState, ratio: float, q, k):
+        """Shorten every row to ``ceil(ratio * its real length)`` tokens (never below its protected tokens) by
+        dropping the least important ones or merging them (ToMe). hidden (B, n, d) -> (B, k, d)."""
+        config = self.config
+        real = state.key_mask if state.key_mask is not None else torch.ones_like(state.protected)
+        target = torch.ceil(state.lengths.to(torch.float32) * ratio).long()
+        target = torch.maximum(target, (state.protected & real).sum(1))
+        if bool((target >= state.lengths).all()):
+            return hidden
+        if config.prune_mode == "drop":
+            if config.prune_importance == "cls_attention":
+                importance = cls_attention_importance(q, k, state.key_mask)
+            elif config.prune_importance == "mean_attention":
+                importance = mean_attention_importance(q, k, state.key_mask)
+            else:
+                importance = hidden.norm(dim=-1)
+            importance = importance.masked_fill(state.protected, float("inf")).masked_fill(~real, float("-inf"))
+            top = importance.topk(int(target.max()), dim=1).indices  # (B, k) most important first
+            ranks = torch.arange(top.shape[1], device=top.device)[None, :]
+            keep = torch.zeros_like(real).scatter_(1, top, ranks < target[:, None])
+            index, valid = compaction_index(keep, target)
+            return state.gather_tokens(hidden, index, valid, target)
+        # merge: keys of this layer (B, n, H * dh) are the similarity metric, as in ToMe
+        metric = k.transpose(1, 2).reshape(k.shape[0], k.shape[2], -1)
+        mergeable = real & ~state.protected
+        src, dst = bipartite_merge_plan(metric, state.lengths - target, mergeable)
+        sizes = state.sizes
+        size_a, size_b = sizes[:, ::2], sizes[:, 1::2]  # (B, na), (B, nb)
+        weight_a = (size_a * src)[..., None]  # only merged tokens contribute
+        hidden_b = hidden[:, 1::2] * size_b[..., None]
+        hidden_b = hidden_b.scatter_add(1, dst[..., None].expand_as(hidden[:, ::2]), hidden[:, ::2] * weight_a)
+        size_b = size_b.scatter_add(1, dst, size_a * src)
+        hidden = hidden.clone()
+        hidden[:, 1::2] = hidden_b / size_b[..., None]
+        new_sizes = sizes.clone()
+        new_sizes[:, 1::2] = size_b
+        state.sizes = new_sizes
+        keep = real.clone()
+        keep[:, ::2] &= ~src
+        kept = keep.sum(1)
+        index, valid = compaction_index(keep, kept)
+        return state.gather_tokens(hidden, index, valid, kept)
+
+    @staticmethod
+    def _finished(hidden, state: _TokenState, leave):
+        """A group of rows stops here: keep (rows, hidden, real-token mask, positions) for the output."""
+        mask = state.key_mask if state.key_mask is not None else torch.ones_like(state.protected)
+        if leave is None:
+            return state.rows, hidden, mask, state.positions
+        return state.rows[leave], hidden[leave], mask[leave], state.positions[leave]
+
+    @staticmethod
+    def _scatter_finished(groups, B, d):
+        """Put every group's rows back in the original batch order, padded to the longest. -> (B, n, d), masks."""
+        if len(groups) == 1 and groups[0][0].shape[0] == B and bool(groups[0][2].all()):
+            rows, hidden, mask, positions = groups[0]
+            if torch.equal(rows, torch.arange(B, device=rows.device)):
+                return hidden, mask, positions
+        width = max(group[1].shape[1] for group in groups)
+        first = groups[0][1]
+        hidden = first.new_zeros(B, width, d)
+        mask = torch.zeros(B, width, dtype=torch.bool, device=first.device)
+        positions = torch.full((B, width), -1, dtype=torch.long, device=first.device)
+        for rows, group_hidden, group_mask, group_positions in groups:
+            w = group_hidden.shape[1]
+            hidden[rows, :w] = group_hidden
+            mask[rows, :w] = group_mask
+            positions[rows, :w] = group_positions.masked_fill(~group_mask, -1)
+        return hidden, mask, positions
+
+
+_DEFAULT_SEP_ID = 102  # `[SEP]` in the uncased BERT vocabulary, used when the config does not name one
+
+
+def _prunes(config: EATConfig) -> bool:
+    return any(ratio < 1.0 for ratio in config.keep_schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Sequence classification with exit heads
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EATSequenceClassifierOutput(ModelOutput):
+    """Output of `EATForSequenceClassification`.
+
+    loss: cross-entropy of the final logits when labels are given; logits: (B, C) of the head each sample left
+    at; exit_layer: (B,) layers run (1-based); tokens_per_layer: (B, L) real tokens entering each layer;
+    exit_logits: (B, E, C) every evaluated head's logits (NaN where not evaluated), when asked or in training;
+    exit_layers: the E head positions; work: WorkCounters.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    exit_layer: torch.Tensor | None = None
+    tokens_per_layer: torch.Tensor | None = None
+    exit_logits: torch.Tensor | None = None
+    exit_layers: tuple[int, ...] | None = None
+    work: WorkCounters | None = None
+
+
+class EATForSequenceClassification(EATPreTrainedModel):
+    """EAT encoder + a classification head after the last layer (`bert.pooler` + `classifier`, BERT's names) and
+    an exit head (`exit_heads.<layer>`) after every other layer of ``config.exit_layers``."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = EATModel(config)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.exit_heads = nn.ModuleDict({str(layer): EATExitHead(config) for layer in config.exit_layer_list
+                                         if layer != config.num_hidden_layers})
+        self.post_init()
+
+    def init_exit_heads_from_final(self) -> None:
+        """Start every exit head as a copy of the final head (pooler + classifier): a better start than random."""
+        with torch.no_grad():
+            for head in self.exit_heads.values():
+                head.dense.load_state_dict(self.bert.pooler.dense.state_dict())
+                head.classifier.load_state_dict(self.classifier.state_dict())
+
+    def _head(self, layer: int, hidden, state):
+        """Logits (B, C) of the head after ``layer`` from the `[CLS]` vectors of hidden (B, n, d)."""
+        cls_hidden = hidden[:, 0]
+        if layer == self.config.num_hidden_layers:
+            return self.classifier(self.dropout(self.bert.pooler(cls_hidden)))
+        return self.exit_heads[str(layer)](cls_hidden)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
+                output_exit_logits: bool = False, disable_exit: bool = False, **unused):
+        """Classify a batch with per-sample early exit. input_ids etc.: (B, n). See `EATModel.forward`."""
+        missing = [layer for layer in self.config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
+        if missing:
+            raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
+                             "add heads with add_exit_heads() (and train them) or change exit_layers")
+        encoded = self.bert(input_ids, attention_mask, token_type_ids, exit_head=self._head,
+                            output_exit_logits=output_exit_logits, disable_exit=disable_exit, return_hidden=False)
+        logits = encoded.exit_outputs
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return EATSequenceClassifierOutput(loss=loss, logits=logits, exit_layer=encoded.exit_layer,
+                                           tokens_per_layer=encoded.tokens_per_layer,
+                                           exit_logits=encoded.exit_logits, exit_layers=self.config.exit_layer_list,
+                                           work=encoded.work)
+
+    def add_exit_heads(self, layers) -> None:
+        """Add (untrained, copied from the final head) exit heads after ``layers`` and set ``exit_layers``."""
+        self.config.set_knobs(exit_layers=list(layers) if not isinstance(layers, str) else layers)
+        for layer in self.config.exit_layer_list[:-1]:
+            if str(layer) not in self.exit_heads:
+                head = EATExitHead(self.config).to(self.classifier.weight.device, self.classifier.weight.dtype)
+                with torch.no_grad():
+                    head.dense.load_state_dict(self.bert.pooler.dense.state_dict())
+                    head.classifier.load_state_dict(self.classifier.state_dict())
+                self.exit_heads[str(layer)] = head
+
+
+def keep_layers(model: EATForSequenceClassification, layers) -> EATForSequenceClassification:
+    """A static model made of the given 0-based layers of ``model`` (weights copied), e.g. ``[0, 2, 4]``.
+
+    The half-depth stand-in for DistilBERT, which is initialised from every other BERT layer. Exit heads and
+    adaptive knobs are dropped: the result is a plain static model with the same final head.
+    """
+    layers = list(layers)
+    if not layers or any(not 0 <= layer < model.config.num_hidden_layers for layer in layers):
+        raise ValueError(f"layers {layers} must be a non-empty list within 0..{model.config.num_hidden_layers - 1}")
+    config = EATConfig.from_dict({**model.config.to_dict(), "num_hidden_layers": len(layers), "keep_ratio": 1.0,
+                                  "exit_layers": None, "exit_policy": "none", "attention_window": None})
+    small = type(model)(config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("exit_heads."):
+            continue
+        if key.startswith("bert.encoder.layer."):
+            parts = key.split(".")
+            old = int(parts[3])
+            if old not in layers:
+                continue
+            parts[3] = str(layers.index(old))
+            key = ".".join(parts)
+        state[key] = value
+    small.load_state_dict(state, strict=True)
+    return small.to(next(model.parameters()).device)
+
+
+def half_depth_layers(num_layers: int) -> list[int]:
+    """Every other layer starting from the first: [0, 2, 4] of 6 (how DistilBERT was initialised from BERT)."""
+    return list(range(0, num_layers, 2))
+
+
+__all__ = ["EATModel", "EATForSequenceClassification", "EATPreTrainedModel", "EATEncoderOutput",
+           "EATSequenceClassifierOutput", "WorkCounters", "keep_layers", "half_depth_layers",
+           "sliding_window_attention", "dense_attention", "bipartite_merge_plan", "compaction_index",
+           "exit_decision", "cls_attention_importance", "mean_attention_importance"]

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random configs, the packaged backbone, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from eat import EATConfig, EATForSequenceClassification
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("EAT_DATA_DIR", REPO.parent / "shared" / "data" / "glue"))
+CONLL_DIR = DATA_DIR.parent / "conll2003"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**overrides) -> EATConfig:
+    """Hidden 32, 4 heads, 4 layers, vocab 120: fast enough for dozens of forwards per test."""
+    values = dict(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=96, num_labels=3, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, sep_token_id=102 % 120)
+    values.update(overrides)
+    return EATConfig(**values)
+
+
+def tiny_model(seed: int = 0, **knobs) -> EATForSequenceClassification:
+    """A random tiny EAT classifier in eval mode with the given knobs."""
+    torch.manual_seed(seed)
+    model = EATForSequenceClassification(tiny_config(**knobs)).eval()
+    return model
+
+
+def mixed_batch(seed: int = 0, lengths=(17, 9, 30, 4, 12), vocab: int = 120, sep: int = 102 % 120):
+    """Right-padded ids (with [CLS]=1 first and [SEP] last) and mask for rows of the given lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = torch.randint(3, vocab, (length,), generator=generator)
+        ids[row, 0] = 1
+        ids[row, length - 1] = sep
+        mask[row, :length] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def backbone_path() -> str:
+    from eat.checkpoints import default_backbone
+
+    return default_backbone()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "sst2").is_dir():
+        pytest.skip(f"GLUE data not found at {DATA_DIR} (set EAT_DATA_DIR)")
+    return DATA_DIR

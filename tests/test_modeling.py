@@ -1,0 +1,399 @@
+"""The model: parity with Hugging Face, and proof (by shapes and counters) that each mechanism removes work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, DistilBertConfig,
+                          DistilBertForSequenceClassification)
+
+from eat import EATConfig, EATForSequenceClassification, EATModel, KnobError, keep_layers
+from eat.checkpoints import CheckpointError, distilbert_to_bert_state_dict, load_classifier
+from eat.modeling_eat import (bipartite_merge_plan, compaction_index, dense_attention, exit_decision,
+                              sliding_window_attention)
+
+from .conftest import mixed_batch, tiny_config, tiny_model
+
+# --------------------------------------------------------------------------------------------------------- parity
+
+
+def _bert_config(**extra):
+    return BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, num_labels=3, **extra)
+
+
+def test_parity_with_hf_bert_sequence_classification():
+    torch.manual_seed(0)
+    hf = BertForSequenceClassification(_bert_config()).eval()
+    eat = EATForSequenceClassification(EATConfig(**hf.config.to_dict())).eval()
+    eat.load_state_dict(hf.state_dict(), strict=True)
+    ids, mask = mixed_batch(lengths=(20, 7, 13))
+    token_types = (torch.arange(ids.shape[1]) > 4).long().expand_as(ids) * mask
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=token_types).logits
+        got = eat(ids, mask, token_types).logits
+    assert (expected - got).abs().max() < 1e-5
+
+
+def test_parity_with_hf_distilbert_sequence_classification(tmp_path):
+    torch.manual_seed(1)
+    config = DistilBertConfig(vocab_size=120, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
+                              max_position_embeddings=64, num_labels=2)
+    hf = DistilBertForSequenceClassification(config).eval()
+    hf.save_pretrained(tmp_path)
+    eat = load_classifier(str(tmp_path))
+    assert eat.config.type_vocab_size == 0 and eat.config.classifier_activation == "relu"
+    ids, mask = mixed_batch(lengths=(15, 6, 11))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = eat(ids, mask).logits
+    assert (expected - got).abs().max() < 1e-5
+    # the mapping itself: every DistilBERT backbone weight has a BERT name
+    mapped = distilbert_to_bert_state_dict(hf.state_dict())
+    assert "bert.encoder.layer.2.attention.self.query.weight" in mapped
+    assert "bert.pooler.dense.weight" in mapped
+
+
+def test_encoder_parity_on_packaged_minilm(backbone_path):
+    hf = BertModel.from_pretrained(backbone_path).eval()
+    eat = EATModel.from_pretrained(backbone_path).eval()
+    ids, mask = mixed_batch(lengths=(40, 12, 25), vocab=30522)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask)
+        got = eat(ids, mask)
+    real = mask.bool()
+    assert (expected.last_hidden_state[real] - got.last_hidden_state[real]).abs().max() < 1e-5
+    assert (expected.pooler_output - got.pooler_output).abs().max() < 1e-5
+
+
+def test_auto_classes_and_save_round_trip_every_knob(tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    knobs = dict(keep_ratio=[0.9, 0.8, 0.7, 1.0], prune_importance="norm", prune_mode="merge", keep_sep=False,
+                 attention_window=8, num_global_tokens=2, attention_block_size=4, exit_layers=[1, 3],
+                 exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
+                 classifier_activation="relu")
+    model = tiny_model(**knobs)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, EATForSequenceClassification)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "eat"
+    expected = {k: v for k, v in knobs.items()}
+    assert loaded.config.knobs() == expected
+    ids, mask = mixed_batch()
+    with torch.no_grad():
+        assert torch.allclose(model(ids, mask).logits, loaded(ids, mask).logits, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+
+
+def test_keep_schedule_normalisation():
+    from eat import normalize_keep_schedule as norm
+
+    assert norm(1.0, 4) == (1.0, 1.0, 1.0, 1.0)
+    assert norm(0.5, 4) == (0.5, 0.5, 0.5, 1.0)
+    assert norm((0.9, 0.5), 6) == pytest.approx((0.9, 0.8, 0.7, 0.6, 0.5, 1.0))
+    assert norm([0.9, 0.8, 0.7, 0.6], 4) == (0.9, 0.8, 0.7, 1.0)
+    assert norm([0.9, 0.8, 0.7], 4) == (0.9, 0.8, 0.7, 1.0)
+    for bad in (0.0, 1.5, -0.1, [0.5] * 7, "x", float("nan")):
+        with pytest.raises(KnobError, match="keep_ratio"):
+            norm(bad, 4)
+
+
+def test_exit_layer_normalisation_and_bad_knobs():
+    from eat import normalize_exit_layers as norm
+
+    assert norm(None, 6) == (6,)
+    assert norm("all", 3) == (1, 2, 3)
+    assert norm([4, 2], 6) == (2, 4, 6)
+    with pytest.raises(KnobError, match="exit_layers"):
+        norm([7], 6)
+    config = tiny_config()
+    with pytest.raises(KnobError, match="attention_window"):
+        config.set_knobs(attention_window=0)
+    with pytest.raises(KnobError, match="keep_ratio"):
+        config.set_knobs(keep_ratio=1.2)
+    with pytest.raises(KnobError, match="exit_layers"):
+        config.set_knobs(exit_layers=[9])
+    with pytest.raises(KnobError, match="exit_treshold.*did you mean 'exit_threshold'"):
+        config.set_knobs(exit_treshold=0.5)
+    with pytest.raises(KnobError, match="exit_policy"):
+        config.set_knobs(exit_policy="sometimes")
+    assert config.attention_window is None and config.keep_ratio == 1.0  # failed calls changed nothing
+    with pytest.raises(KnobError, match="attention_window"):
+        EATConfig(attention_window=-3)
+
+
+# ---------------------------------------------------------------------------------------------------- early exit
+
+
+def test_tau_above_one_never_exits_and_tau_zero_exits_at_first_head():
+    ids, mask = mixed_batch()
+    never = tiny_model(exit_layers="all", exit_policy="confidence", exit_threshold=1.01)
+    with torch.no_grad():
+        out = never(ids, mask)
+    assert out.exit_layer.tolist() == [4] * 5
+    assert out.work.exit_head_rows == 5  # only the final head ran: nothing can pass tau > 1
+    always = tiny_model(exit_layers="all", exit_policy="confidence", exit_threshold=0.0)
+    with torch.no_grad():
+        out = always(ids, mask)
+    assert out.exit_layer.tolist() == [1] * 5
+    assert out.work.layers_run == 5
+    assert (out.tokens_per_layer[:, 1:] == 0).all()  # no layer after the first ran for anyone
+
+
+def test_per_sample_exit_compacts_the_batch_and_matches_cached_heads():
+    model = tiny_model(seed=3, exit_layers="all", exit_policy="confidence")
+    ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30, 4, 12, 22, 8))
+    with torch.no_grad():
+        cached = model(ids, mask, output_exit_logits=True, disable_exit=True)
+    confidence = cached.exit_logits.softmax(-1).amax(-1)  # (B, E)
+    tau = float(confidence[:, 0].median())  # about half the rows leave at the first head
+    model.config.set_knobs(exit_threshold=tau)
+    with torch.no_grad():
+        out = model(ids, mask)
+    # expected exit per row from the cache: first head whose confidence >= tau, else the last
+    passes = confidence >= tau
+    passes[:, -1] = True
+    expected_exit = passes.float().argmax(1) + 1
+    assert out.exit_layer.tolist() == expected_exit.tolist()
+    assert 1 < len(set(out.exit_layer.tolist()))
+    chosen = cached.exit_logits[torch.arange(len(ids)), expected_exit - 1]
+    assert torch.allclose(out.logits, chosen, atol=1e-5)
+    # exited rows really left: later layers saw fewer rows
+    rows_per_layer = (out.tokens_per_layer > 0).sum(0)
+    assert rows_per_layer[0] == len(ids) and rows_per_layer[-1] < len(ids)
+    assert out.work.padded_token_layers < cached.work.padded_token_layers
+
+
+def test_entropy_and_patience_policies():
+    logits = torch.tensor([[5.0, -5.0], [0.1, 0.0]])
+    leave, _, _ = exit_decision(logits, "entropy", 0.9, 0.05, 2)
+    assert leave.tolist() == [True, False]
+    streak = previous = None
+    decisions = []
+    for step in ([[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 0.0]]):
+        leave, streak, previous = exit_decision(torch.tensor(step), "patience", 0.9, 0.1, 2, streak, previous)
+        decisions.append(leave.tolist())
+    assert decisions == [[False, False], [True, False], [True, True]]
+    model = tiny_model(seed=2, exit_layers="all", exit_policy="patience", exit_patience=1)
+    ids, mask = mixed_batch()
+    with torch.no_grad():
+        assert model(ids, mask).exit_layer.tolist() == [1] * 5  # one agreeing head is enough
+
+
+# ------------------------------------------------------------------------------------------------- token pruning
+
+
+def test_pruning_shortens_tensors_per_sample_ratio():
+    model = tiny_model(keep_ratio=0.5, prune_importance="cls_attention")
+    ids, mask = mixed_batch(lengths=(17, 9, 30, 4, 12))
+    shapes = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+             for layer in model.bert.encoder.layer]
+    with torch.no_grad():
+        out = model(ids, mask)
+    for hook in hooks:
+        hook.remove()
+    assert [s[1] for s in shapes] == [30, 15, 8, 4]  # the longest row halves each layer: tensors really shrink
+    expected = torch.tensor([17, 9, 30, 4, 12])
+    for column in range(4):
+        assert out.tokens_per_layer[:, column].tolist() == expected.tolist()
+        expected = torch.maximum(torch.ceil(expected * 0.5).long(), torch.full_like(expected, 2))  # CLS + SEP kept
+    assert out.work.token_layers == int(out.tokens_per_layer.sum())
+
+
+@pytest.mark.parametrize("importance", ["cls_attention", "mean_attention", "norm"])
+def test_pruning_keeps_cls_and_sep(importance):
+    model = tiny_model(keep_ratio=0.3, prune_importance=importance, keep_sep=True)
+    ids, mask = mixed_batch(lengths=(25, 10))
+    with torch.no_grad():
+        out = model.bert(ids, mask)
+    for row, length in enumerate((25, 10)):
+        kept = out.token_positions[row][out.attention_mask[row]].tolist()
+        assert kept[0] == 0 and kept[-1] == length - 1  # [CLS] first, [SEP] (last real token) kept
+        assert kept == sorted(kept)  # order preserved
+    assert out.last_hidden_state.shape[1] < 25
+
+
+def test_padding_never_counts_as_kept_token():
+    model = tiny_model(keep_ratio=0.5)
+    ids, mask = mixed_batch(lengths=(30, 6))
+    with torch.no_grad():
+        out = model.bert(ids, mask)
+    assert (out.token_positions[1][out.attention_mask[1]] < 6).all()
+    assert out.tokens_per_layer[1].tolist() == [6, 3, 2, 2]
+
+
+def test_merge_mode_conserves_token_weight():
+    ids, mask = mixed_batch(lengths=(30, 17, 9))
+    model = tiny_model(keep_ratio=0.6, prune_mode="merge")
+    seen_sizes = []
+    original = model.bert._reduce_tokens
+
+    def spy(hidden, state, ratio, q, k):
+        result = original(hidden, state, ratio, q, k)
+        seen_sizes.append((state.sizes * (state.key_mask if state.key_mask is not None else 1)).sum(1))
+        return result
+
+    model.bert._reduce_tokens = spy
+    with torch.no_grad():
+        out = model(ids, mask)
+    assert len(seen_sizes) == 3
+    for sizes in seen_sizes:
+        assert torch.allclose(sizes, torch.tensor([30.0, 17.0, 9.0]))  # merged tokens carry their weight
+    assert out.tokens_per_layer[0, -1] < 30
+
+
+def test_bipartite_merge_plan_is_pure_and_respects_protection():
+    torch.manual_seed(0)
+    metric = torch.randn(1, 8, 4)
+    mergeable = torch.ones(1, 8, dtype=torch.bool)
+    mergeable[0, 0] = False
+    src, dst = bipartite_merge_plan(metric, torch.tensor([2]), mergeable)
+    assert int(src.sum()) == 2 and not bool(src[0, 0])
+    keep = torch.tensor([[True, False, True, True]])
+    index, valid = compaction_index(keep, keep.sum(1))
+    assert index.tolist() == [[0, 2, 3]] and valid.all()
+
+
+# --------------------------------------------------------------------------------------------- sparse attention
+
+
+def _window_reference_mask(n, radius, g, key_mask):
+    p = torch.arange(n)
+    allowed = ((p[:, None] - p[None, :]).abs() <= radius) | (p[:, None] < g) | (p[None, :] < g)
+    return allowed[None, None] & key_mask[:, None, None, :]
+
+
+@pytest.mark.parametrize("n,radius,block,g", [(37, 4, None, 1), (64, 8, 4, 2), (20, 3, 7, 1), (9, 1, None, 1)])
+def test_sliding_window_equals_dense_with_equivalent_mask(n, radius, block, g):
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    key_mask[1, n - 5:] = False
+    got, scores = sliding_window_attention(q, k, v, radius, g, block, key_mask)
+    expected = dense_attention(q, k, v, _window_reference_mask(n, radius, g, key_mask))
+    assert (got - expected)[:, :, :].abs().max() < 1e-5
+    assert scores < 2 * n * n or n < 4 * radius
+
+
+def test_sliding_window_work_grows_linearly():
+    q = k = v = torch.randn(1, 2, 1024, 8)
+    _, small = sliding_window_attention(q[:, :, :512], k[:, :, :512], v[:, :, :512], 16)
+    _, large = sliding_window_attention(q, k, v, 16)
+    assert large == pytest.approx(2 * small, rel=0.02)
+    assert large < 1024 * 1024 / 10
+
+
+def test_window_model_matches_dense_model_with_mask_and_counts_fewer_scores():
+    dense = tiny_model(seed=5)
+    sparse = tiny_model(seed=5, attention_window=8)
+    ids, mask = mixed_batch(lengths=(60, 33))
+    with torch.no_grad():
+        out_sparse = sparse(ids, mask)
+        out_dense = dense(ids, mask)
+        full = sparse(ids[:1, :6], mask[:1, :6])  # window wider than the sequence: dense path, same as dense model
+        full_dense = dense(ids[:1, :6], mask[:1, :6])
+    assert out_sparse.work.attention_scores < out_dense.work.attention_scores
+    assert not torch.allclose(out_sparse.logits, out_dense.logits)  # the window really changed what is seen
+    assert torch.allclose(full.logits, full_dense.logits, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- batch vs one-at-a-time
+
+
+@pytest.mark.parametrize("mode", ["drop", "merge"])
+def test_batched_equals_one_at_a_time_with_everything_on(mode):
+    knobs = dict(keep_ratio=[0.8, 0.7, 0.6], attention_window=6, exit_layers="all", exit_policy="confidence",
+                 prune_mode=mode)
+    model = tiny_model(seed=7, **knobs)
+    lengths = (17, 9, 30, 4, 12, 23, 2)
+    ids, mask = mixed_batch(seed=8, lengths=lengths)
+    with torch.no_grad():
+        cached = model(ids, mask, output_exit_logits=True, disable_exit=True)
+        # a tau between the confidences of the rows at the second head, so exits are mixed
+        model.config.set_knobs(exit_threshold=float(cached.exit_logits[:, 1].softmax(-1).amax(-1).median()))
+        batched = model(ids, mask)
+        singles = [model(ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)]
+    assert len(set(batched.exit_layer.tolist())) > 1  # exits are mixed inside the batch
+    for i, single in enumerate(singles):
+        assert torch.allclose(batched.logits[i], single.logits[0], atol=1e-4)
+        assert batched.exit_layer[i] == single.exit_layer[0]
+        assert batched.tokens_per_layer[i].tolist() == single.tokens_per_layer[0].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- helpers, errors
+
+
+def test_half_depth_model_copies_every_other_layer():
+    model = tiny_model(num_hidden_layers=6)
+    half = keep_layers(model, [0, 2, 4])
+    assert half.config.num_hidden_layers == 3
+    assert torch.equal(half.bert.encoder.layer[1].output.dense.weight, model.bert.encoder.layer[2].output.dense.weight)
+    with pytest.raises(ValueError, match="layers"):
+        keep_layers(model, [6])
+
+
+def test_empty_and_position_limit_sequences():
+    model = tiny_model(keep_ratio=0.5, attention_window=4, exit_layers="all", exit_policy="confidence")
+    with torch.no_grad():
+        only_specials = model(torch.tensor([[1, 102 % 120]]))
+        longest = model(torch.randint(3, 120, (2, 96)))
+    assert only_specials.logits.shape == (1, 3) and torch.isfinite(only_specials.logits).all()
+    assert longest.logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="position limit"):
+        model(torch.randint(3, 120, (1, 97)))
+    with pytest.raises(ValueError, match="right-padded"):
+        model(torch.ones(1, 5, dtype=torch.long), torch.tensor([[0, 1, 1, 1, 1]]))
+
+
+def test_loading_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_classifier(str(tmp_path / "missing"))
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="gpt2.*not a BERT-family"):
+        load_classifier(str(tmp_path / "gpt"))
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_classifier(str(tmp_path / "corrupt"))
+    model.save_pretrained(tmp_path / "noweights")
+    (tmp_path / "noweights" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="noweights"):
+        load_classifier(str(tmp_path / "noweights"))
+    model.save_pretrained(tmp_path / "three")
+    with pytest.raises(CheckpointError, match="3 labels.*another task"):
+        load_classifier(str(tmp_path / "three"), num_labels=2)
+
+
+def test_fused_qkv_cache_follows_weight_changes():
+    model = tiny_model()
+    ids, mask = mixed_batch()
+    with torch.no_grad():
+        before = model(ids, mask).logits
+        model.bert.encoder.layer[0].attention.self.query.weight.mul_(2.0)
+        after = model(ids, mask).logits
+    reference = EATForSequenceClassification(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        fresh = reference(ids, mask).logits
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, fresh, atol=1e-6)
+
+
+def test_training_mode_evaluates_every_head_without_exiting():
+    model = tiny_model(exit_layers="all", exit_policy="confidence", exit_threshold=0.0).train()
+    ids, mask = mixed_batch()
+    out = model(ids, mask, labels=torch.zeros(5, dtype=torch.long))
+    assert out.exit_layer.tolist() == [4] * 5
+    assert out.exit_logits.shape == (5, 4, 3) and torch.isfinite(out.exit_logits).all()
+    out.loss.backward()
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+    assert math.isfinite(out.loss.item())
