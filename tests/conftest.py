@@ -59,3 +59,17 @@ def data_dir() -> Path:
     if not (DATA_DIR / "sst2").is_dir():
         pytest.skip(f"GLUE data not found at {DATA_DIR} (set EAT_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory, backbone_path) -> str:
+    """A tiny random BERT (hidden 32, 2 layers) with the real uncased tokenizer: CLI runs in seconds."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(backbone_path).save_pretrained(folder)
+    return str(folder)

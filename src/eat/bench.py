@@ -1,0 +1,349 @@
+"""Benchmarking: operating points measured side by side (accuracy and latency from the same calls), ablation grid,
+threshold / keep-ratio / window sweeps, and operating-point selection on a calibration split.
+
+An *operating point* is a checkpoint plus EAT knobs. :func:`measure_points` loads every point, times batch-1 calls
+interleaved over the same examples (one pass = accuracy and latency of each point), then batch-B throughput on the
+same batches, and appends one row per point to a :class:`~eat.results.ResultsLog`. Points already in the log (same
+configuration hash) are skipped unless ``force``; every row comes from its own measurement, never a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoints import load_classifier
+from .data import EncodedDataset, batches, collate, encode
+from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
+from .modeling_eat import EATForSequenceClassification, WorkCounters
+from .results import ResultsLog, atomic_write_text, config_hash
+from .timing import LatencyStats, environment, interleaved_latency, throughput
+
+MECHANISMS = ("prune", "sparse", "exit")
+
+
+@dataclass
+class BenchConfig:
+    """How to measure (saved as JSON beside the results).
+
+    rows: a seeded sample of the eval split for batch-1 timing (None = every example). Accuracy of each point is
+    computed on the same rows its latency was measured on.
+    """
+
+    task: str = "sst2"
+    split: str | None = None  # default: the task's first eval split
+    rows: int | None = None
+    seed: int = 0
+    max_length: int = 128
+    batch_size: int = 32  # throughput batch size
+    warmup: int = 10
+    throughput_repeats: int = 2
+    device: str = "cpu"
+    threads: int | None = None
+    prune_keep_ratio: float | list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.6])
+    attention_window: int = 16
+    tau: float = 0.9
+    exit_policy: str = "confidence"
+    tau_grid: list[float] = dataclasses.field(default_factory=lambda: [round(x, 3) for x in np.linspace(0.5, 1.0, 51)])
+    tau_latency_points: list[float] = dataclasses.field(default_factory=lambda: [0.7, 0.8, 0.9, 0.95, 0.99])
+    keep_sweep: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
+    window_sweep: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
+
+
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(rows=24, warmup=2, throughput_repeats=1, batch_size=8, tau_latency_points=[0.9], keep_sweep=[0.7],
+                  window_sweep=[8], tau_grid=[0.5, 0.9, 1.0]),
+    "demo": dict(rows=None, warmup=10, throughput_repeats=1, tau_latency_points=[0.8, 0.95], keep_sweep=[0.8, 0.6],
+                 window_sweep=[16]),
+    "paper": dict(rows=None, warmup=20, throughput_repeats=3),
+}
+
+
+def bench_config_from_preset(preset: str, **overrides: Any) -> BenchConfig:
+    """A BenchConfig from a named preset with overrides (None values ignored); unknown presets are errors."""
+    if preset not in BENCH_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(BENCH_PRESETS)}")
+    return BenchConfig(**{**BENCH_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass
+class OperatingPoint:
+    """A checkpoint plus knobs, named for tables. role: baseline, ablation, tau, keep, window, tuned."""
+
+    name: str
+    checkpoint: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    role: str = "ablation"
+    model_label: str = "eat"
+
+    def mechanisms(self) -> dict[str, bool]:
+        """Which mechanisms this point switches on."""
+        keep = self.knobs.get("keep_ratio", 1.0)
+        keeps = keep if isinstance(keep, list) else [keep]
+        return {"prune": any(float(k) < 1.0 for k in keeps),
+                "sparse": self.knobs.get("attention_window") is not None,
+                "exit": self.knobs.get("exit_policy", "none") != "none"}
+
+
+def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
+                    tau: float | None = None, keep: float | list[float] | None = None) -> dict[str, Any]:
+    """EAT knobs that switch each mechanism on or off (ablations are knob toggles, nothing else)."""
+    return {"keep_ratio": (keep if keep is not None else bench.prune_keep_ratio) if prune else 1.0,
+            "attention_window": bench.attention_window if sparse else None,
+            "exit_policy": bench.exit_policy if exit_ else "none",
+            "exit_threshold": tau if tau is not None else bench.tau,
+            "exit_layers": "all" if exit_ else None}
+
+
+def ablation_points(eat_checkpoint: str, bench: BenchConfig, *, static_checkpoint: str | None = None,
+                    half_checkpoint: str | None = None, tau: float | None = None,
+                    keep: float | list[float] | None = None) -> list[OperatingPoint]:
+    """The 8 on/off combinations of the three mechanisms on the EAT checkpoint, plus the static baselines."""
+    points = []
+    for prune, sparse, exit_ in itertools.product((False, True), repeat=3):
+        on = [name for name, flag in zip(MECHANISMS, (prune, sparse, exit_)) if flag]
+        name = "eat:" + ("+".join(on) if on else "none")
+        points.append(OperatingPoint(name, eat_checkpoint, mechanism_knobs(bench, prune, sparse, exit_, tau, keep),
+                                     "ablation"))
+    if static_checkpoint:
+        points.append(OperatingPoint("static", static_checkpoint, {}, "baseline", "static"))
+    if half_checkpoint:
+        points.append(OperatingPoint("half-depth", half_checkpoint, {}, "baseline", "half"))
+    return points
+
+
+def sweep_points(eat_checkpoint: str, bench: BenchConfig) -> list[OperatingPoint]:
+    """Real-latency points of the sweeps: tau (exit only), keep ratio (pruning only), window (sparse only)."""
+    points = [OperatingPoint(f"tau={tau}", eat_checkpoint, mechanism_knobs(bench, False, False, True, tau=tau), "tau")
+              for tau in bench.tau_latency_points]
+    points += [OperatingPoint(f"keep={keep}", eat_checkpoint, mechanism_knobs(bench, True, False, False, keep=keep),
+                              "keep") for keep in bench.keep_sweep]
+    for window in bench.window_sweep:
+        knobs = {**mechanism_knobs(bench, False, True, False), "attention_window": window}
+        points.append(OperatingPoint(f"window={window}", eat_checkpoint, knobs, "window"))
+    return points
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+
+
+def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, rows: int, env: dict) -> str:
+    checkpoint = Path(point.checkpoint)
+    config_text = (checkpoint / "config.json").read_text() if (checkpoint / "config.json").is_file() else point.checkpoint
+    return config_hash({"checkpoint": str(checkpoint.resolve()) if checkpoint.exists() else point.checkpoint,
+                        "checkpoint_config": config_text, "knobs": point.knobs, "task": bench.task,
+                        "split": bench.split, "rows": rows, "source": dataset_source, "seed": bench.seed,
+                        "max_length": bench.max_length, "batch_size": bench.batch_size, "device": env["device"],
+                        "threads": env["threads"], "name": point.name})
+
+
+def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:
+    """The model of an operating point, knobs applied, in eval mode on ``device``."""
+    return load_classifier(point.checkpoint, knobs=point.knobs).to(device).eval()
+
+
+def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, bench: BenchConfig, log: ResultsLog, *,
+                   dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
+                   examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
+    throughput at ``bench.batch_size``. Appends and returns the new rows."""
+    env = environment(bench.device)
+    rows = len(encoded)
+    todo = []
+    for point in points:
+        hash_ = _point_hash(point, bench, dataset_source, rows, env)
+        if force or not log.has(hash_):
+            todo.append((point, hash_))
+    if not todo:
+        return []
+    models = {point.name: load_point(point, bench.device) for point, _ in todo}
+    singles = [collate(encoded, [i], pad_id) for i in range(rows)]
+    singles = [{k: v.to(bench.device) for k, v in s.items()} for s in singles]
+    num_labels = next(iter(models.values())).config.num_labels
+    logits = {name: np.zeros((rows, num_labels), dtype=np.float32) for name in models}
+    exit_layer = {name: np.zeros(rows, dtype=np.int64) for name in models}
+    tokens = {name: np.zeros((rows, m.config.num_hidden_layers), dtype=np.int64) for name, m in models.items()}
+    work = {name: WorkCounters() for name in models}
+
+    def call_for(model):
+        return lambda b: model(b["input_ids"], None, b["token_type_ids"])
+
+    def record(name, index, output):
+        logits[name][index] = output.logits[0].float().cpu().numpy()
+        exit_layer[name][index] = int(output.exit_layer[0])
+        tokens[name][index] = output.tokens_per_layer[0].cpu().numpy()
+        work[name].add(output.work)
+
+    latency = interleaved_latency({name: call_for(m) for name, m in models.items()}, singles, warmup=bench.warmup,
+                                  device=bench.device, on_result=record,
+                                  progress=(lambda i, n: progress("batch 1", i, n)) if progress else None)
+    # throughput: the same batches (arrival order, not length-sorted) for every point
+    batched = [{k: v.to(bench.device) for k, v in b.items()}
+               for b in batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
+    labels = np.asarray(encoded.labels)
+    new_rows = []
+    for point, hash_ in todo:
+        model = models[point.name]
+        batch_predictions = np.zeros(rows, dtype=np.int64)
+
+        def batch_call(b, model=model, out=batch_predictions):
+            result = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            out[b["index"].cpu().numpy()] = result.logits.argmax(-1).cpu().numpy()
+            return result
+
+        rows_per_s, batch_latency = throughput(batch_call, batched, rows, device=bench.device,
+                                               repeats=bench.throughput_repeats)
+        predictions = logits[point.name].argmax(-1)
+        metrics = classification_metrics(labels, predictions, f1)
+        batch_metrics = classification_metrics(labels, batch_predictions, f1)
+        ran = tokens[point.name] > 0
+        lengths = np.asarray(encoded.lengths)
+        num_layers = model.config.num_hidden_layers
+        row = {
+            "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
+            "model": point.model_label, "checkpoint": point.checkpoint, "layers": num_layers,
+            **{f"mech_{k}": v for k, v in point.mechanisms().items()},
+            "knobs": model.config.knobs(), "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
+            "rows": rows, "dataset": dataset_source, "seed": bench.seed, "batch_size_latency": 1,
+            "batch_size_throughput": bench.batch_size, **env,
+            "accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
+            "accuracy_batched": batch_metrics["accuracy"],
+            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
+            **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
+            "mean_exit_layer": float(exit_layer[point.name].mean()),
+            "exit_distribution": {int(k): int(v) for k, v in zip(*np.unique(exit_layer[point.name], return_counts=True))},
+            "mean_tokens_per_layer": [float(tokens[point.name][:, i][ran[:, i]].mean()) if ran[:, i].any() else 0.0
+                                      for i in range(num_layers)],
+            "token_layer_fraction": float(tokens[point.name].sum() / (lengths.sum() * num_layers)),
+            "work": dataclasses.asdict(work[point.name]),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
+        }
+        if examples_dir is not None:
+            _write_examples(examples_dir / f"{hash_}.csv", lengths, exit_layer[point.name], tokens[point.name],
+                            predictions == labels)
+            row["examples_file"] = f"examples/{hash_}.csv"
+        log.append(row, replace=force)
+        new_rows.append(row)
+    return new_rows
+
+
+def _write_examples(path: Path, lengths, exits, tokens, correct) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"input_tokens": lengths, "exit_layer": exits, "correct": correct.astype(int)})
+    for i in range(tokens.shape[1]):
+        frame[f"tokens_l{i + 1}"] = tokens[:, i]
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+# ---------------------------------------------------------------------------------------------- sweeps, tuning
+
+
+def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus: Sequence[float], *,
+              policy: str = "confidence", device: str = "cpu", pad_id: int = 0, f1: bool = False) -> list[dict]:
+    """Accuracy and mean exit layer at every threshold from ONE cached pass (every head evaluated, no exits)."""
+    cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id)
+    labels = cached.labels
+    rows = []
+    lengths = cached.input_length
+    for tau in taus:
+        chosen, layers = exits_at_threshold(cached.exit_logits, cached.exit_layers, policy, tau)
+        # token-layers this threshold would cost, from the cached per-layer token counts
+        ran = np.arange(1, cached.tokens_per_layer.shape[1] + 1)[None, :] <= layers[:, None]
+        token_layers = float((cached.tokens_per_layer * ran).sum() / (lengths.sum() * ran.shape[1]))
+        rows.append({"tau": float(tau), **classification_metrics(labels, chosen.argmax(-1), f1),
+                     "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers})
+    return rows
+
+
+@dataclass
+class TuneResult:
+    """The chosen operating point and how it was chosen (all on the calibration split)."""
+
+    knobs: dict[str, Any]
+    calibration_accuracy: float
+    reference_accuracy: float
+    calibration_p50_ms: float | None
+    candidates: list[dict[str, Any]]
+    criterion: str
+
+
+def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
+         latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = (1.0, [0.9, 0.7], [0.9, 0.6], [0.8, 0.5]),
+         tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
+         warmup: int = 5) -> TuneResult:
+    """Pick ``tau`` and a keep schedule on the calibration split.
+
+    ``max_drop``: the fastest point whose calibration accuracy is at most ``max_drop`` points below the same
+    checkpoint with every mechanism off. ``latency_budget_ms``: the most accurate point whose measured batch-1
+    median fits the budget. For each keep schedule the smallest qualifying tau comes from one cached pass
+    (exact); the finalists are then timed side by side on ``timing_rows`` calibration examples.
+    """
+    if (max_drop is None) == (latency_budget_ms is None):
+        raise ValueError("give exactly one of max_drop or latency_budget_ms")
+    tau_grid = list(tau_grid) if tau_grid is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
+    reference_model = load_classifier(checkpoint).to(device)
+    reference_model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+    reference = predict_encoded(reference_model, calibration, device=device, pad_id=pad_id)
+    reference_accuracy = classification_metrics(reference.labels, reference.predictions)["accuracy"]
+    candidates = []
+    for keep in keep_grid:
+        model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
+        sweep = tau_sweep(model, calibration, tau_grid, device=device, pad_id=pad_id)
+        for row in sweep:
+            row["keep_ratio"] = keep
+        if max_drop is not None:
+            ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
+            if ok:
+                candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
+        else:
+            candidates.extend(sweep[:: max(1, len(sweep) // 8)])
+    if not candidates:
+        candidates = [{"tau": 1.01, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0}]
+    timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],
+                                calibration.labels[:timing_rows], 0, calibration.lengths[:timing_rows])
+    singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
+    models = {}
+    for i, cand in enumerate(candidates):
+        knobs = {"keep_ratio": cand["keep_ratio"], "exit_layers": "all", "exit_policy": "confidence",
+                 "exit_threshold": cand["tau"]}
+        models[str(i)] = load_classifier(checkpoint, knobs=knobs).to(device)
+    calls = {name: (lambda b, m=m: m(b["input_ids"].to(device), None, b["token_type_ids"].to(device)))
+             for name, m in models.items()}
+    latency = interleaved_latency(calls, singles, warmup=warmup, device=device)
+    for i, cand in enumerate(candidates):
+        cand["calibration_p50_ms"] = latency[str(i)].p50_ms
+    if max_drop is not None:
+        best = min(candidates, key=lambda c: c["calibration_p50_ms"])
+        criterion = f"fastest with calibration accuracy >= reference - {max_drop}"
+    else:
+        fitting = [c for c in candidates if c["calibration_p50_ms"] <= latency_budget_ms]
+        if not fitting:
+            raise ValueError(f"no operating point fits {latency_budget_ms} ms on this machine; the fastest "
+                             f"measured {min(c['calibration_p50_ms'] for c in candidates):.2f} ms")
+        best = max(fitting, key=lambda c: c["accuracy"])
+        criterion = f"most accurate with calibration p50 <= {latency_budget_ms} ms"
+    knobs = {"keep_ratio": best["keep_ratio"], "exit_layers": "all", "exit_policy": "confidence",
+             "exit_threshold": best["tau"]}
+    return TuneResult(knobs, best["accuracy"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
+                      criterion)
+
+
+def save_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+
+__all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
+           "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "tune", "TuneResult", "MECHANISMS",
+           "encode", "save_json", "LatencyStats"]

@@ -1,0 +1,452 @@
+"""The `eat` command: thin wrappers over the library (training, evaluation, prediction, benchmarking, reports).
+
+Errors the user can fix (missing files, bad columns, unknown knobs, finished runs) print one line and exit 2,
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="EAT: input-adaptive BERT inference (token pruning, sparse attention, early exit) and the "
+                       "pipeline that measures it.")
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+@app.callback()
+def _group() -> None:
+    """EAT: input-adaptive BERT inference and the pipeline that measures it."""
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def user_errors(function: Callable) -> Callable:
+    """Turn the library's user-facing errors into one red line and exit code 2."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .checkpoints import CheckpointError
+        from .configuration_eat import KnobError
+        from .data import DataError
+        from .report import ReportError
+        from .results import ResultsError
+        from .training import RunFinishedError
+
+        _quiet_transformers()
+        try:
+            return function(*args, **kwargs)
+        except (CheckpointError, KnobError, DataError, RunFinishedError, ReportError, ResultsError, ValueError,
+                FileNotFoundError) as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _parse_knob_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_knobs(items: list[str] | None) -> dict[str, Any]:
+    """``["keep_ratio=0.7", "exit_layers=[2,4]"]`` -> dict, values read as JSON where they parse."""
+    knobs: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--knob {item!r}: expected NAME=VALUE")
+        name, value = item.split("=", 1)
+        knobs[name.strip()] = _parse_knob_value(value.strip())
+    return knobs
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+
+
+@app.command()
+@user_errors
+def train(
+    task: Annotated[str, typer.Option(help="sst2, qqp or mnli (or any name with --data-file)")] = "sst2",
+    model: Annotated[Optional[str], typer.Option(help="backbone path or hub id (default: packaged MiniLM)")] = None,
+    variant: Annotated[str, typer.Option(help="eat (exit heads, joint loss), static, or half (layers 0,2,4)")] = "eat",
+    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="output folder (default runs/<task>-<variant>)")] = None,
+    epochs: Annotated[Optional[float], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--lr")] = None,
+    max_length: Annotated[Optional[int], typer.Option()] = None,
+    train_limit: Annotated[Optional[int], typer.Option(help="seeded subset of training rows")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
+    train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
+    data_file: Annotated[Optional[str], typer.Option(help="your own training table (csv/tsv/jsonl/parquet)")] = None,
+    eval_file: Annotated[Optional[str], typer.Option(help="your own evaluation table")] = None,
+    text_column: Annotated[str, typer.Option()] = "text",
+    text_pair_column: Annotated[Optional[str], typer.Option()] = None,
+    label_column: Annotated[str, typer.Option()] = "label",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's)")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    force: Annotated[bool, typer.Option(help="replace a finished run in --out")] = False,
+) -> None:
+    """Fine-tune an EAT model (or a static baseline) and print its dev accuracy. Resumes interrupted runs."""
+    from .training import train as run_training
+    from .training import train_config_from_preset
+
+    _set_threads(threads)
+    config = train_config_from_preset(
+        preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+        distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, data_file=data_file, eval_file=eval_file,
+        text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+    target = out_dir or Path("runs") / f"{task}-{variant}"
+    with _progress() as bar:
+        job = bar.add_task(f"train {task} {variant}", total=None, info="")
+
+        def report(p: dict[str, Any]) -> None:
+            info = f"loss {p['loss']:.4f}  {p['rows_per_s']:.0f} rows/s"
+            bar.update(job, total=p["total"], completed=p["step"], info=info)
+            if not console.is_terminal and (p["step"] % 100 == 0 or p["step"] == p["total"]):
+                console.print(f"step {p['step']}/{p['total']} {info}")  # a log line when there is no live bar
+
+        result = run_training(config, target, force=force, device=device, progress=report)
+    for split, accuracy in result.dev_accuracy.items():
+        out.print(f"{task} {split} accuracy: {accuracy:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
+                  f"model in {result.model_dir})")
+
+
+def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[str, Any]):
+    """Model + tokenizer + its training config; refuses a checkpoint trained for another task."""
+    from transformers import AutoTokenizer
+
+    from .checkpoints import CheckpointError, load_classifier
+    from .data import task_spec
+
+    model_dir = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
+    train_config_file = (model_dir.parent / "train_config.json") if model_dir.name == "model" else None
+    trained: dict[str, Any] = {}
+    if train_config_file is not None and train_config_file.is_file():
+        trained = json.loads(train_config_file.read_text())
+    if task is not None and trained.get("task") not in (None, task) and trained.get("data_file") is None:
+        raise CheckpointError(f"{checkpoint}: trained for task {trained.get('task')!r}, not {task!r}")
+    model = load_classifier(str(model_dir), knobs=knobs)
+    if task is not None and trained.get("data_file") is None:
+        labels = task_spec(task).label_names
+        if model.config.num_labels != len(labels):
+            raise CheckpointError(f"{checkpoint}: its head has {model.config.num_labels} labels, task {task} has "
+                                  f"{len(labels)}; it was trained for another task")
+    if not (model_dir / "tokenizer_config.json").is_file() and not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{model_dir}: no tokenizer saved with this checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return model, tokenizer, trained, model_dir
+
+
+@app.command("eval")
+@user_errors
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option(help="a run folder (with model/) or a model folder")],
+    task: Annotated[str, typer.Option()] = "sst2",
+    tau: Annotated[Optional[float], typer.Option(help="confidence threshold (sets exit_policy=confidence)")] = None,
+    knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE (repeatable)")] = None,
+    eval_file: Annotated[Optional[str], typer.Option(help="evaluate on your own table instead of GLUE dev")] = None,
+    text_column: Annotated[str, typer.Option()] = "text",
+    text_pair_column: Annotated[Optional[str], typer.Option()] = None,
+    label_column: Annotated[str, typer.Option()] = "label",
+    max_length: Annotated[int, typer.Option()] = 128,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    limit: Annotated[Optional[int], typer.Option(help="seeded subset of the eval rows")] = None,
+    threads: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """GLUE metrics, per-exit accuracy, exit distribution and tokens kept; written as JSON/CSV beside the checkpoint."""
+    from .data import encode, load_glue, load_table, task_spec
+    from .evaluation import predict_encoded, summarize
+    from .results import atomic_write_text
+
+    _set_threads(threads)
+    knobs = parse_knobs(knob)
+    if tau is not None:
+        knobs.update(exit_policy="confidence", exit_threshold=tau)
+    model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
+    if eval_file:
+        labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+        splits = {"validation": load_table(eval_file, text_column, text_pair_column, label_column, labels)}
+        use_f1 = False
+    else:
+        spec = task_spec(task)
+        splits = {name: load_glue(task, name) for name in spec.eval_splits}
+        use_f1 = spec.f1
+    report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs()}
+    rows = []
+    for split, data in splits.items():
+        data = data.subset(limit)
+        encoded = encode(data, tokenizer, max_length)
+        live = predict_encoded(model, encoded, batch_size=batch_size, device=device,
+                               pad_id=tokenizer.pad_token_id or 0)
+        cached = predict_encoded(model, encoded, batch_size=batch_size, device=device, cache_exits=True,
+                                 pad_id=tokenizer.pad_token_id or 0)
+        summary = summarize(live, use_f1)
+        summary["per_exit_accuracy"] = summarize(cached, use_f1)["per_exit_accuracy"]
+        summary["source"], summary["note"] = data.source, data.note
+        report[split] = summary
+        metric = "  ".join(f"{k} {summary[k]:.2f}" for k in ("accuracy", "f1") if k in summary)
+        out.print(f"{task} {split}: {metric}  mean exit layer {summary['mean_exit_layer']:.2f}  "
+                  f"token-layer fraction {summary['token_layer_fraction']:.3f}  ({summary['rows']} rows)")
+        per_exit = "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_accuracy"].items())
+        out.print(f"  per-exit accuracy: {per_exit}")
+        rows.append({"split": split, **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}})
+    tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
+    target = model_dir.parent if model_dir.name == "model" else model_dir
+    atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
+    import pandas as pd
+
+    atomic_write_text(target / f"{tag}.csv", pd.DataFrame(rows).to_csv(index=False))
+    console.print(f"wrote {target / (tag + '.json')} and .csv")
+
+
+@app.command()
+@user_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="a run folder (with model/) or a model folder")],
+    text: Annotated[Optional[list[str]], typer.Argument(help="texts; none = read one per line from --file or stdin")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="a file with one text per line")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="confidence threshold for early exit")] = None,
+    knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE (repeatable)")] = None,
+    max_length: Annotated[int, typer.Option()] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """Classify raw texts: label, confidence and exit layer for each."""
+    from .evaluation import predict_texts
+
+    knobs = parse_knobs(knob)
+    if tau is not None:
+        knobs.update(exit_policy="confidence", exit_threshold=tau)
+    model, tokenizer, _, _ = _load_checkpoint_for_task(checkpoint, None, knobs)
+    if text:
+        texts = list(text)
+    else:
+        if file is not None:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: no such file")
+            raw = file.read_bytes()
+            source = str(file)
+        else:
+            raw = sys.stdin.buffer.read()
+            source = "stdin"
+        try:
+            texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {error.start})") from None
+    if not texts:
+        raise ValueError("no text to classify (give texts as arguments, --file, or lines on stdin)")
+    for result in predict_texts(model, tokenizer, texts, max_length=max_length):
+        if as_json:
+            typer.echo(json.dumps(result))
+        else:
+            typer.echo(f"{result['label']}\t{result['confidence']:.3f}\texit {result['exit_layer']}\t{result['text']}")
+
+
+def _bench_progress(bar: Progress):
+    jobs: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in jobs:
+            jobs[label] = bar.add_task(label, total=total, info="")
+        bar.update(jobs[label], completed=done, total=total)
+
+    return update
+
+
+@app.command()
+@user_errors
+def bench(
+    checkpoint: Annotated[Path, typer.Option(help="EAT run folder (with model/) or model folder")],
+    task: Annotated[str, typer.Option()] = "sst2",
+    static: Annotated[Optional[Path], typer.Option(help="static baseline run folder")] = None,
+    half: Annotated[Optional[Path], typer.Option(help="half-depth baseline run folder")] = None,
+    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    results: Annotated[Path, typer.Option("--results", help="results folder (CSV/JSONL appended)")] = Path("results/bench"),
+    points: Annotated[str, typer.Option(help="comma list of: ablation, sweeps")] = "ablation,sweeps",
+    tau: Annotated[Optional[float], typer.Option(help="exit threshold of the exit mechanism")] = None,
+    rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows (default: preset)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="throughput batch size")] = None,
+    max_length: Annotated[int, typer.Option()] = 128,
+    threads: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    force: Annotated[bool, typer.Option(help="re-measure points already in the results")] = False,
+) -> None:
+    """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
+    import torch
+
+    from .bench import ablation_points, bench_config_from_preset, measure_points, sweep_points
+    from .data import encode, load_glue, task_spec
+    from .results import ResultsLog
+
+    _set_threads(threads)
+    config = bench_config_from_preset(preset, task=task, rows=rows, batch_size=batch_size, device=device,
+                                      max_length=max_length, tau=tau, threads=torch.get_num_threads())
+    model, tokenizer, _, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
+    baseline_dirs = {}
+    for name, folder in (("static", static), ("half", half)):
+        if folder is not None:
+            _, _, _, baseline_dirs[name] = _load_checkpoint_for_task(folder, task, {})
+    wanted = {p.strip() for p in points.split(",") if p.strip()}
+    unknown = wanted - {"ablation", "sweeps"}
+    if unknown:
+        raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation and/or sweeps")
+    spec = task_spec(task)
+    log = ResultsLog(results)
+    for split in spec.eval_splits:
+        data = load_glue(task, split).subset(config.rows, seed=config.seed)
+        encoded = encode(data, tokenizer, max_length)
+        split_config = dataclasses.replace(config, split=split)
+        chosen = []
+        if "ablation" in wanted:
+            chosen += ablation_points(str(model_dir), split_config,
+                                      static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
+                                      half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None)
+        if "sweeps" in wanted:
+            chosen += sweep_points(str(model_dir), split_config)
+        with _progress() as bar:
+            new = measure_points(chosen, encoded, split_config, log, dataset_source=f"{data.source} {data.note}".strip(),
+                                 f1=spec.f1, force=force, pad_id=tokenizer.pad_token_id or 0,
+                                 examples_dir=results / "examples", progress=_bench_progress(bar))
+        table = Table(title=f"{task} {split}: {len(new)} new point(s), {len(chosen) - len(new)} already measured")
+        for column in ("point", "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
+            table.add_column(column)
+        for row in new:
+            table.add_row(row["point"], f"{row['accuracy']:.2f}", f"{row['b1_p50_ms']:.2f}", f"{row['b1_p90_ms']:.2f}",
+                          f"{row['throughput_rows_per_s']:.0f}", f"{row['mean_exit_layer']:.2f}",
+                          f"{row['token_layer_fraction']:.3f}")
+        out.print(table)
+    out.print(f"results in {log.csv} and {log.jsonl}")
+
+
+@app.command("tune")
+@user_errors
+def tune_command(
+    checkpoint: Annotated[Path, typer.Option(help="EAT run folder (with model/ and train_config.json)")],
+    task: Annotated[str, typer.Option()] = "sst2",
+    max_drop: Annotated[Optional[float], typer.Option(help="accuracy points allowed below everything-off")] = None,
+    latency_budget: Annotated[Optional[float], typer.Option(help="batch-1 median budget in ms")] = None,
+    results: Annotated[Path, typer.Option("--results")] = Path("results/bench"),
+    threads: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
+    import torch
+
+    from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json, tune
+    from .data import encode, load_glue, task_spec
+    from .results import ResultsLog
+    from .training import TrainConfig, training_data
+
+    _set_threads(threads)
+    if (max_drop is None) == (latency_budget is None):
+        raise ValueError("give exactly one of --max-drop or --latency-budget")
+    model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
+    if not trained:
+        raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")
+    train_config = TrainConfig(**trained)
+    _, calibration, _ = training_data(train_config)
+    pad_id = tokenizer.pad_token_id or 0
+    result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
+                  latency_budget_ms=latency_budget, device=device, pad_id=pad_id)
+    save_json(results / f"tuned_{task}.json", dataclasses.asdict(result))
+    out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
+    out.print(f"calibration accuracy {result.calibration_accuracy:.2f} (everything off: {result.reference_accuracy:.2f})")
+    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads())
+    points = [OperatingPoint("eat:none", str(model_dir), {}, "ablation"),
+              OperatingPoint("eat:tuned", str(model_dir), result.knobs, "tuned")]
+    spec = task_spec(task)
+    for split in spec.eval_splits:
+        data = load_glue(task, split)
+        rows = measure_points(points, encode(data, tokenizer, train_config.max_length),
+                              dataclasses.replace(config, split=split), ResultsLog(results),
+                              dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
+                              pad_id=pad_id)
+        by_name = {row["point"]: row for row in rows}
+        off, tuned = by_name["eat:none"], by_name["eat:tuned"]
+        out.print(f"{task} {split}: tuned accuracy {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; batch-1 p50 "
+                  f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x)")
+
+
+@app.command()
+@user_errors
+def report(results: Annotated[Path, typer.Option("--results", help="results folder")] = Path("results/bench")) -> None:
+    """Build report.md and PNG plots from a results folder."""
+    from .report import build_report
+
+    path = build_report(results)
+    out.print(f"report: {path}")
+
+
+@app.command()
+@user_errors
+def run(
+    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    task: Annotated[str, typer.Option(help="sst2, qqp, mnli or all")] = "sst2",
+    runs_dir: Annotated[Optional[Path], typer.Option("--runs", help="checkpoints (default runs/<preset>)")] = None,
+    results: Annotated[Optional[Path], typer.Option("--results", help="results (default runs/<preset>/results)")] = None,
+    threads: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    train_limit: Annotated[Optional[int], typer.Option(help="override the preset's training rows")] = None,
+) -> None:
+    """The main job end to end: train EAT + static + half-depth, tune, sweep, ablate, time, report. Resumable."""
+    from .bench import BENCH_PRESETS
+    from .pipeline import RUN_TASKS, run_task, summary_lines
+    from .training import TRAIN_PRESETS
+
+    _set_threads(threads)
+    if preset not in TRAIN_PRESETS or preset not in BENCH_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    tasks = RUN_TASKS if task == "all" else (task,)
+    for name in tasks:
+        if name not in RUN_TASKS:
+            raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)} or all")
+    runs_dir = runs_dir or Path("runs") / preset
+    results = results or runs_dir / "results"
+    for name in tasks:
+        with _progress() as bar:
+            summary = run_task(name, preset, runs_dir, results, device=device,
+                               train_overrides={"train_limit": train_limit} if train_limit else None,
+                               log=lambda message: console.print(message), progress=_bench_progress(bar))
+        for line in summary_lines(results, name):
+            out.print(line)
+        out.print(f"report: {summary['report']}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,339 @@
+"""Data: GLUE SST-2 / QQP / MNLI and user tables -> tokenized, length-bucketed, dynamically padded batches.
+
+Every loader returns a :class:`TextDataset` (a pandas frame with ``text``, optional ``text_pair`` and an integer
+``label`` column, plus where it came from). Bad input raises :class:`DataError` with the file and the problem.
+
+GLUE files are found in a local folder (``EAT_DATA_DIR``) in either layout:
+
+- Hugging Face parquet (``train.parquet``, ``validation.parquet``, ``validation_matched.parquet``...);
+- original GLUE TSV (``train.tsv``, ``dev.tsv``, ``dev_matched.tsv``...);
+- the partial/carved files of ``../shared/data/glue`` are mapped explicitly: MNLI ``train_sample.parquet`` (a 10%
+  sample of train) and QQP ``train_carved.parquet`` / ``validation_carved.parquet`` (carved out of QQP dev; when
+  the carved train is used, the carved validation is used too, never the full dev it was cut from).
+
+Without a local folder the official splits load through ``datasets`` from the hub (needs internet).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: its text columns, label names and evaluation splits."""
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...]
+    eval_splits: tuple[str, ...] = ("validation",)
+    f1: bool = False  # also report binary F1 of the positive class (QQP)
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("sst2", ("sentence",), ("negative", "positive")),
+    "qqp": TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), f1=True),
+    "mnli": TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+                     eval_splits=("validation_matched", "validation_mismatched")),
+}
+
+# Candidate files per (task, split), first found wins. Columns of GLUE TSVs are renamed to the parquet names.
+_LOCAL_FILES: dict[str, dict[str, list[str]]] = {
+    "sst2": {"train": ["train.parquet", "train.tsv"], "validation": ["validation.parquet", "dev.tsv"]},
+    "qqp": {"train": ["train.parquet", "train.tsv"], "validation": ["validation.parquet", "dev.tsv"]},
+    "mnli": {"train": ["train.parquet", "train.tsv", "train_sample.parquet"],
+             "validation_matched": ["validation_matched.parquet", "dev_matched.tsv"],
+             "validation_mismatched": ["validation_mismatched.parquet", "dev_mismatched.tsv"]},
+}
+_CARVED_QQP = {"train": "train_carved.parquet", "validation": "validation_carved.parquet"}
+_TSV_RENAMES = {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label", "is_duplicate": "label"}
+
+
+@dataclass
+class TextDataset:
+    """Rows of ``text`` (+ ``text_pair``) with integer ``label``; ``source`` names the file or hub split."""
+
+    frame: pd.DataFrame
+    label_names: tuple[str, ...]
+    source: str
+    note: str = ""
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def subset(self, limit: int | None, seed: int = 0) -> "TextDataset":
+        """A seeded random sample of ``limit`` rows (all rows when ``limit`` is None or larger)."""
+        if limit is None or limit >= len(self.frame):
+            return self
+        frame = self.frame.sample(n=limit, random_state=seed).reset_index(drop=True)
+        return TextDataset(frame, self.label_names, self.source, (self.note + f"; seeded sample of {limit}").strip("; "))
+
+
+def data_dir() -> Path | None:
+    """The local GLUE folder: ``EAT_DATA_DIR`` if set (it must exist), else None (use the hub)."""
+    value = os.environ.get("EAT_DATA_DIR")
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise DataError(f"EAT_DATA_DIR={value}: no such directory")
+    return path
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The :class:`TaskSpec` of a GLUE task name; raises DataError for an unknown task."""
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or pass --data-file for your own)") from None
+
+
+def resolve_glue_file(task: str, split: str, root: Path) -> tuple[Path, str]:
+    """The local file for a task split and a note on what it is (partial/carved). Raises DataError if absent."""
+    task_dir = root / task
+    if task == "qqp" and not any((task_dir / name).is_file() for name in _LOCAL_FILES["qqp"]["train"]):
+        # No real QQP train here: use the carved pair, never the full dev the carved train was cut from.
+        if split in _CARVED_QQP and (task_dir / _CARVED_QQP[split]).is_file():
+            return task_dir / _CARVED_QQP[split], "QQP, carved split (train and validation carved out of GLUE dev)"
+    candidates = _LOCAL_FILES[task].get(split)
+    if candidates is None:
+        raise DataError(f"{task} has no split {split!r}; splits: {', '.join(_LOCAL_FILES[task])}")
+    for name in candidates:
+        if (task_dir / name).is_file():
+            note = "MNLI, 10% train sample" if name == "train_sample.parquet" else ""
+            return task_dir / name, note
+    raise DataError(f"{task_dir}: no file for split {split!r} (looked for {', '.join(candidates)})")
+
+
+def load_glue(task: str, split: str, root: Path | None = None) -> TextDataset:
+    """A GLUE split from the local folder (``root`` or ``EAT_DATA_DIR``) or, without one, from the hub."""
+    spec = task_spec(task)
+    root = root if root is not None else data_dir()
+    if root is None:
+        return _load_glue_from_hub(spec, split)
+    path, note = resolve_glue_file(task, split, root)
+    dataset = load_table(path, spec.text_columns[0], spec.text_columns[1] if len(spec.text_columns) > 1 else None,
+                         "label", label_names=spec.label_names)
+    dataset.note = note
+    return dataset
+
+
+def _load_glue_from_hub(spec: TaskSpec, split: str) -> TextDataset:
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError("no local data (EAT_DATA_DIR unset) and the `datasets` package is not installed; "
+                        "set EAT_DATA_DIR or `pip install eat[hub]`") from error
+    try:
+        hub = datasets.load_dataset("nyu-mll/glue", spec.name, split=split)
+    except Exception as error:  # noqa: BLE001 - network and hub errors: one message
+        raise DataError(f"could not load glue/{spec.name} split {split} from the hub ({error}); "
+                        "set EAT_DATA_DIR to a local copy") from error
+    frame = hub.to_pandas()
+    return _frame_to_dataset(frame, f"hub:nyu-mll/glue/{spec.name}/{split}", spec.text_columns[0],
+                             spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label", spec.label_names)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read CSV, TSV, JSONL or parquet by extension. GLUE TSVs are read with quoting off (they contain `"`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl", encoding="utf-8")
+        if suffix in (".tsv", ".csv"):
+            _check_utf8(path)
+            if suffix == ".tsv":
+                return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8", keep_default_na=False,
+                                   dtype=str)
+            return pd.read_csv(path, encoding="utf-8", keep_default_na=False, dtype=str)
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pandas/pyarrow raise many kinds
+        raise DataError(f"{path}: cannot read as {suffix[1:]} ({error})") from error
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+
+
+def _check_utf8(path: Path) -> None:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at line {line}, offset {error.start})") from None
+
+
+def load_table(path: str | Path, text_column: str, text_pair_column: str | None, label_column: str,
+               label_names: Sequence[str] | None = None) -> TextDataset:
+    """A user table (CSV/TSV/JSONL/parquet) as a :class:`TextDataset`.
+
+    Labels may be integers (ids into ``label_names``) or strings (names in ``label_names``). Without
+    ``label_names`` they are inferred: sorted unique strings, or ``0..max`` for integers.
+    """
+    frame = read_table(Path(path)).rename(columns=_TSV_RENAMES)
+    return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names)
+
+
+def _frame_to_dataset(frame: pd.DataFrame, source: str, text_column: str, text_pair_column: str | None,
+                      label_column: str, label_names: Sequence[str] | None) -> TextDataset:
+    for column in (text_column, text_pair_column, label_column):
+        if column is not None and column not in frame.columns:
+            raise DataError(f"{source}: no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
+    if frame.empty:
+        raise DataError(f"{source}: no rows")
+    out = pd.DataFrame({"text": _texts(frame[text_column], source, text_column)})
+    if text_pair_column is not None:
+        out["text_pair"] = _texts(frame[text_pair_column], source, text_pair_column)
+    labels, names = _labels(frame[label_column], source, label_column, label_names)
+    out["label"] = labels
+    return TextDataset(out, tuple(names), source)
+
+
+def _texts(column: pd.Series, source: str, name: str) -> list[str]:
+    values = column.astype("string")
+    empty = values.isna() | (values.str.strip() == "")
+    if bool(empty.any()):
+        rows = [int(i) for i in empty[empty].index[:5]]
+        raise DataError(f"{source}: column {name!r} has {int(empty.sum())} empty text(s), e.g. at rows {rows} "
+                        "(row numbers count from 0, header excluded); remove or fill them")
+    return values.tolist()
+
+
+def _labels(column: pd.Series, source: str, name: str, label_names: Sequence[str] | None):
+    raw = column.tolist()
+    as_int = []
+    for value in raw:
+        try:
+            as_int.append(int(str(value).strip()))
+        except ValueError:
+            as_int = None
+            break
+    if label_names is None:
+        if as_int is not None:
+            label_names = [str(i) for i in range(max(as_int) + 1)]
+        else:
+            label_names = sorted({str(v).strip() for v in raw})
+    names = tuple(str(n) for n in label_names)
+    index = {n: i for i, n in enumerate(names)}
+    labels, bad = [], []
+    for row, value in enumerate(raw):
+        if as_int is not None:
+            label = as_int[row]
+            ok = 0 <= label < len(names)
+        else:
+            label = index.get(str(value).strip(), -1)
+            ok = label >= 0
+        if not ok:
+            bad.append((row, value))
+        labels.append(label)
+    if bad:
+        examples = ", ".join(f"row {r}: {v!r}" for r, v in bad[:5])
+        raise DataError(f"{source}: column {name!r} has {len(bad)} label(s) outside the task's labels "
+                        f"{list(names)} ({examples})")
+    return labels, names
+
+
+# --------------------------------------------------------------------------------------------- tokenization
+
+
+@dataclass
+class EncodedDataset:
+    """Token ids per row (no padding), labels, and how many rows were truncated."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    labels: list[int]
+    truncated: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(dataset: TextDataset, tokenizer, max_length: int) -> EncodedDataset:
+    """Tokenize with truncation to ``max_length``; warn once with the count of truncated rows."""
+    frame = dataset.frame
+    pairs = frame["text_pair"].tolist() if "text_pair" in frame.columns else None
+    full = tokenizer(frame["text"].tolist(), pairs, truncation=False, add_special_tokens=True)
+    lengths = [len(ids) for ids in full["input_ids"]]
+    truncated = sum(length > max_length for length in lengths)
+    if truncated:
+        logger.warning("%s: %d of %d rows are longer than %d tokens and were truncated", dataset.source, truncated,
+                       len(lengths), max_length)
+        full = tokenizer(frame["text"].tolist(), pairs, truncation=True, max_length=max_length)
+    ids = full["input_ids"]
+    types = full.get("token_type_ids") or [[0] * len(row) for row in ids]
+    return EncodedDataset(ids, types, frame["label"].tolist(), truncated, [len(row) for row in ids])
+
+
+def batches(encoded: EncodedDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+            bucket: bool = True, pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Dynamically padded batches. ``bucket`` groups rows of similar length (less padding): for training, rows are
+    shuffled, cut into pools of 50 batches, sorted by length inside a pool, and the batches shuffled; for
+    evaluation, rows are sorted by length. Each batch carries ``index`` (row numbers) to restore the order."""
+    order = list(range(len(encoded)))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(order)
+    if bucket:
+        pool = batch_size * 50 if shuffle else len(order)
+        order = [i for start in range(0, len(order), pool)
+                 for i in sorted(order[start:start + pool], key=lambda r: encoded.lengths[r])]
+    chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if shuffle and bucket:
+        rng.shuffle(chunks)
+    for chunk in chunks:
+        yield collate(encoded, chunk, pad_id)
+
+
+def collate(encoded: EncodedDataset, rows: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad the given rows to their longest: input_ids, attention_mask, token_type_ids, labels, index."""
+    width = max(encoded.lengths[r] for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = encoded.lengths[r]
+        ids[i, :n] = torch.tensor(encoded.input_ids[r])
+        types[i, :n] = torch.tensor(encoded.token_type_ids[r])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+            "labels": torch.tensor([encoded.labels[r] for r in rows]), "index": torch.tensor(list(rows))}
+
+
+def carve_calibration(dataset: TextDataset, fraction: float = 0.1, seed: int = 0,
+                      max_rows: int | None = 2000) -> tuple[TextDataset, TextDataset]:
+    """Split a training set into (train, calibration): a seeded held-out slice for choosing operating points,
+    so thresholds are never tuned on the dev set."""
+    frame = dataset.frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    size = max(1, int(len(frame) * fraction))
+    if max_rows is not None:
+        size = min(size, max_rows)
+    calibration = TextDataset(frame.iloc[:size].reset_index(drop=True), dataset.label_names, dataset.source,
+                              f"calibration slice ({size} rows, seed {seed}) of {dataset.source}")
+    train = TextDataset(frame.iloc[size:].reset_index(drop=True), dataset.label_names, dataset.source, dataset.note)
+    return train, calibration
+
+
+__all__ = ["DataError", "TaskSpec", "TASKS", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
+           "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "collate",
+           "carve_calibration"]

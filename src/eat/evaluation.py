@@ -1,0 +1,176 @@
+"""Evaluation and prediction: GLUE metrics, per-exit accuracy, exit distribution, tokens kept.
+
+All metrics come from scikit-learn. Per-exit accuracy and threshold sweeps read the logits of every head from one
+cached pass (exits disabled): a sample's hidden states never depend on other samples or on exits, so the cache
+gives exactly what a run at any threshold would (a test holds this).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+from .data import TextDataset, batches, encode
+from .modeling_eat import EATForSequenceClassification, WorkCounters
+
+
+@dataclass
+class Predictions:
+    """Per-row results of one pass over a dataset, in the dataset's order.
+
+    exit_logits: (N, E, C) every head's logits when the pass cached them (NaN where not evaluated).
+    """
+
+    labels: np.ndarray
+    logits: np.ndarray  # (N, C) of the head each row left at
+    exit_layer: np.ndarray  # (N,)
+    tokens_per_layer: np.ndarray  # (N, L)
+    input_length: np.ndarray  # (N,)
+    exit_layers: tuple[int, ...]
+    exit_logits: np.ndarray | None = None
+    work: WorkCounters = field(default_factory=WorkCounters)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(-1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        probs = _softmax(self.logits)
+        return probs.max(-1)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(-1, keepdims=True)
+
+
+@torch.inference_mode()
+def predict_encoded(model: EATForSequenceClassification, encoded, *, batch_size: int = 64, device: str = "cpu",
+                    cache_exits: bool = False, pad_id: int = 0) -> Predictions:
+    """Run the model over encoded rows (length-sorted batches), results restored to row order.
+
+    cache_exits: evaluate every head and never exit (the cache threshold sweeps read).
+    """
+    model.eval().to(device)
+    n = len(encoded)
+    num_layers = model.config.num_hidden_layers
+    exit_layers = model.config.exit_layer_list
+    logits = np.zeros((n, model.config.num_labels), dtype=np.float32)
+    exit_layer = np.zeros(n, dtype=np.int64)
+    tokens = np.zeros((n, num_layers), dtype=np.int64)
+    cached = np.full((n, len(exit_layers), model.config.num_labels), np.nan, dtype=np.float32) if cache_exits else None
+    work = WorkCounters()
+    for batch in batches(encoded, batch_size, pad_id=pad_id):
+        index = batch["index"].numpy()
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["token_type_ids"].to(device), output_exit_logits=cache_exits, disable_exit=cache_exits)
+        logits[index] = out.logits.float().cpu().numpy()
+        exit_layer[index] = out.exit_layer.cpu().numpy()
+        tokens[index] = out.tokens_per_layer.cpu().numpy()
+        if cached is not None:
+            cached[index] = out.exit_logits.float().cpu().numpy()
+        work.add(out.work)
+    return Predictions(np.asarray(encoded.labels), logits, exit_layer, tokens, np.asarray(encoded.lengths),
+                       exit_layers, cached, work)
+
+
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, f1: bool = False) -> dict[str, float]:
+    """Accuracy (and binary F1 of class 1 when asked, as GLUE reports for QQP), in percent."""
+    metrics = {"accuracy": 100.0 * accuracy_score(labels, predictions)}
+    if f1:
+        metrics["f1"] = 100.0 * f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0)
+    return metrics
+
+
+def exits_at_threshold(exit_logits: np.ndarray, exit_layers: tuple[int, ...], policy: str, threshold: float,
+                       patience: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Replay early exit on cached head logits (N, E, C): (chosen logits (N, C), exit layer (N,)).
+
+    Same rules as the model: "confidence" exits at the first head with max probability >= threshold, "entropy" at
+    the first with entropy <= threshold, "patience" when the last ``patience`` heads agree, "none" at the last head.
+    """
+    N, E, _ = exit_logits.shape
+    probs = _softmax(exit_logits)
+    if policy == "confidence":
+        passes = probs.max(-1) >= threshold
+    elif policy == "entropy":
+        passes = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(-1) <= threshold
+    elif policy == "patience":
+        predictions = probs.argmax(-1)
+        streak = np.ones((N, E), dtype=np.int64)
+        for e in range(1, E):
+            streak[:, e] = np.where(predictions[:, e] == predictions[:, e - 1], streak[:, e - 1] + 1, 1)
+        passes = streak >= patience
+    else:
+        passes = np.zeros((N, E), dtype=bool)
+    passes[:, -1] = True
+    slot = passes.argmax(1)
+    return exit_logits[np.arange(N), slot], np.asarray(exit_layers)[slot]
+
+
+def summarize(predictions: Predictions, f1: bool = False) -> dict[str, Any]:
+    """Metrics, exit-layer distribution, mean layers and tokens for one pass; per-exit accuracy when cached."""
+    summary: dict[str, Any] = classification_metrics(predictions.labels, predictions.predictions, f1)
+    counts = Counter(predictions.exit_layer.tolist())
+    summary["rows"] = int(len(predictions.labels))
+    summary["exit_distribution"] = {int(k): int(v) for k, v in sorted(counts.items())}
+    summary["mean_exit_layer"] = float(predictions.exit_layer.mean())
+    ran = predictions.tokens_per_layer > 0
+    summary["mean_tokens_per_layer"] = [float(predictions.tokens_per_layer[:, i][ran[:, i]].mean()) if ran[:, i].any()
+                                        else 0.0 for i in range(ran.shape[1])]
+    summary["mean_input_tokens"] = float(predictions.input_length.mean())
+    summary["token_layers"] = predictions.work.token_layers
+    summary["token_layer_fraction"] = float(predictions.tokens_per_layer.sum() /
+                                            (predictions.input_length.sum() * ran.shape[1]))
+    if predictions.exit_logits is not None:
+        summary["per_exit_accuracy"] = {
+            int(layer): 100.0 * accuracy_score(predictions.labels, predictions.exit_logits[:, slot].argmax(-1))
+            for slot, layer in enumerate(predictions.exit_layers)}
+    return summary
+
+
+def evaluate_static_accuracy(model: EATForSequenceClassification, tokenizer, dataset: TextDataset,
+                             max_length: int, device: str = "cpu") -> float:
+    """Accuracy (%) of the final head with every row running all layers (exits off)."""
+    encoded = encode(dataset, tokenizer, max_length)
+    policy = model.config.exit_policy
+    model.config.exit_policy = "none"
+    try:
+        predictions = predict_encoded(model, encoded, device=device, pad_id=tokenizer.pad_token_id or 0)
+    finally:
+        model.config.exit_policy = policy
+    return classification_metrics(predictions.labels, predictions.predictions)["accuracy"]
+
+
+@torch.inference_mode()
+def predict_texts(model: EATForSequenceClassification, tokenizer, texts: list[str], pairs: list[str] | None = None,
+                  *, max_length: int = 128, device: str = "cpu") -> list[dict[str, Any]]:
+    """Classify raw texts one by one (batch 1, as a latency-sensitive caller would): label, confidence, exit layer."""
+    if not texts:
+        return []
+    model.eval().to(device)
+    results = []
+    for i, text in enumerate(texts):
+        if not text or not text.strip():
+            raise ValueError(f"text {i} is empty")
+        encoded = tokenizer(text, pairs[i] if pairs else None, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        token_types = encoded.get("token_type_ids")
+        out = model(encoded["input_ids"].to(device), None, None if token_types is None else token_types.to(device))
+        probs = out.logits.float().softmax(-1)[0]
+        label_id = int(probs.argmax())
+        results.append({"text": text, "label": model.config.id2label.get(label_id, str(label_id)),
+                        "confidence": float(probs[label_id]), "exit_layer": int(out.exit_layer[0]),
+                        "tokens": int(encoded["input_ids"].shape[1])})
+    return results
+
+
+__all__ = ["Predictions", "predict_encoded", "classification_metrics", "exits_at_threshold", "summarize",
+           "evaluate_static_accuracy", "predict_texts"]

@@ -1,0 +1,222 @@
+"""Analysis and report: accuracy-latency frontier (Pareto points marked, static baselines shown), exit-layer
+distribution, tokens kept vs input length, ablation bars, and a Markdown summary that links the PNGs.
+
+Reads only the results files (``results.jsonl``, ``tau_sweep_*.csv``, ``examples/*.csv``); never writes to them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .results import ResultsError, ResultsLog, atomic_write_text  # noqa: E402
+
+
+class ReportError(RuntimeError):
+    """Nothing to report, or the inputs are unusable; the message says which file."""
+
+
+def pareto_front(frame: pd.DataFrame, cost: str = "b1_p50_ms", value: str = "accuracy") -> pd.Series:
+    """Boolean mask of rows no other row beats on both cost (lower) and value (higher)."""
+    mask = []
+    for _, row in frame.iterrows():
+        dominated = ((frame[cost] <= row[cost]) & (frame[value] >= row[value]) &
+                     ((frame[cost] < row[cost]) | (frame[value] > row[value]))).any()
+        mask.append(not dominated)
+    return pd.Series(mask, index=frame.index)
+
+
+def load_results(folder: Path) -> pd.DataFrame:
+    """The results of a folder as a frame; ReportError when there are none."""
+    try:
+        rows = ResultsLog(folder).rows()
+    except ResultsError as error:
+        raise ReportError(str(error)) from None
+    if not rows:
+        raise ReportError(f"{folder}: no results to report (run `eat bench` or `eat run` first)")
+    frame = pd.DataFrame(rows)
+    # one series per task and evaluation split (MNLI has two)
+    splits_per_task = frame.groupby("task")["split"].nunique()
+    frame["series"] = [f"{t}:{s}" if splits_per_task[t] > 1 else t for t, s in zip(frame["task"], frame["split"])]
+    return frame
+
+
+def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
+    match = frame[frame["point"] == name]
+    return match.iloc[-1] if len(match) else None
+
+
+def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
+    """Accuracy vs batch-1 median latency; Pareto points circled; static baselines as stars."""
+    data = frame[frame["series"] == task]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    front = pareto_front(data)
+    colors = {"ablation": "tab:blue", "tau": "tab:orange", "keep": "tab:green", "window": "tab:purple",
+              "tuned": "tab:red", "baseline": "black"}
+    for role, group in data.groupby("role"):
+        marker = "*" if role == "baseline" else "o"
+        ax.scatter(group["b1_p50_ms"], group["accuracy"], label=role, c=colors.get(role, "gray"), marker=marker,
+                   s=140 if role == "baseline" else 40, zorder=3)
+    frontier = data[front].sort_values("b1_p50_ms")
+    ax.plot(frontier["b1_p50_ms"], frontier["accuracy"], "--", color="gray", zorder=2, label="Pareto frontier")
+    ax.scatter(frontier["b1_p50_ms"], frontier["accuracy"], facecolors="none", edgecolors="red", s=160, zorder=4)
+    for _, row in data.iterrows():
+        if row["role"] in ("baseline", "tuned") or front.loc[row.name]:
+            ax.annotate(row["point"], (row["b1_p50_ms"], row["accuracy"]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+    ax.set_xlabel("batch-1 median latency (ms)")
+    ax.set_ylabel("accuracy (%)")
+    env = data.iloc[0]
+    ax.set_title(f"{task}: accuracy vs latency ({env['device']}, {env['threads']} threads)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_exit_distribution(row: pd.Series, path: Path) -> None:
+    """How many examples left at each layer, for one operating point."""
+    distribution = row["exit_distribution"]
+    if isinstance(distribution, str):
+        distribution = json.loads(distribution)
+    layers = list(range(1, int(row["layers"]) + 1))
+    counts = [int(distribution.get(str(layer), distribution.get(layer, 0))) for layer in layers]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(layers, counts, color="tab:orange")
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("examples")
+    ax.set_title(f"{row['task']} {row['point']}: exit layers (mean {row['mean_exit_layer']:.2f})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tokens_vs_length(examples: pd.DataFrame, title: str, path: Path) -> None:
+    """Tokens entering the last layer each example reached, against its input length."""
+    token_columns = [c for c in examples.columns if c.startswith("tokens_l")]
+    last = examples.apply(lambda r: r[token_columns[int(r["exit_layer"]) - 1]], axis=1)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.scatter(examples["input_tokens"], last, s=8, alpha=0.5)
+    top = int(examples["input_tokens"].max())
+    ax.plot([0, top], [0, top], "--", color="gray", label="no pruning")
+    ax.set_xlabel("input tokens")
+    ax.set_ylabel("tokens at the exit layer")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
+    """Latency (batch 1 and batch-B per row) and accuracy of the ablation grid and the baselines."""
+    data = frame[(frame["series"] == task) & frame["role"].isin(["ablation", "baseline", "tuned"])]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = data["point"].tolist()
+    axes[0].barh(names, data["b1_p50_ms"], color="tab:blue")
+    axes[0].set_xlabel("batch-1 median latency (ms)")
+    axes[1].barh(names, data["throughput_rows_per_s"], color="tab:green")
+    axes[1].set_xlabel(f"throughput at batch {int(data.iloc[0]['batch_size_throughput'])} (rows/s)")
+    axes[2].barh(names, data["accuracy"], color="tab:orange")
+    low = max(0.0, float(data["accuracy"].min()) - 5)
+    axes[2].set_xlim(low, 100)
+    axes[2].set_xlabel("accuracy (%)")
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"{task}: ablation (each row its own measurement)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(frame: pd.DataFrame, task: str) -> str:
+    """Markdown table: every point with accuracy, latency percentiles, throughput and speedups vs static."""
+    data = frame[frame["series"] == task].copy()
+    static = _static_row(data, "static")
+    if static is None:
+        static = _static_row(data, "eat:none")
+    lines = ["| point | role | accuracy | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | rows/s (batch) | "
+             "speedup batch | mean exit layer | token-layer fraction |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for _, row in data.iterrows():
+        speed1 = static["b1_p50_ms"] / row["b1_p50_ms"] if static is not None else float("nan")
+        speedb = row["throughput_rows_per_s"] / static["throughput_rows_per_s"] if static is not None else float("nan")
+        accuracy = f"{row['accuracy']:.2f}" + (f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else "")
+        lines.append(f"| {row['point']} | {row['role']} | {accuracy} | {row['b1_p50_ms']:.2f} | {row['b1_p90_ms']:.2f} | "
+                     f"{row['b1_p99_ms']:.2f} | {speed1:.2f}x | {row['throughput_rows_per_s']:.0f} | {speedb:.2f}x | "
+                     f"{row['mean_exit_layer']:.2f} | {row['token_layer_fraction']:.3f} |")
+    return "\n".join(lines)
+
+
+def build_report(folder: str | Path) -> Path:
+    """Build ``report.md`` and its PNGs from a results folder; returns the report path."""
+    folder = Path(folder)
+    frame = load_results(folder)
+    plots = folder / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    sections: list[str] = ["# EAT benchmark report", ""]
+    first = frame.iloc[0]
+    sections += [f"Measured on {first['cpu']}{' / ' + first['gpu'] if first.get('gpu') else ''}, device "
+                 f"{first['device']}, {first['threads']} threads, torch {first['torch']}, transformers "
+                 f"{first['transformers']}, commit {first['git_commit']}. Latency: batch 1, every point timed "
+                 "interleaved on the same examples; accuracy from the same calls. Throughput: same batches for "
+                 "every point, arrival order.", ""]
+    for task in frame["series"].unique():
+        data = frame[frame["series"] == task]
+        safe = task.replace(":", "_")
+        sections += [f"## {task}", "", f"Data: {data.iloc[0]['dataset']} ({int(data.iloc[0]['rows'])} rows).", ""]
+        plot_frontier(frame, task, plots / f"{safe}_frontier.png")
+        sections += [f"![frontier](plots/{safe}_frontier.png)", ""]
+        if len(data[data["role"].isin(["ablation", "baseline"])]):
+            plot_ablation(frame, task, plots / f"{safe}_ablation.png")
+            sections += [f"![ablation](plots/{safe}_ablation.png)", ""]
+        exits = data[data["mech_exit"] == True]  # noqa: E712 - pandas column of bools
+        focus = exits[exits["role"] == "tuned"]
+        focus = focus if len(focus) else exits
+        if len(focus):
+            row = focus.iloc[-1]
+            plot_exit_distribution(row, plots / f"{safe}_exit_layers.png")
+            sections += [f"![exit layers](plots/{safe}_exit_layers.png)", ""]
+        pruned = data[(data["mech_prune"] == True) & data.get("examples_file", pd.Series(dtype=str)).notna()]  # noqa: E712
+        if len(pruned) and "examples_file" in pruned:
+            row = pruned.iloc[-1]
+            examples_path = folder / str(row["examples_file"])
+            if examples_path.is_file():
+                plot_tokens_vs_length(pd.read_csv(examples_path), f"{task} {row['point']}: tokens kept",
+                                      plots / f"{safe}_tokens_vs_length.png")
+                sections += [f"![tokens kept](plots/{safe}_tokens_vs_length.png)", ""]
+        sweep_file = folder / f"tau_sweep_{task.replace(':', '_')}.csv"
+        if sweep_file.is_file():
+            sweep = pd.read_csv(sweep_file)
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(sweep["mean_exit_layer"], sweep["accuracy"], "-o", markersize=3)
+            ax.set_xlabel("mean exit layer")
+            ax.set_ylabel("accuracy (%)")
+            ax.set_title(f"{task}: tau sweep from cached head outputs", fontsize=9)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(plots / f"{safe}_tau_sweep.png", dpi=120)
+            plt.close(fig)
+            sections += [f"![tau sweep](plots/{safe}_tau_sweep.png)", ""]
+        sections += ["### Summary", "", summary_table(frame, task), ""]
+        tuned_file = folder / f"tuned_{task.split(':')[0]}.json"
+        if tuned_file.is_file():
+            tuned = json.loads(tuned_file.read_text())
+            sections += [f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
+                         f"`{json.dumps(tuned.get('knobs'))}`, calibration accuracy "
+                         f"{tuned.get('calibration_accuracy', float('nan')):.2f} vs reference "
+                         f"{tuned.get('reference_accuracy', float('nan')):.2f}.", ""]
+    path = folder / "report.md"
+    atomic_write_text(path, "\n".join(sections))
+    return path
+
+
+__all__ = ["build_report", "pareto_front", "summary_table", "ReportError", "load_results"]

@@ -1,0 +1,107 @@
+"""Results on disk: CSV and JSONL logs that are appended atomically and never truncated.
+
+Each append rewrites the file to a temporary name and swaps it in with ``os.replace``, so a crash leaves either the
+old file or the new one, never half a row. A file that cannot be read is never written over: the caller gets a
+:class:`ResultsError` naming it. Rows are keyed by ``config_hash`` so reruns skip configurations already measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class ResultsError(RuntimeError):
+    """A results file is unreadable or inconsistent; the message names it. Nothing was written."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able configuration (sorted keys)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class ResultsLog:
+    """``<stem>.csv`` + ``<stem>.jsonl`` in a folder: one row per measured configuration.
+
+    The JSONL file is the source of truth (nested values kept); the CSV carries the flat columns for spreadsheets.
+    """
+
+    def __init__(self, folder: str | Path, stem: str = "results"):
+        self.folder = Path(folder)
+        self.jsonl = self.folder / f"{stem}.jsonl"
+        self.csv = self.folder / f"{stem}.csv"
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row; raises :class:`ResultsError` for a corrupt file (naming the file and line)."""
+        if not self.jsonl.exists():
+            return []
+        rows = []
+        text = self.jsonl.read_text(encoding="utf-8")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ResultsError(f"{self.jsonl}: line {number} is not valid JSON ({error.msg}); fix or move the "
+                                   "file away (it is never overwritten)") from None
+            if not isinstance(row, dict) or "config_hash" not in row:
+                raise ResultsError(f"{self.jsonl}: line {number} is not a result row (no config_hash)")
+            rows.append(row)
+        return rows
+
+    def has(self, hash_: str) -> bool:
+        """Whether a row with this configuration hash is already logged."""
+        return any(row["config_hash"] == hash_ for row in self.rows())
+
+    def append(self, row: dict[str, Any], *, replace: bool = False) -> None:
+        """Add a row (with ``replace``, first drop rows of the same ``config_hash``: an explicit re-measurement)."""
+        if "config_hash" not in row:
+            raise ValueError("a result row needs a config_hash")
+        rows = self.rows()
+        if replace:
+            rows = [r for r in rows if r["config_hash"] != row["config_hash"]]
+        rows.append(row)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        atomic_write_text(self.csv, _to_csv(rows))
+
+
+def _flat(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def _to_csv(rows: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _flat(v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+__all__ = ["ResultsLog", "ResultsError", "atomic_write_text", "config_hash"]

@@ -1,0 +1,356 @@
+"""Fine-tuning: joint multi-exit loss, self-distillation, pruning-aware training, resumable checkpoints.
+
+A run lives in one output folder:
+
+- ``checkpoint-last/``: the latest resumable state (model, optimizer, scheduler, progress), replaced atomically;
+- ``model/``: the finished model (``save_pretrained``, safetensors) with its tokenizer;
+- ``train_config.json`` (the :class:`TrainConfig`) and ``train_summary.json`` (time, steps, dev accuracy).
+
+A finished run is never overwritten unless asked (``force``); an interrupted one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import load_classifier
+from .data import (DataError, TextDataset, batches, carve_calibration, encode, load_glue, load_table, task_spec)
+from .modeling_eat import EATForSequenceClassification, half_depth_layers, keep_layers
+
+VARIANTS = ("eat", "static", "half")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a fine-tuning run (saved as ``train_config.json``).
+
+    variant: "eat" (exit heads after ``exit_layers``, joint loss), "static" (the full backbone, one head), or
+    "half" (static, every other layer of the backbone: the DistilBERT stand-in).
+    """
+
+    task: str = "sst2"
+    model: str | None = None  # backbone: path or hub id; None = the packaged MiniLM
+    variant: str = "eat"
+    epochs: float = 2.0
+    batch_size: int = 32
+    learning_rate: float = 8e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    seed: int = 42
+    train_limit: int | None = None  # seeded subset of the training rows (demo sizes)
+    eval_limit: int | None = None
+    calibration_rows: int = 2000  # held out of train for `eat tune` (never trained on)
+    exit_layers: list[int] | str | None = "all"
+    exit_loss_weights: str | list[float] = "depth"  # "depth" (proportional to layer), "uniform", or a list
+    distill_weight: float = 1.0  # self-distillation of every exit from the final head (0 = off)
+    distill_temperature: float = 2.0
+    train_keep_ratio: float | list[float] = 1.0  # pruning-aware training (keep ratio active while training)
+    train_attention_window: int | None = None
+    bf16: str = "auto"  # "auto": bf16 autocast on CUDA only; "on"; "off"
+    checkpoint_every: int = 400  # optimizer steps between resumable checkpoints
+    data_file: str | None = None  # user data instead of GLUE
+    eval_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.data_file is None:
+            task_spec(self.task)
+        for name in ("epochs", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.batch_size < 1 or self.max_length < 4:
+            raise ValueError("batch_size must be >= 1 and max_length >= 4")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16: expected auto, on or off, got {self.bf16!r}")
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on 2 CPU cores: CLI and quickstart tests
+    "smoke": dict(train_limit=64, eval_limit=64, epochs=1.0, batch_size=16, max_length=48, calibration_rows=32,
+                  checkpoint_every=1000),
+    # about 10 minutes for the whole main job on 2 CPU cores
+    "demo": dict(train_limit=6000, eval_limit=None, epochs=1.0, batch_size=32, max_length=64, calibration_rows=500),
+    # the full protocol
+    "paper": dict(train_limit=None, eval_limit=None, epochs=2.0, batch_size=32, max_length=128, calibration_rows=2000),
+}
+
+
+def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a named preset (smoke, demo, paper) with overrides; unknown names are errors."""
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    values = {**TRAIN_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
+    config = TrainConfig(**values)
+    config.validate()
+    return config
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[str, TextDataset]]:
+    """(train, calibration, {eval split: dataset}) for a config: GLUE or user files."""
+    if config.data_file is not None:
+        full = load_table(config.data_file, config.text_column, config.text_pair_column, config.label_column)
+        if config.eval_file is None:
+            raise DataError("--eval-file is required with --data-file")
+        evals = {"validation": load_table(config.eval_file, config.text_column, config.text_pair_column,
+                                          config.label_column, label_names=full.label_names)}
+    else:
+        spec = task_spec(config.task)
+        full = load_glue(config.task, "train")
+        evals = {split: load_glue(config.task, split) for split in spec.eval_splits}
+    train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
+                                           fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
+    train = train.subset(config.train_limit, seed=config.seed)
+    evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
+    return train, calibration, evals
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+def build_model(config: TrainConfig, label_names: tuple[str, ...]) -> EATForSequenceClassification:
+    """The model to fine-tune for a variant, from the backbone."""
+    id2label = dict(enumerate(label_names))
+    if config.variant == "eat":
+        knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
+                     attention_window=config.train_attention_window)
+        return load_classifier(config.model, id2label=id2label, knobs=knobs)
+    model = load_classifier(config.model, id2label=id2label)
+    if config.variant == "half":
+        model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
+    return model
+
+
+def exit_weights(spec: str | list[float], exit_layers: tuple[int, ...]) -> torch.Tensor:
+    """Loss weight per exit head, summing to 1: "depth" (proportional to the layer), "uniform", or a list."""
+    if spec == "depth":
+        weights = torch.tensor(exit_layers, dtype=torch.float32)
+    elif spec == "uniform":
+        weights = torch.ones(len(exit_layers))
+    else:
+        weights = torch.tensor([float(w) for w in spec])
+        if len(weights) != len(exit_layers) or bool((weights < 0).any()):
+            raise ValueError(f"exit_loss_weights: need {len(exit_layers)} non-negative weights, got {spec}")
+    return weights / weights.sum()
+
+
+def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                    distill_weight: float, temperature: float) -> torch.Tensor:
+    """Joint loss over exits: weighted cross-entropy of every head, plus self-distillation of every earlier head
+    from the final head (KL at ``temperature``, the teacher detached). exit_logits: (B, E, C)."""
+    B, E, C = exit_logits.shape
+    ce = F.cross_entropy(exit_logits.reshape(B * E, C), labels.repeat_interleave(E), reduction="none").view(B, E)
+    loss = (ce.mean(0) * weights.to(ce.device)).sum()
+    if distill_weight > 0 and E > 1:
+        teacher = (exit_logits[:, -1:].detach() / temperature).softmax(-1)  # (B, 1, C)
+        student = (exit_logits[:, :-1] / temperature).log_softmax(-1)  # (B, E-1, C)
+        kd = F.kl_div(student, teacher.expand_as(student), reduction="none").sum(-1).mean()
+        loss = loss + distill_weight * kd * temperature**2
+    return loss
+
+
+# -------------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (also ``train_summary.json``)."""
+
+    output_dir: str
+    model_dir: str
+    steps: int
+    seconds: float
+    train_rows: int
+    dev_accuracy: dict[str, float]
+    resumed_from_step: int = 0
+
+
+class RunFinishedError(RuntimeError):
+    """The output folder holds a finished run; pass force to replace it."""
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, device: str = "cpu",
+          progress: Callable[[dict[str, Any]], None] | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Fine-tune according to ``config`` into ``output_dir``; resume if a checkpoint is there.
+
+    progress: called after every step with {"step", "total", "loss", "rows_per_s"} (the CLI draws a bar).
+    stop_after_steps: stop (with a checkpoint) after this many steps of this call; used to test resuming.
+    """
+    config.validate()
+    out = Path(output_dir)
+    model_dir, ckpt_dir = out / "model", out / "checkpoint-last"
+    if (out / "train_summary.json").is_file():
+        if not force:
+            raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out / "train_summary.json").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    saved_config = out / "train_config.json"
+    if ckpt_dir.is_dir() and saved_config.is_file():
+        previous = json.loads(saved_config.read_text())
+        if previous != dataclasses.asdict(config):
+            changed = sorted(k for k in previous if previous.get(k) != dataclasses.asdict(config).get(k))
+            raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
+                                   "here; use another --out or --force")
+    _atomic_write_json(saved_config, dataclasses.asdict(config))
+
+    torch.manual_seed(config.seed)
+    train_data, _, evals = training_data(config)
+    from transformers import AutoTokenizer
+
+    backbone = config.model
+    if backbone is None:
+        from .checkpoints import default_backbone
+
+        backbone = default_backbone()
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    encoded = encode(train_data, tokenizer, config.max_length)
+
+    resumed_step = 0
+    if ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
+        model = EATForSequenceClassification.from_pretrained(ckpt_dir)
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        resumed_step = state["global_step"]
+    else:
+        model = build_model(config, train_data.label_names)
+        state = {"global_step": 0}
+    model.to(device).train()
+
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total_steps = max(1, int(steps_per_epoch * config.epochs))
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    warmup = int(total_steps * config.warmup_ratio)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if resumed_step:
+        saved = torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+
+    exit_layers = model.config.exit_layer_list if config.variant == "eat" else (model.config.num_hidden_layers,)
+    weights = exit_weights(config.exit_loss_weights, exit_layers)
+    use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and device.startswith("cuda"))
+    started = time.perf_counter()
+    step = resumed_step
+    rows_done = 0
+    stopped_early = False
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        for index, batch in enumerate(batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
+                                              pad_id=tokenizer.pad_token_id or 0)):
+            if index < skip:
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            logits = output.exit_logits.float()  # (B, E, C)
+            loss = multi_exit_loss(logits, batch["labels"], weights, config.distill_weight,
+                                   config.distill_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            rows_done += len(batch["labels"])
+            if progress is not None:
+                elapsed = time.perf_counter() - started
+                progress({"step": step, "total": total_steps, "loss": float(loss.detach()),
+                          "rows_per_s": rows_done / max(elapsed, 1e-9)})
+            if step % config.checkpoint_every == 0 and step < total_steps:
+                _save_checkpoint(model, optimizer, scheduler, step, ckpt_dir, tokenizer)
+            if stop_after_steps is not None and step - resumed_step >= stop_after_steps and step < total_steps:
+                _save_checkpoint(model, optimizer, scheduler, step, ckpt_dir, tokenizer)
+                stopped_early = True
+                break
+            if step >= total_steps:
+                break
+        if stopped_early:
+            break
+    seconds = time.perf_counter() - started
+    if stopped_early:
+        return TrainResult(str(out), "", step, seconds, len(encoded), {}, resumed_step)
+
+    model.eval()
+    tmp_model_dir = out / "model.tmp"
+    shutil.rmtree(tmp_model_dir, ignore_errors=True)
+    model.save_pretrained(tmp_model_dir)
+    tokenizer.save_pretrained(tmp_model_dir)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp_model_dir, model_dir)
+
+    from .evaluation import evaluate_static_accuracy
+
+    dev = {name: evaluate_static_accuracy(model, tokenizer, data, config.max_length, device=device)
+           for name, data in evals.items()}
+    result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step)
+    summary = {**dataclasses.asdict(result), "train_source": train_data.source, "train_note": train_data.note,
+               "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__}
+    _atomic_write_json(out / "train_summary.json", summary)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return result
+
+
+def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt_dir: Path, tokenizer) -> None:
+    """Write the resumable state to a temporary folder, then swap it in (a crash never leaves half a checkpoint)."""
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, tmp / "optimizer.pt")  # dropout masks continue as if never stopped
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config_from_preset", "train", "TrainResult", "RunFinishedError",
+           "multi_exit_loss", "exit_weights", "build_model", "training_data", "VARIANTS"]

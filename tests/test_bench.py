@@ -1,0 +1,162 @@
+"""Timing, results logs, sweeps and the report: statistics on known values, resume, atomic appends."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eat.bench import OperatingPoint, ablation_points, bench_config_from_preset, measure_points, tau_sweep
+from eat.data import EncodedDataset
+from eat.evaluation import predict_encoded
+from eat.report import ReportError, build_report, pareto_front
+from eat.results import ResultsError, ResultsLog
+from eat.timing import LatencyStats, interleaved_latency, throughput
+
+from .conftest import tiny_model
+
+
+def test_latency_stats_on_known_values():
+    stats = LatencyStats.from_seconds([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert stats.count == 100
+    assert stats.mean_ms == pytest.approx(50.5)
+    assert stats.p50_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.min_ms == pytest.approx(1.0) and stats.max_ms == pytest.approx(100.0)
+    assert stats.std_ms == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert LatencyStats.from_seconds([0.002]).std_ms == 0.0
+    with pytest.raises(ValueError):
+        LatencyStats.from_seconds([])
+
+
+def test_interleaved_timing_path_on_tiny_model():
+    model = tiny_model()
+    inputs = [torch.randint(3, 120, (1, n)) for n in (5, 9, 14, 20)]
+    seen = []
+    stats = interleaved_latency({"a": model, "b": lambda x: model(x[:, :3])}, inputs, warmup=1,
+                                on_result=lambda name, i, out: seen.append((name, i)))
+    assert set(stats) == {"a", "b"} and stats["a"].count == 4
+    assert sorted(seen) == sorted((n, i) for n in "ab" for i in range(4))
+    # the order rotates: input 1 starts with "b"
+    assert seen[2][0] == "b"
+    rows_per_s, per_batch = throughput(lambda x: model(x), [torch.randint(3, 120, (4, 8))] * 3, rows=12)
+    assert rows_per_s > 0 and per_batch.count == 3
+
+
+def _encoded(n=40, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 30, (n,), generator=generator).tolist()
+    ids = [[1] + torch.randint(3, 120, (length - 2,), generator=generator).tolist() + [102 % 120] for length in lengths]
+    labels = torch.randint(0, 3, (n,), generator=generator).tolist()
+    return EncodedDataset(ids, [[0] * len(row) for row in ids], labels, 0, lengths)
+
+
+def test_tau_sweep_from_cache_equals_rerunning_at_that_tau():
+    model = tiny_model(seed=11, exit_layers="all", keep_ratio=0.7)
+    encoded = _encoded()
+    cached = predict_encoded(model, encoded, cache_exits=True)
+    confidence = torch.tensor(cached.exit_logits).softmax(-1).amax(-1)  # (N, E)
+    taus = [float(q) for q in confidence[:, :2].flatten().quantile(torch.tensor([0.2, 0.5, 0.8]))] + [1.01]
+    sweep = tau_sweep(model, encoded, taus)
+    for row in sweep:
+        model.config.set_knobs(exit_policy="confidence", exit_threshold=row["tau"])
+        rerun = predict_encoded(model, encoded)
+        assert row["accuracy"] == pytest.approx(100.0 * float((rerun.predictions == rerun.labels).mean()))
+        assert row["mean_exit_layer"] == pytest.approx(float(rerun.exit_layer.mean()))
+        lengths = rerun.input_length
+        assert row["token_layer_fraction"] == pytest.approx(rerun.tokens_per_layer.sum() / (lengths.sum() * 4))
+    assert len({row["mean_exit_layer"] for row in sweep}) > 1  # the thresholds really differ
+
+
+def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
+    from eat.modeling_eat import EATForSequenceClassification
+
+    folder = tmp_path / "ckpt"
+    tiny = tiny_model()
+    tiny.save_pretrained(folder)
+    bench = bench_config_from_preset("smoke", rows=None, batch_size=8)
+    encoded = _encoded(16)
+    log = ResultsLog(tmp_path / "results")
+    points = ablation_points(str(folder), bench)
+    assert len(points) == 8 and len({json.dumps(p.knobs, sort_keys=True) for p in points}) == 8
+    first = measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
+    assert len(first) == 3 and len(log.rows()) == 3
+    again = measure_points(points[:4], encoded, bench, log, dataset_source="fixture")
+    assert [row["point"] for row in again] == [points[3].name]  # finished rows are skipped, not redone
+    assert len(log.rows()) == 4
+    forced = measure_points(points[:1], encoded, bench, log, dataset_source="fixture", force=True)
+    assert len(forced) == 1 and len(log.rows()) == 4  # replaced, not duplicated
+    row = log.rows()[0]
+    for key in ("task", "knobs", "tau", "device", "threads", "torch", "transformers", "cpu", "seed", "git_commit",
+                "timestamp", "config_hash", "b1_p50_ms", "b1_p99_ms", "throughput_rows_per_s", "accuracy"):
+        assert key in row
+    assert row["accuracy"] == row["accuracy_batched"]  # batched and one-at-a-time agree
+    csv_rows = pd.read_csv(log.csv)
+    assert len(csv_rows) == 4
+    good = log.jsonl.read_text()
+    log.jsonl.write_text(good + '{"config_hash": "x", "broken": \n')
+    with pytest.raises(ResultsError, match="line 5 is not valid JSON"):
+        log.append({"config_hash": "new"})
+    assert log.jsonl.read_text().startswith(good)  # nothing was overwritten
+
+
+def test_interrupted_append_leaves_a_readable_file(tmp_path, monkeypatch):
+    import eat.results as results
+
+    log = ResultsLog(tmp_path)
+    log.append({"config_hash": "a", "value": 1})
+    original = results.os.replace
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(results.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        log.append({"config_hash": "b", "value": 2})
+    monkeypatch.setattr(results.os, "replace", original)
+    assert [row["config_hash"] for row in log.rows()] == ["a"]
+    assert pd.read_csv(log.csv)["config_hash"].tolist() == ["a"]
+
+
+def _fixture_rows():
+    base = dict(task="sst2", split="validation", role="ablation", layers=6, device="cpu", threads=2, cpu="test cpu",
+                gpu="", torch="2", transformers="5", git_commit="abc", dataset="fixture", rows=10,
+                batch_size_throughput=32, b1_p90_ms=1.0, b1_p99_ms=1.0, mech_prune=False, mech_sparse=False,
+                mech_exit=False, exit_distribution={"6": 10}, mean_exit_layer=6.0, token_layer_fraction=1.0)
+    return [
+        {**base, "point": "static", "role": "baseline", "accuracy": 90.0, "b1_p50_ms": 10.0,
+         "throughput_rows_per_s": 100.0, "config_hash": "1"},
+        {**base, "point": "half-depth", "role": "baseline", "accuracy": 87.0, "b1_p50_ms": 5.0,
+         "throughput_rows_per_s": 200.0, "config_hash": "2", "layers": 3, "exit_distribution": {"3": 10},
+         "mean_exit_layer": 3.0},
+        {**base, "point": "eat:exit", "accuracy": 89.8, "b1_p50_ms": 4.0, "throughput_rows_per_s": 220.0,
+         "config_hash": "3", "mech_exit": True, "exit_distribution": {"2": 6, "6": 4}, "mean_exit_layer": 3.6},
+        {**base, "point": "eat:none", "accuracy": 90.0, "b1_p50_ms": 10.5, "throughput_rows_per_s": 98.0,
+         "config_hash": "4"},
+    ]
+
+
+def test_report_builds_from_fixture_results(tmp_path):
+    log = ResultsLog(tmp_path)
+    for row in _fixture_rows():
+        log.append(row)
+    path = build_report(tmp_path)
+    text = path.read_text()
+    assert "plots/sst2_frontier.png" in text and (tmp_path / "plots" / "sst2_frontier.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "sst2_ablation.png").is_file() and (tmp_path / "plots" / "sst2_exit_layers.png").is_file()
+    assert "| eat:exit | ablation | 89.80 | 4.00 |" in text and "2.50x" in text  # 10 ms static / 4 ms
+    frame = pd.DataFrame(_fixture_rows())
+    assert pareto_front(frame).tolist() == [True, False, True, False]
+
+
+def test_report_without_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="no results"):
+        build_report(tmp_path)
+    (tmp_path / "results.jsonl").write_text("not json\n")
+    with pytest.raises(ReportError, match="not valid JSON"):
+        build_report(tmp_path)
+    assert (tmp_path / "results.jsonl").read_text() == "not json\n"

@@ -1,0 +1,108 @@
+"""The `eat` command: smoke runs on a tiny model and real data slices, the README quickstart, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from eat.cli import app
+
+from .conftest import REPO
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory, tiny_backbone, data_dir):
+    import os
+
+    os.environ["EAT_DATA_DIR"] = str(data_dir)
+    out = tmp_path_factory.mktemp("cli") / "tiny-run"
+    result = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"sst2 validation accuracy: \d+\.\d+%", result.output)
+    return out
+
+
+def test_train_eval_predict_on_tiny_model(trained_tiny, tmp_path):
+    result = _invoke("eval", "--checkpoint", str(trained_tiny), "--task", "sst2", "--limit", "40", "--tau", "0.6")
+    assert result.exit_code == 0, result.output
+    assert "per-exit accuracy: L1:" in result.output
+    written = json.loads((trained_tiny / "eval-exit_policy=confidence-exit_threshold=0.6.json").read_text())
+    assert written["validation"]["rows"] == 40 and "exit_distribution" in written["validation"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a wonderful film\nthe worst thing ever made\n", encoding="utf-8")
+    result = _invoke("predict", "--checkpoint", str(trained_tiny), "--file", str(texts), "--json")
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [line["text"] for line in lines] == ["a wonderful film", "the worst thing ever made"]
+    assert all(line["label"] in ("negative", "positive") and 1 <= line["exit_layer"] <= 2 for line in lines)
+
+
+def test_finished_run_is_not_overwritten(trained_tiny, tiny_backbone):
+    before = (trained_tiny / "model" / "model.safetensors").read_bytes()
+    result = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", "--out",
+                     str(trained_tiny))
+    assert result.exit_code == 2 and "finished run" in result.output and "Traceback" not in result.output
+    assert (trained_tiny / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_cli_bad_input_is_one_clear_line(trained_tiny, tmp_path):
+    result = _invoke("eval", "--checkpoint", str(trained_tiny), "--task", "mnli")
+    assert result.exit_code == 2 and "trained for task 'sst2', not 'mnli'" in result.output
+    result = _invoke("eval", "--checkpoint", str(tmp_path / "nothing"), "--task", "sst2")
+    assert result.exit_code == 2 and "no such checkpoint" in result.output
+    result = _invoke("eval", "--checkpoint", str(trained_tiny), "--knob", "keep_ration=0.5")
+    assert result.exit_code == 2 and "did you mean 'keep_ratio'" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nfine,1\n")
+    result = _invoke("eval", "--checkpoint", str(trained_tiny), "--eval-file", str(bad))
+    assert result.exit_code == 2 and "no column 'text'" in result.output
+    result = _invoke("run", "--preset", "enormous")
+    assert result.exit_code == 2 and "unknown preset" in result.output
+    result = _invoke("report", "--results", str(tmp_path / "empty"))
+    assert result.exit_code == 2 and "no results" in result.output
+    empty_input = tmp_path / "blank.txt"
+    empty_input.write_text("\n\n")
+    result = _invoke("predict", "--checkpoint", str(trained_tiny), "--file", str(empty_input))
+    assert result.exit_code == 2 and "no text to classify" in result.output
+
+
+def test_bench_appends_and_resumes(trained_tiny, tmp_path):
+    results = tmp_path / "results"
+    args = ("bench", "--checkpoint", str(trained_tiny), "--task", "sst2", "--preset", "smoke", "--results",
+            str(results), "--points", "ablation", "--rows", "12")
+    first = _invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "8 new point(s), 0 already measured" in first.output
+    second = _invoke(*args)
+    assert "0 new point(s), 8 already measured" in second.output
+    assert len((results / "results.jsonl").read_text().splitlines()) == 8
+
+
+def test_readme_quickstart_smallest_form(tmp_path, data_dir):
+    """The README's first command runs `eat run --preset demo`; here the same job at the smoke preset."""
+    readme = (REPO / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"eat run --preset demo --task sst2", makefile)
+    result = subprocess.run(
+        [str(Path(__import__("sys").executable).parent / "eat"), "run", "--preset", "smoke", "--task", "sst2",
+         "--runs", str(tmp_path / "runs"), "--threads", "2"],
+        capture_output=True, text=True, env={**__import__("os").environ, "EAT_DATA_DIR": str(data_dir)}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"sst2 validation static\s+accuracy \d+\.\d+%", result.stdout)
+    assert re.search(r"sst2 validation eat:tuned\s+accuracy \d+\.\d+%", result.stdout)
+    report = tmp_path / "runs" / "results" / "report.md"
+    assert report.is_file() and (tmp_path / "runs" / "results" / "plots" / "sst2_frontier.png").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "results" / "results.jsonl").read_text().splitlines()]
+    assert {"static", "half-depth", "eat:none", "eat:prune+sparse+exit", "eat:tuned"} <= {r["point"] for r in rows}

@@ -1,0 +1,84 @@
+"""Fine-tuning: losses, presets, resume after interruption, finished runs are never overwritten silently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eat.training import (RunFinishedError, exit_weights, multi_exit_loss, train, train_config_from_preset)
+
+
+def test_exit_weights_and_joint_loss():
+    assert exit_weights("depth", (1, 2, 3)).tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert exit_weights("uniform", (2, 4)).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="exit_loss_weights"):
+        exit_weights([1.0], (1, 2))
+    logits = torch.tensor([[[2.0, 0.0], [3.0, 0.0]]])  # (B=1, E=2, C=2)
+    labels = torch.tensor([0])
+    plain = multi_exit_loss(logits, labels, torch.tensor([0.5, 0.5]), 0.0, 2.0)
+    expected = 0.5 * torch.nn.functional.cross_entropy(logits[:, 0], labels) + \
+        0.5 * torch.nn.functional.cross_entropy(logits[:, 1], labels)
+    assert torch.isclose(plain, expected)
+    with_kd = multi_exit_loss(logits, labels, torch.tensor([0.5, 0.5]), 1.0, 2.0)
+    assert with_kd > plain  # the early head disagrees with the final one: distillation adds a positive term
+    same = torch.tensor([[[3.0, 0.0], [3.0, 0.0]]])
+    assert torch.isclose(multi_exit_loss(same, labels, torch.tensor([0.5, 0.5]), 1.0, 2.0),
+                         multi_exit_loss(same, labels, torch.tensor([0.5, 0.5]), 0.0, 2.0), atol=1e-6)
+
+
+def test_presets_and_bad_settings():
+    assert train_config_from_preset("paper").train_limit is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        train_config_from_preset("huge")
+    with pytest.raises(ValueError, match="variant"):
+        train_config_from_preset("smoke", variant="tiny")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        train_config_from_preset("smoke", learning_rat=1e-3)
+
+
+def test_interrupted_run_resumes_and_finished_run_is_kept(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, batch_size=16, epochs=2.0)
+    out = tmp_path / "run"
+    partial = train(config, out, stop_after_steps=5)
+    assert partial.steps == 5 and (out / "checkpoint-last" / "trainer_state.json").is_file()
+    assert not (out / "train_summary.json").exists()
+    resumed = train(config, out)
+    assert resumed.resumed_from_step == 5 and resumed.steps == 12  # 96 rows / 16 = 6 steps x 2 epochs
+    assert not (out / "checkpoint-last").exists() and (out / "model" / "model.safetensors").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    before = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(RunFinishedError, match="finished run"):
+        train(config, out)
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    assert json.loads((out / "train_summary.json").read_text()) == summary
+    other = train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, batch_size=8)
+    partial_dir = tmp_path / "other"
+    train(other, partial_dir, stop_after_steps=2)
+    with pytest.raises(RunFinishedError, match="other settings"):
+        train(config, partial_dir)
+
+
+def test_resumed_training_matches_uninterrupted(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, batch_size=16, epochs=1.0,
+                                      variant="static")
+    straight = train(config, tmp_path / "a")
+    train(config, tmp_path / "b", stop_after_steps=2)
+    resumed = train(config, tmp_path / "b")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert straight.steps == resumed.steps == 4
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_half_variant_is_half_depth(tmp_path, backbone_path, data_dir, monkeypatch):
+    from eat.training import build_model
+
+    config = train_config_from_preset("smoke", variant="half")
+    model = build_model(config, ("negative", "positive"))
+    assert model.config.num_hidden_layers == 3 and len(model.exit_heads) == 0
