@@ -153,6 +153,16 @@ def test_report_builds_from_fixture_results(tmp_path):
     assert pareto_front(frame).tolist() == [True, False, True, False]
 
 
+def test_report_refuses_to_compare_different_thread_counts(tmp_path):
+    log = ResultsLog(tmp_path)
+    rows = _fixture_rows()
+    rows[2]["threads"] = 8
+    for row in rows:
+        log.append(row)
+    with pytest.raises(ReportError, match="measured differently.*threads: 2 vs 8"):
+        build_report(tmp_path)
+
+
 def test_report_without_data_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="no results"):
         build_report(tmp_path)

@@ -48,6 +48,18 @@ def load_results(folder: Path) -> pd.DataFrame:
     return frame
 
 
+COMPARABLE_FIELDS = ("threads", "device", "dataset", "rows", "cpu", "gpu", "batch_size_throughput", "task", "split")
+
+
+def check_comparable(reference, row) -> None:
+    """Refuse to compare two measurements made with different threads, devices, datasets or rows."""
+    differ = [f for f in COMPARABLE_FIELDS if f in reference and f in row and str(reference[f]) != str(row[f])]
+    if differ:
+        details = ", ".join(f"{f}: {reference[f]} vs {row[f]}" for f in differ)
+        raise ReportError(f"cannot compare {reference['point']!r} with {row['point']!r}: measured differently "
+                          f"({details})")
+
+
 def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
     match = frame[frame["point"] == name]
     return match.iloc[-1] if len(match) else None
@@ -147,6 +159,8 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
              "speedup batch | mean exit layer | token-layer fraction |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in data.iterrows():
+        if static is not None:
+            check_comparable(static, row)
         speed1 = static["b1_p50_ms"] / row["b1_p50_ms"] if static is not None else float("nan")
         speedb = row["throughput_rows_per_s"] / static["throughput_rows_per_s"] if static is not None else float("nan")
         accuracy = f"{row['accuracy']:.2f}" + (f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else "")

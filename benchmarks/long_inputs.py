@@ -1,0 +1,92 @@
+"""Long inputs: dense vs sliding-window attention, full forward pass, random weights (timing only).
+
+    .venv/bin/python benchmarks/long_inputs.py --threads 2 [--lengths 1024 2048 4096 8192] [--window 256]
+
+Model: the packaged backbone's shape (6 layers, hidden 384, 12 heads of 32) with 8,192 positions and random
+weights; accuracy means nothing here. For every length, dense and windowed forwards (window 256 + `[CLS]` global)
+run in the same process, alternated, after warm-up; the peak resident memory of each configuration is measured
+in a fresh subprocess (so one run's allocations do not hide another's). Prints ratios dense / window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from eat import EATConfig, EATForSequenceClassification  # noqa: E402
+from eat.timing import environment, interleaved_latency  # noqa: E402
+
+
+def make_model(window: int | None, positions: int) -> EATForSequenceClassification:
+    """A random model of the backbone's shape with `positions` positions."""
+    torch.manual_seed(0)
+    config = EATConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                       intermediate_size=1536, max_position_embeddings=positions, num_labels=2,
+                       attention_window=window)
+    return EATForSequenceClassification(config).eval()
+
+
+def peak_memory_child(length: int, window: int | None, positions: int) -> None:
+    """Run one forward and print the peak RSS growth (MiB) as JSON (used in a subprocess)."""
+    model = make_model(window, positions)
+    ids = torch.randint(1000, 2000, (1, length))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        out = model(ids)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_growth_mib": (after - before) / 1024, "scores": out.work.attention_scores}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    positions = max(args.lengths)
+    if args.child:
+        length, window = json.loads(args.child)
+        peak_memory_child(length, window, positions)
+        return
+    dense, sparse = make_model(None, positions), make_model(args.window, positions)
+    env = environment()
+    lines = [f"# Long inputs: full forward, 6 layers x 384 hidden, 12 heads, random weights, batch 1",
+             f"cpu: {env['cpu']}, threads: {env['threads']}, torch {env['torch']}, commit {env['git_commit']}, "
+             f"window {args.window} + [CLS] global, {args.repeats} timed repeats after 1 warm-up",
+             f"{'tokens':>7} {'dense ms':>9} {'window ms':>10} {'speedup':>8} {'dense MiB':>10} {'window MiB':>11} "
+             f"{'dense scores':>13} {'window scores':>14}"]
+    for length in args.lengths:
+        inputs = [torch.randint(1000, 2000, (1, length)) for _ in range(args.repeats)]
+        stats = interleaved_latency({"dense": dense, "window": sparse}, inputs, warmup=1)
+        memory = {}
+        for name, window in (("dense", None), ("window", args.window)):
+            child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--lengths",
+                                    *map(str, args.lengths), "--child", json.dumps([length, window])],
+                                   capture_output=True, text=True, check=True)
+            memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        lines.append(f"{length:>7} {stats['dense'].p50_ms:>9.1f} {stats['window'].p50_ms:>10.1f} "
+                     f"{stats['dense'].p50_ms / stats['window'].p50_ms:>7.2f}x "
+                     f"{memory['dense']['peak_growth_mib']:>10.0f} {memory['window']['peak_growth_mib']:>11.0f} "
+                     f"{memory['dense']['scores']:>13,} {memory['window']['scores']:>14,}")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Check the speed/accuracy targets against a results folder written by `eat run` / `eat bench`.
+
+    .venv/bin/python benchmarks/targets.py --results results/paper [--task sst2] [--out benchmarks/results/targets.txt]
+
+Reads rows measured side by side in one run (same checkpoint family, inputs and threads) and prints, per target,
+the measured ratio and whether it is met. Rows measured with different thread counts, devices or datasets are
+never compared: the script stops and says which fields differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from eat.report import check_comparable  # noqa: E402
+from eat.results import ResultsLog  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    rows = [r for r in ResultsLog(args.results).rows() if r["task"] == args.task]
+    lines = []
+    for split in sorted({r["split"] for r in rows}):
+        by_point = {r["point"]: r for r in rows if r["split"] == split}
+        static, half = by_point.get("static"), by_point.get("half-depth")
+        if static is None or half is None:
+            lines.append(f"{args.task} {split}: static and half-depth rows are needed")
+            continue
+        candidates = [r for r in by_point.values() if r["role"] in ("tuned", "ablation", "tau", "keep", "window")]
+        for row in candidates + [half]:
+            check_comparable(static, row)
+        env = static
+        lines += [f"# {args.task} {split}: targets from {args.results} ({env['rows']} rows, {env['cpu']}, "
+                  f"{env['device']}, {env['threads']} threads, commit {env['git_commit']})",
+                  f"static: accuracy {static['accuracy']:.2f}, batch-1 p50 {static['b1_p50_ms']:.2f} ms, "
+                  f"{static['throughput_rows_per_s']:.0f} rows/s at batch {static['batch_size_throughput']}",
+                  f"half-depth: accuracy {half['accuracy']:.2f}, batch-1 p50 {half['b1_p50_ms']:.2f} ms, "
+                  f"{half['throughput_rows_per_s']:.0f} rows/s"]
+        tuned = by_point.get("eat:tuned")
+        if tuned is not None:
+            speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+            drop = static["accuracy"] - tuned["accuracy"]
+            met = speed >= 2.0 and drop <= 0.5
+            lines.append(f"T1 batch 1, tuned point (chosen on calibration): {speed:.2f}x static, accuracy "
+                         f"{tuned['accuracy']:.2f} ({-drop:+.2f} points) -> {'MET' if met else 'MISSED'} "
+                         "(needs >= 2.0x and <= 0.5 points below)")
+        fast_enough = [r for r in candidates if r["b1_p50_ms"] <= half["b1_p50_ms"]]
+        best = max(fast_enough, key=lambda r: r["accuracy"], default=None)
+        if best is not None:
+            gain = best["accuracy"] - half["accuracy"]
+            lines.append(f"T2 vs half-depth: {best['point']} at {best['b1_p50_ms']:.2f} ms (half {half['b1_p50_ms']:.2f}) "
+                         f"accuracy {best['accuracy']:.2f} ({gain:+.2f} points) -> {'MET' if gain >= 1.0 else 'MISSED'}")
+        else:
+            lines.append("T2 vs half-depth: no EAT point is as fast as the half-depth model -> MISSED")
+        batched = [r for r in candidates if r["mech_exit"] and r["mech_prune"]
+                   and static["accuracy"] - r["accuracy"] <= 0.5]
+        best = max(batched, key=lambda r: r["throughput_rows_per_s"], default=None)
+        if best is not None:
+            ratio = best["throughput_rows_per_s"] / static["throughput_rows_per_s"]
+            lines.append(f"T3 batch {static['batch_size_throughput']} throughput with exits + pruning: {best['point']} "
+                         f"{ratio:.2f}x static at accuracy {best['accuracy']:.2f} -> {'MET' if ratio >= 1.5 else 'MISSED'}")
+        else:
+            lines.append("T3: no point with exits and pruning within 0.5 points of static -> MISSED")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
