@@ -74,15 +74,16 @@ def test_auto_classes_and_save_round_trip_every_knob(tmp_path):
     knobs = dict(keep_ratio=[0.9, 0.8, 0.7, 1.0], prune_importance="norm", prune_mode="merge", keep_sep=False,
                  attention_window=8, num_global_tokens=2, attention_block_size=4, exit_layers=[1, 3],
                  exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
-                 classifier_activation="relu")
+                 classifier_activation="relu", attention_backend="blocked")
     model = tiny_model(**knobs)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, EATForSequenceClassification)
     assert AutoConfig.from_pretrained(tmp_path).model_type == "eat"
-    expected = {k: v for k, v in knobs.items()}
-    assert loaded.config.knobs() == expected
+    assert loaded.config.knobs() == knobs
+    tiny_config(attention_backend="flex", attention_window=4).save_pretrained(tmp_path / "flex")
+    assert EATConfig.from_pretrained(tmp_path / "flex").attention_backend == "flex"
     ids, mask = mixed_batch()
     with torch.no_grad():
         assert torch.allclose(model(ids, mask).logits, loaded(ids, mask).logits, atol=1e-6)
@@ -397,3 +398,15 @@ def test_training_mode_evaluates_every_head_without_exiting():
     out.loss.backward()
     assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None
     assert math.isfinite(out.loss.item())
+
+
+@pytest.mark.slow
+def test_flex_backend_matches_blocked_kernel():
+    """Compiles FlexAttention (tens of seconds on CPU): behind the slow marker."""
+    blocked = tiny_model(seed=9, attention_window=8)
+    flex = tiny_model(seed=9, attention_window=8, attention_backend="flex")
+    ids, mask = mixed_batch(lengths=(90, 40))
+    with torch.no_grad():
+        a, b = blocked(ids, mask), flex(ids, mask)
+    assert torch.allclose(a.logits, b.logits, atol=1e-4)
+    assert b.work.attention_scores == 2 * 4 * 128 * 128  # one 128x128 block per row and layer: honest count

@@ -12,6 +12,7 @@ keep_sep               (any)                      never drop `[SEP]` tokens
 attention_window       None                       sliding-window width (tokens, both sides together)
 num_global_tokens      (any)                      leading tokens with global attention (`[CLS]` = 1)
 attention_block_size   None                       query block of the blocked window kernel
+attention_backend      (any)                      window kernel: "blocked" (SDPA per block) or "flex" (compiled)
 exit_layers            None (last layer only)     1-based layers that carry an exit head, or "all"
 exit_policy            "none"                     "none", "confidence", "entropy" or "patience"
 exit_threshold         (any)                      `tau`: exit when max softmax probability >= tau
@@ -35,6 +36,7 @@ from transformers import BertConfig
 
 PRUNE_IMPORTANCES = ("cls_attention", "mean_attention", "norm")
 PRUNE_MODES = ("drop", "merge")
+ATTENTION_BACKENDS = ("blocked", "flex")
 EXIT_POLICIES = ("none", "confidence", "entropy", "patience")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
 
@@ -47,6 +49,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "attention_window": None,
     "num_global_tokens": 1,
     "attention_block_size": None,
+    "attention_backend": "blocked",
     "exit_layers": None,
     "exit_policy": "none",
     "exit_threshold": 0.9,
@@ -141,6 +144,15 @@ def validate_knobs(config: "EATConfig") -> None:
     _choice("prune_mode", config.prune_mode, PRUNE_MODES)
     _choice("exit_policy", config.exit_policy, EXIT_POLICIES)
     _choice("classifier_activation", config.classifier_activation, CLASSIFIER_ACTIVATIONS)
+    _choice("attention_backend", config.attention_backend, ATTENTION_BACKENDS)
+    if config.attention_backend == "flex":
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError:
+            raise KnobError("attention_backend: 'flex' needs torch.nn.attention.flex_attention (torch >= 2.5)") from None
+        if config.prune_mode == "merge" and any(r < 1.0 for r in normalize_keep_schedule(config.keep_ratio, layers)):
+            raise KnobError("attention_backend: 'flex' does not support merge mode (size-weighted attention); "
+                            "use 'blocked'")
     window = config.attention_window
     if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
         raise KnobError(f"attention_window: expected None or an integer >= 1, got {window!r}")
@@ -179,6 +191,7 @@ class EATConfig(BertConfig):
     attention_window: int | None = None
     num_global_tokens: int = 1
     attention_block_size: int | None = None
+    attention_backend: str = "blocked"
     exit_layers: list[int] | str | None = None
     exit_policy: str = "none"
     exit_threshold: float = 0.9

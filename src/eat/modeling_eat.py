@@ -107,6 +107,43 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     return out, scores
 
 
+_FLEX_COMPILED = None
+
+
+def flex_window_block_mask(n: int, radius: int, num_global: int, key_lengths=None, device="cpu"):
+    """FlexAttention block mask of the sliding window with global leading tokens (and key padding when
+    ``key_lengths`` (B,) is given). Blocks wholly outside the band are skipped, so work grows with n * window."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def window(b, h, q_index, k_index):
+        allowed = ((q_index - k_index).abs() <= radius) | (q_index < num_global) | (k_index < num_global)
+        if key_lengths is not None:
+            allowed = allowed & (k_index < key_lengths[b])
+        return allowed
+
+    batch = None if key_lengths is None else key_lengths.shape[0]
+    return create_block_mask(window, batch, None, n, n, device=device)
+
+
+def flex_window_attention(q, k, v, block_mask):
+    """Sliding-window attention through compiled FlexAttention. q, k, v: (B, H, n, dh).
+
+    Returns ((B, H, n, dh), scores computed = evaluated blocks x block area)."""
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    out = _FLEX_COMPILED(q, k, v, block_mask=block_mask)
+    blocks = int(block_mask.kv_num_blocks.sum())
+    if block_mask.full_kv_num_blocks is not None:
+        blocks += int(block_mask.full_kv_num_blocks.sum())
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    per_head = blocks * q_block * kv_block // max(1, block_mask.kv_num_blocks.shape[1])
+    batch_factor = q.shape[0] if block_mask.kv_num_blocks.shape[0] == 1 else 1
+    return out, per_head * batch_factor
+
+
 def _dense_mask(key_mask, key_bias):
     """SDPA mask (B, 1, 1, n) from a key mask (B, n) and/or an additive key bias (B, n); None when neither."""
     if key_bias is not None:
@@ -277,6 +314,8 @@ class EATSelfAttention(nn.Module):
         if ctx.radius is None:
             out = dense_attention(q, k, v, ctx.dense_mask, dropout_p)
             scores = B * n * n
+        elif ctx.flex_mask is not None:
+            out, scores = flex_window_attention(q, k, v, ctx.flex_mask)
         else:
             out, scores = sliding_window_attention(q, k, v, ctx.radius, ctx.num_global, ctx.block, ctx.key_mask,
                                                    ctx.key_bias, dropout_p)
@@ -426,6 +465,7 @@ class _AttentionContext:
     radius: int | None
     num_global: int
     block: int | None
+    flex_mask: object | None = None  # FlexAttention BlockMask, built once per batch shape
 
 
 @dataclass
@@ -486,10 +526,15 @@ class _TokenState:
                 radius = config.attention_window // 2
                 if radius >= n - 1:  # the window covers the whole sequence: dense attention is the same function
                     radius = None
+            flex_mask = None
+            if radius is not None and config.attention_backend == "flex":
+                lengths = None if self.key_mask is None else self.lengths
+                flex_mask = flex_window_block_mask(n, radius, config.num_global_tokens, lengths,
+                                                   self.positions.device)
             self.context = _AttentionContext(
                 dense_mask=_dense_mask(self.key_mask, key_bias) if radius is None else None,
                 key_mask=self.key_mask, key_bias=key_bias, radius=radius,
-                num_global=config.num_global_tokens, block=config.attention_block_size)
+                num_global=config.num_global_tokens, block=config.attention_block_size, flex_mask=flex_mask)
         return self.context
 
 
