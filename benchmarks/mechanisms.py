@@ -1,6 +1,7 @@
 """Side-by-side timing of each EAT mechanism on the packaged backbone (batch 1), with work counters.
 
     .venv/bin/python benchmarks/mechanisms.py --threads 2 [--rows 200] [--out benchmarks/results/mechanisms.txt]
+    .venv/bin/python benchmarks/mechanisms.py --threads 2 --shape bert-base   # 12 layers x 768, random weights
 
 Compares, interleaved on the same inputs in one process: Hugging Face `BertForSequenceClassification`, EAT static
 (every knob off), EAT with every mechanism enabled but inactive (keep ratio 1, tau above 1, window wider than the
@@ -52,6 +53,17 @@ def exit_threshold_for(model, inputs, layer_slot: int = 1, share: float = 0.5) -
     return float(np.quantile(confidences, 1 - share))
 
 
+def random_backbone(folder: Path, layers: int, hidden: int, heads: int, tokenizer) -> str:
+    """Save a random BERT of the given shape (same vocabulary) and return its path."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, vocab_size=tokenizer.vocab_size)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
 def run_regime(name: str, inputs, backbone: str, window: int, warmup: int) -> list[str]:
     """Time every configuration on one regime; returns printable lines."""
     torch.manual_seed(0)
@@ -60,7 +72,8 @@ def run_regime(name: str, inputs, backbone: str, window: int, warmup: int) -> li
     longest = max(ids.shape[1] for ids in inputs)
     probe = load_classifier(backbone, num_labels=2, knobs={"exit_layers": "all"})
     probe.load_state_dict(head_state, strict=False)
-    tau = exit_threshold_for(probe, inputs)
+    # half of the rows leave by the head at a third of the depth (layer 2 of 6, layer 4 of 12)
+    tau = exit_threshold_for(probe, inputs, layer_slot=probe.config.num_hidden_layers // 3 - 1)
     configs = {
         "eat static": {},
         "eat inactive": {"keep_ratio": 1.0, "exit_layers": "all", "exit_policy": "confidence", "exit_threshold": 1.01,
@@ -115,6 +128,8 @@ def main() -> None:
     parser.add_argument("--long-tokens", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=["minilm", "bert-base"], default="minilm",
+                        help="minilm: the packaged pretrained backbone; bert-base: 12 x 768 random weights")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -127,8 +142,14 @@ def main() -> None:
     backbone = default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     short, long = build_inputs(tokenizer, args.rows, args.long_tokens, args.seed)
+    shape = "packaged backbone (6 x 384, pretrained; random heads)"
+    if args.shape == "bert-base":
+        import tempfile
+
+        backbone = random_backbone(Path(tempfile.mkdtemp()), 12, 768, 12, tokenizer)
+        shape = "BERT-base shape (12 x 768), RANDOM weights: timing and work only"
     env = environment()
-    lines = [f"# EAT mechanisms side by side, batch 1, packaged backbone (random heads)",
+    lines = [f"# EAT mechanisms side by side, batch 1, {shape}",
              f"cpu: {env['cpu']}, threads: {env['threads']}, torch {env['torch']}, transformers "
              f"{env['transformers']}, commit {env['git_commit']}", ""]
     lines += run_regime("SST-2 dev sentences", short, backbone, window=16, warmup=args.warmup) + [""]

@@ -49,37 +49,22 @@ def _band_mask(block: int, radius: int, device) -> torch.Tensor:
     return (offset >= 0) & (offset <= 2 * radius)
 
 
-def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
-                             key_mask=None, key_bias=None, dropout_p: float = 0.0):
-    """Sliding-window attention with global leading tokens, computed block by block.
-
-    Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
-    first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
-    never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
-    band (gathered with `unfold`, a view) plus the global keys, in one batched SDPA call.
-
-    q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
-    every score of that key (log token sizes after merging) or None. Returns ((B, H, n, dh), scores computed).
-    """
-    B, H, n, dh = q.shape
+def _window_geometry(n: int, radius: int, num_global: int, block: int | None):
+    """(g, block, number of blocks, padded length, window width) of the blocked window kernel."""
     g = min(num_global, n)
     block = block or max(radius, 1)
     num_blocks = -(-n // block)
-    n_pad = num_blocks * block
-    width = block + 2 * radius
-    device = q.device
+    return g, block, num_blocks, num_blocks * block, block + 2 * radius
 
-    # Keys of block i are positions [i * block - radius, i * block + block + radius): pad, then unfold (a view).
-    pad = (0, 0, radius, radius + n_pad - n)
-    k_win = F.pad(k, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
-    v_win = F.pad(v, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
-    k_glob = k[:, None, :, :g].expand(B, num_blocks, H, g, dh)  # (B, nb, H, g, dh)
-    v_glob = v[:, None, :, :g].expand(B, num_blocks, H, g, dh)
-    keys = torch.cat([k_glob, k_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
-    values = torch.cat([v_glob, v_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
-    queries = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, num_blocks, block, dh).transpose(1, 2)
-    queries = queries.reshape(B * num_blocks, H, block, dh)
 
+def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, block: int | None = None,
+                          key_mask=None, key_bias=None, device="cpu"):
+    """The per-block SDPA mask of :func:`sliding_window_attention`: (B * nb, 1, block, g + W), bool or additive.
+
+    It depends only on the batch's shape and padding, so the model builds it once per batch and every layer
+    reuses it.
+    """
+    g, block, num_blocks, n_pad, width = _window_geometry(n, radius, num_global, block)
     # Which window keys are real: inside [g, n) (the global ones are already in front) and not padding.
     real = torch.ones(B, n, dtype=torch.bool, device=device) if key_mask is None else key_mask
     window_real = real.clone()
@@ -95,7 +80,38 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
         bias = torch.cat([key_bias[:, None, None, :g].expand(B, num_blocks, block, g),
                           bias_win[:, :, None, :].expand(B, num_blocks, block, width)], dim=-1)
         mask = bias.masked_fill(~allowed, float("-inf"))
-    mask = mask.reshape(B * num_blocks, 1, block, g + width)
+    return mask.reshape(B * num_blocks, 1, block, g + width)
+
+
+def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
+                             key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None):
+    """Sliding-window attention with global leading tokens, computed block by block.
+
+    Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
+    first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
+    never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
+    band (gathered with `unfold`, a view) plus the global keys, in one batched SDPA call.
+
+    q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
+    every score of that key (log token sizes after merging) or None. mask: the result of
+    :func:`window_attention_mask` for these arguments, when the caller has it already.
+    Returns ((B, H, n, dh), scores computed).
+    """
+    B, H, n, dh = q.shape
+    g, block, num_blocks, n_pad, width = _window_geometry(n, radius, num_global, block)
+    if mask is None:
+        mask = window_attention_mask(B, n, radius, num_global, block, key_mask, key_bias, q.device)
+
+    # Keys of block i are positions [i * block - radius, i * block + block + radius): pad, then unfold (a view).
+    pad = (0, 0, radius, radius + n_pad - n)
+    k_win = F.pad(k, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
+    v_win = F.pad(v, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
+    k_glob = k[:, None, :, :g].expand(B, num_blocks, H, g, dh)  # (B, nb, H, g, dh)
+    v_glob = v[:, None, :, :g].expand(B, num_blocks, H, g, dh)
+    keys = torch.cat([k_glob, k_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
+    values = torch.cat([v_glob, v_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
+    queries = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, num_blocks, block, dh).transpose(1, 2)
+    queries = queries.reshape(B * num_blocks, H, block, dh)
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
     out = out.view(B, num_blocks, H, block, dh).transpose(1, 2).reshape(B, H, n_pad, dh)[:, :, :n]
 
@@ -318,7 +334,7 @@ class EATSelfAttention(nn.Module):
             out, scores = flex_window_attention(q, k, v, ctx.flex_mask)
         else:
             out, scores = sliding_window_attention(q, k, v, ctx.radius, ctx.num_global, ctx.block, ctx.key_mask,
-                                                   ctx.key_bias, dropout_p)
+                                                   ctx.key_bias, dropout_p, ctx.window_mask)
         return out.transpose(1, 2).reshape(B, n, -1), q, k, scores
 
 
@@ -466,6 +482,7 @@ class _AttentionContext:
     num_global: int
     block: int | None
     flex_mask: object | None = None  # FlexAttention BlockMask, built once per batch shape
+    window_mask: torch.Tensor | None = None  # blocked-kernel mask, built once per batch shape
 
 
 @dataclass
@@ -526,15 +543,20 @@ class _TokenState:
                 radius = config.attention_window // 2
                 if radius >= n - 1:  # the window covers the whole sequence: dense attention is the same function
                     radius = None
-            flex_mask = None
+            flex_mask = window_mask = None
             if radius is not None and config.attention_backend == "flex":
                 lengths = None if self.key_mask is None else self.lengths
                 flex_mask = flex_window_block_mask(n, radius, config.num_global_tokens, lengths,
                                                    self.positions.device)
+            elif radius is not None:
+                window_mask = window_attention_mask(self.positions.shape[0], n, radius, config.num_global_tokens,
+                                                    config.attention_block_size, self.key_mask, key_bias,
+                                                    self.positions.device)
             self.context = _AttentionContext(
                 dense_mask=_dense_mask(self.key_mask, key_bias) if radius is None else None,
                 key_mask=self.key_mask, key_bias=key_bias, radius=radius,
-                num_global=config.num_global_tokens, block=config.attention_block_size, flex_mask=flex_mask)
+                num_global=config.num_global_tokens, block=config.attention_block_size, flex_mask=flex_mask,
+                window_mask=window_mask)
         return self.context
 
 
