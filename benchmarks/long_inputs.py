@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from eat import EATConfig, EATForSequenceClassification  # noqa: E402
 from eat.timing import environment, interleaved_latency  # noqa: E402
@@ -81,11 +84,7 @@ def main() -> None:
                      f"{memory['dense']['peak_growth_mib']:>10.0f} {memory['window']['peak_growth_mib']:>11.0f} "
                      f"{memory['dense']['scores']:>13,} {memory['window']['scores']:>14,}")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
 
@@ -154,11 +157,7 @@ def main() -> None:
              f"{env['transformers']}, commit {env['git_commit']}", ""]
     lines += run_regime("SST-2 dev sentences", short, backbone, window=16, warmup=args.warmup) + [""]
     lines += run_regime(f"long inputs ({args.long_tokens} tokens)", long, backbone, window=64, warmup=2)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit  # noqa: E402
 
 from eat.report import check_comparable  # noqa: E402
 from eat.results import ResultsLog  # noqa: E402
@@ -69,11 +72,7 @@ def main() -> None:
         else:
             lines.append("T3: no point with exits and pruning within 0.5 points of static -> MISSED")
         lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,12 @@ def parse_knobs(items: list[str] | None) -> dict[str, Any]:
     return knobs
 
 
+def knobs_from_options(knob: list[str] | None, tau: float | None) -> dict[str, Any]:
+    """Knobs from repeated ``--knob NAME=VALUE``; ``--tau`` is shorthand for the confidence exit policy."""
+    knobs = knobs_from_options(knob, tau)
+    return knobs
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
@@ -192,9 +198,7 @@ def evaluate_command(
     from .results import atomic_write_text
 
     _set_threads(threads)
-    knobs = parse_knobs(knob)
-    if tau is not None:
-        knobs.update(exit_policy="confidence", exit_threshold=tau)
+    knobs = knobs_from_options(knob, tau)
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
     if eval_file:
         labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
@@ -246,9 +250,7 @@ def predict(
     """Classify raw texts: label, confidence and exit layer for each."""
     from .evaluation import predict_texts
 
-    knobs = parse_knobs(knob)
-    if tau is not None:
-        knobs.update(exit_policy="confidence", exit_threshold=tau)
+    knobs = knobs_from_options(knob, tau)
     model, tokenizer, _, _ = _load_checkpoint_for_task(checkpoint, None, knobs)
     if text:
         texts = list(text)
