@@ -88,7 +88,9 @@ def parse_knobs(items: list[str] | None) -> dict[str, Any]:
 
 def knobs_from_options(knob: list[str] | None, tau: float | None) -> dict[str, Any]:
     """Knobs from repeated ``--knob NAME=VALUE``; ``--tau`` is shorthand for the confidence exit policy."""
-    knobs = knobs_from_options(knob, tau)
+    knobs = parse_knobs(knob)
+    if tau is not None:
+        knobs.update(exit_policy="confidence", exit_threshold=tau)
     return knobs
 
 
