@@ -1,6 +1,6 @@
 """Long inputs: dense vs sliding-window attention, full forward pass, random weights (timing only).
 
-    .venv/bin/python benchmarks/long_inputs.py --threads 2 [--lengths 1024 2048 4096 8192] [--window 256]
+    .venv/bin/python benchmarks/long_inputs.py --threads 2 [--lengths 1024 2048 4096 8192] [--window 256] [--flex]
 
 Model: the packaged backbone's shape (6 layers, hidden 384, 12 heads of 32) with 8,192 positions and random
 weights; accuracy means nothing here. For every length, dense and windowed forwards (window 256 + `[CLS]` global)
@@ -28,18 +28,18 @@ from eat import EATConfig, EATForSequenceClassification  # noqa: E402
 from eat.timing import environment, interleaved_latency  # noqa: E402
 
 
-def make_model(window: int | None, positions: int) -> EATForSequenceClassification:
-    """A random model of the backbone's shape with `positions` positions."""
+def make_model(window: int | None, positions: int, backend: str = "blocked") -> EATForSequenceClassification:
+    """A random model of the backbone's shape with `positions` positions (same seed: same weights)."""
     torch.manual_seed(0)
     config = EATConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                        intermediate_size=1536, max_position_embeddings=positions, num_labels=2,
-                       attention_window=window)
+                       attention_window=window, attention_backend=backend)
     return EATForSequenceClassification(config).eval()
 
 
-def peak_memory_child(length: int, window: int | None, positions: int) -> None:
+def peak_memory_child(length: int, window: int | None, positions: int, backend: str) -> None:
     """Run one forward and print the peak RSS growth (MiB) as JSON (used in a subprocess)."""
-    model = make_model(window, positions)
+    model = make_model(window, positions, backend)
     ids = torch.randint(1000, 2000, (1, length))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
@@ -54,33 +54,38 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--flex", action="store_true", help="also time the compiled FlexAttention backend")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     positions = max(args.lengths)
     if args.child:
-        length, window = json.loads(args.child)
-        peak_memory_child(length, window, positions)
+        length, window, backend = json.loads(args.child)
+        peak_memory_child(length, window, positions, backend)
         return
-    dense, sparse = make_model(None, positions), make_model(args.window, positions)
+    models = {"dense": make_model(None, positions), "window": make_model(args.window, positions)}
+    if args.flex:
+        models["flex"] = make_model(args.window, positions, "flex")
     env = environment()
     lines = [f"# Long inputs: full forward, 6 layers x 384 hidden, 12 heads, random weights, batch 1",
              f"cpu: {env['cpu']}, threads: {env['threads']}, torch {env['torch']}, commit {env['git_commit']}, "
              f"window {args.window} + [CLS] global, {args.repeats} timed repeats after 1 warm-up",
-             f"{'tokens':>7} {'dense ms':>9} {'window ms':>10} {'speedup':>8} {'dense MiB':>10} {'window MiB':>11} "
-             f"{'dense scores':>13} {'window scores':>14}"]
+             f"{'tokens':>7} {'dense ms':>9} {'window ms':>10} {'speedup':>8} {'flex ms':>8} {'flex speedup':>13} "
+             f"{'dense MiB':>10} {'window MiB':>11} {'dense scores':>13} {'window scores':>14}"]
     for length in args.lengths:
         inputs = [torch.randint(1000, 2000, (1, length)) for _ in range(args.repeats)]
-        stats = interleaved_latency({"dense": dense, "window": sparse}, inputs, warmup=1)
+        stats = interleaved_latency(models, inputs, warmup=1)  # flex compiles for this length in its warm-up
         memory = {}
         for name, window in (("dense", None), ("window", args.window)):
             child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--lengths",
-                                    *map(str, args.lengths), "--child", json.dumps([length, window])],
+                                    *map(str, args.lengths), "--child", json.dumps([length, window, "blocked"])],
                                    capture_output=True, text=True, check=True)
             memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
+        flex = (f"{stats['flex'].p50_ms:>8.1f} {stats['dense'].p50_ms / stats['flex'].p50_ms:>12.2f}x"
+                if "flex" in stats else f"{'-':>8} {'-':>13}")
         lines.append(f"{length:>7} {stats['dense'].p50_ms:>9.1f} {stats['window'].p50_ms:>10.1f} "
-                     f"{stats['dense'].p50_ms / stats['window'].p50_ms:>7.2f}x "
+                     f"{stats['dense'].p50_ms / stats['window'].p50_ms:>7.2f}x {flex} "
                      f"{memory['dense']['peak_growth_mib']:>10.0f} {memory['window']['peak_growth_mib']:>11.0f} "
                      f"{memory['dense']['scores']:>13,} {memory['window']['scores']:>14,}")
         print(lines[-1], flush=True)
