@@ -116,6 +116,8 @@ def train(
     seed: Annotated[Optional[int], typer.Option()] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
     train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
+    length_bucketing: Annotated[Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing",
+                                                             help="train on batches of similar length")] = None,
     data_file: Annotated[Optional[str], typer.Option(help="your own training table (csv/tsv/jsonl/parquet)")] = None,
     eval_file: Annotated[Optional[str], typer.Option(help="your own evaluation table")] = None,
     text_column: Annotated[str, typer.Option()] = "text",
@@ -133,7 +135,8 @@ def train(
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
-        distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, data_file=data_file, eval_file=eval_file,
+        distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
+        data_file=data_file, eval_file=eval_file,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"
     with _progress() as bar:
