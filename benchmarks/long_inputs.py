@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +36,28 @@ def make_model(window: int | None, positions: int, backend: str = "blocked") -> 
     return EATForSequenceClassification(config).eval()
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_memory_child(length: int, window: int | None, positions: int, backend: str) -> None:
-    """Run one forward and print the peak RSS growth (MiB) as JSON (used in a subprocess)."""
+    """Print, as JSON, how far one forward raises resident memory above what the model already holds (MiB).
+
+    The peak is reset after the model is built (Linux: writing 5 to /proc/self/clear_refs resets VmHWM), so
+    model creation does not mask the forward's own peak."""
     model = make_model(window, positions, backend)
     ids = torch.randint(1000, 2000, (1, length))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        model(ids[:, :8])
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = _status_kib("VmRSS")
     with torch.inference_mode():
         out = model(ids)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_mib": (after - before) / 1024, "scores": out.work.attention_scores}))
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_growth_mib": (peak - baseline) / 1024, "scores": out.work.attention_scores}))
 
 
 def main() -> None:
@@ -55,6 +67,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flex", action="store_true", help="also time the compiled FlexAttention backend")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory columns (no timing)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -67,6 +80,8 @@ def main() -> None:
     models = {"dense": make_model(None, positions), "window": make_model(args.window, positions)}
     if args.flex:
         models["flex"] = make_model(args.window, positions, "flex")
+    if args.memory_only:
+        models = {}
     env = environment()
     lines = [f"# Long inputs: full forward, 6 layers x 384 hidden, 12 heads, random weights, batch 1",
              f"cpu: {env['cpu']}, threads: {env['threads']}, torch {env['torch']}, commit {env['git_commit']}, "
@@ -75,7 +90,7 @@ def main() -> None:
              f"{'dense MiB':>10} {'window MiB':>11} {'dense scores':>13} {'window scores':>14}"]
     for length in args.lengths:
         inputs = [torch.randint(1000, 2000, (1, length)) for _ in range(args.repeats)]
-        stats = interleaved_latency(models, inputs, warmup=1)  # flex compiles for this length in its warm-up
+        stats = interleaved_latency(models, inputs, warmup=1) if models else {}  # flex compiles in its warm-up
         memory = {}
         for name, window in (("dense", None), ("window", args.window)):
             child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--lengths",
@@ -84,8 +99,9 @@ def main() -> None:
             memory[name] = json.loads(child.stdout.strip().splitlines()[-1])
         flex = (f"{stats['flex'].p50_ms:>8.1f} {stats['dense'].p50_ms / stats['flex'].p50_ms:>12.2f}x"
                 if "flex" in stats else f"{'-':>8} {'-':>13}")
-        lines.append(f"{length:>7} {stats['dense'].p50_ms:>9.1f} {stats['window'].p50_ms:>10.1f} "
-                     f"{stats['dense'].p50_ms / stats['window'].p50_ms:>7.2f}x {flex} "
+        timing = (f"{stats['dense'].p50_ms:>9.1f} {stats['window'].p50_ms:>10.1f} "
+                  f"{stats['dense'].p50_ms / stats['window'].p50_ms:>7.2f}x" if stats else f"{'-':>9} {'-':>10} {'-':>8}")
+        lines.append(f"{length:>7} {timing} {flex} "
                      f"{memory['dense']['peak_growth_mib']:>10.0f} {memory['window']['peak_growth_mib']:>11.0f} "
                      f"{memory['dense']['scores']:>13,} {memory['window']['scores']:>14,}")
         print(lines[-1], flush=True)

@@ -83,6 +83,10 @@ def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
     log = ResultsLog(tmp_path / "results")
     points = ablation_points(str(folder), bench)
     assert len(points) == 8 and len({json.dumps(p.knobs, sort_keys=True) for p in points}) == 8
+    # a tuned point that chose no pruning still yields ablation rows that really prune
+    tuned = ablation_points(str(folder), bench, tau=0.9, keep=1.0)
+    assert len({json.dumps(p.knobs, sort_keys=True) for p in tuned}) == 8
+    assert all(p.mechanisms()["prune"] == ("prune" in p.name) for p in tuned)
     first = measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
     assert len(first) == 3 and len(log.rows()) == 3
     again = measure_points(points[:4], encoded, bench, log, dataset_source="fixture")

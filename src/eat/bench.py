@@ -96,8 +96,14 @@ class OperatingPoint:
 
 def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
                     tau: float | None = None, keep: float | list[float] | None = None) -> dict[str, Any]:
-    """EAT knobs that switch each mechanism on or off (ablations are knob toggles, nothing else)."""
-    return {"keep_ratio": (keep if keep is not None else bench.prune_keep_ratio) if prune else 1.0,
+    """EAT knobs that switch each mechanism on or off (ablations are knob toggles, nothing else).
+
+    A ``keep`` that prunes nothing (a tuned point that chose no pruning) cannot stand for the pruning mechanism:
+    the bench's own keep schedule is used instead, so a "prune" row always prunes.
+    """
+    if keep is None or all(float(r) >= 1.0 for r in (keep if isinstance(keep, (list, tuple)) else [keep])):
+        keep = bench.prune_keep_ratio
+    return {"keep_ratio": keep if prune else 1.0,
             "attention_window": bench.attention_window if sparse else None,
             "exit_policy": bench.exit_policy if exit_ else "none",
             "exit_threshold": tau if tau is not None else bench.tau,
