@@ -112,15 +112,19 @@ def plot_exit_distribution(row: pd.Series, path: Path) -> None:
 
 
 def plot_tokens_vs_length(examples: pd.DataFrame, title: str, path: Path) -> None:
-    """Tokens entering the last layer each example reached, against its input length."""
+    """Tokens entering layers 2, middle and last (rows that reached them) against input length."""
     token_columns = [c for c in examples.columns if c.startswith("tokens_l")]
-    last = examples.apply(lambda r: r[token_columns[int(r["exit_layer"]) - 1]], axis=1)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.scatter(examples["input_tokens"], last, s=8, alpha=0.5)
+    depth = len(token_columns)
+    layers = sorted({min(2, depth), max(1, depth // 2 + 1), depth})
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for layer in layers:
+        reached = examples[examples[f"tokens_l{layer}"] > 0]
+        ax.scatter(reached["input_tokens"], reached[f"tokens_l{layer}"], s=8, alpha=0.5,
+                   label=f"entering layer {layer} ({len(reached)} rows)")
     top = int(examples["input_tokens"].max())
     ax.plot([0, top], [0, top], "--", color="gray", label="no pruning")
     ax.set_xlabel("input tokens")
-    ax.set_ylabel("tokens at the exit layer")
+    ax.set_ylabel("tokens processed")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -201,7 +205,9 @@ def build_report(folder: str | Path) -> Path:
             sections += [f"![exit layers](plots/{safe}_exit_layers.png)", ""]
         pruned = data[(data["mech_prune"] == True) & data.get("examples_file", pd.Series(dtype=str)).notna()]  # noqa: E712
         if len(pruned) and "examples_file" in pruned:
-            row = pruned.iloc[-1]
+            # the tuned point when it prunes, else the pruning-only ablation row, else any pruning row
+            preferred = [pruned[pruned["role"] == "tuned"], pruned[pruned["point"] == "eat:prune"], pruned]
+            row = next(group for group in preferred if len(group)).iloc[-1]
             examples_path = folder / str(row["examples_file"])
             if examples_path.is_file():
                 plot_tokens_vs_length(pd.read_csv(examples_path), f"{task} {row['point']}: tokens kept",
