@@ -603,9 +603,6 @@ class EATPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"position_ids", r"cls\.predictions", r"cls\.seq_relationship"]
     _supports_sdpa = True
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-
 
 class EATModel(EATPreTrainedModel):
     """The adaptive encoder (BERT's `BertModel` with `embeddings`, `encoder`, `pooler`).
