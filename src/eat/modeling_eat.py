@@ -589,7 +589,8 @@ class EATEncoderOutput(ModelOutput):
     first; attention_mask: (B, n_out) which of them are real; token_positions: (B, n_out) their index in the input
     (-1 for filler); pooler_output: (B, d); exit_layer: (B,) layers run; tokens_per_layer: (B, L) real tokens that
     entered each layer (0 where the sample had exited); exit_logits: (B, E, C) logits of every evaluated exit head
-    (NaN where not evaluated) when asked; work: WorkCounters.
+    (NaN where not evaluated) when asked; exit_outputs: (B, C) logits of the head each sample left at (None
+    without exit heads); work: WorkCounters.
     """
 
     last_hidden_state: torch.Tensor | None = None
