@@ -650,10 +650,10 @@ class EATModel(EATPreTrainedModel):
         B, n = input_ids.shape
         device = input_ids.device
         num_layers = config.num_hidden_layers
-        state = self._initial_state(input_ids, attention_mask)
+        schedule = config.keep_schedule
+        state = self._initial_state(input_ids, attention_mask, schedule)
         hidden = self.embeddings(input_ids, token_type_ids)  # (B, n, d)
 
-        schedule = config.keep_schedule
         exit_layers = config.exit_layer_list if exit_head is not None else ()
         exit_slot = {layer: slot for slot, layer in enumerate(exit_layers)}
         early_exit = (not self.training and not disable_exit and config.exit_policy != "none"
@@ -733,7 +733,7 @@ class EATModel(EATPreTrainedModel):
         return output
 
     # --- helpers of the loop ----------------------------------------------------------------------------------
-    def _initial_state(self, input_ids, attention_mask) -> _TokenState:
+    def _initial_state(self, input_ids, attention_mask, schedule: tuple[float, ...]) -> _TokenState:
         """Bookkeeping for a fresh batch; checks that padding is on the right."""
         B, n = input_ids.shape
         device = input_ids.device
@@ -753,7 +753,7 @@ class EATModel(EATPreTrainedModel):
         if config.keep_sep:
             sep_id = getattr(config, "sep_token_id", None)
             protected = protected | (input_ids == (_DEFAULT_SEP_ID if sep_id is None else sep_id))
-        sizes = torch.ones(B, n, device=device) if config.prune_mode == "merge" and _prunes(config) else None
+        sizes = torch.ones(B, n, device=device) if config.prune_mode == "merge" and min(schedule) < 1.0 else None
         return _TokenState(rows=torch.arange(B, device=device), lengths=lengths, key_mask=key_mask,
                            positions=positions, protected=protected, sizes=sizes)
 
@@ -829,10 +829,6 @@ class EATModel(EATPreTrainedModel):
 
 
 _DEFAULT_SEP_ID = 102  # `[SEP]` in the uncased BERT vocabulary, used when the config does not name one
-
-
-def _prunes(config: EATConfig) -> bool:
-    return any(ratio < 1.0 for ratio in config.keep_schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------------
