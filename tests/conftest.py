@@ -55,6 +55,13 @@ def backbone_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def conll_dir() -> Path:
+    if not (CONLL_DIR / "eng.train").is_file():
+        pytest.skip(f"CoNLL-2003 not found at {CONLL_DIR} (set EAT_DATA_DIR to the GLUE folder beside it)")
+    return CONLL_DIR
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "sst2").is_dir():
         pytest.skip(f"GLUE data not found at {DATA_DIR} (set EAT_DATA_DIR)")

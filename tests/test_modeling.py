@@ -74,7 +74,8 @@ def test_auto_classes_and_save_round_trip_every_knob(tmp_path):
     knobs = dict(keep_ratio=[0.9, 0.8, 0.7, 1.0], prune_importance="norm", prune_mode="merge", keep_sep=False,
                  attention_window=8, num_global_tokens=2, attention_block_size=4, exit_layers=[1, 3],
                  exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
-                 classifier_activation="relu", attention_backend="blocked")
+                 classifier_activation="relu", attention_backend="blocked", token_exit_window=1,
+                 token_exit_kv="drop")
     model = tiny_model(**knobs)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()

@@ -25,8 +25,10 @@ from .checkpoints import load_classifier
 from .data import EncodedDataset, batches, collate, encode
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification, WorkCounters
+from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
 from .results import ResultsLog, atomic_write_text, config_hash
 from .timing import LatencyStats, environment, interleaved_latency, throughput
+from .token_tasks import TaggedPredictions, summarize_tagged
 
 MECHANISMS = ("prune", "sparse", "exit")
 
@@ -252,6 +254,88 @@ def _write_examples(path: Path, lengths, exits, tokens, correct) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
+def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagged, data: TaggedData,
+                         bench: BenchConfig, log: ResultsLog, *, dataset_source: str, force: bool = False,
+                         pad_id: int = 0, extra: dict[str, Any] | None = None,
+                         progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`measure_points` for a token task: batch-1 latency per chunk (interleaved) with entity F1 from the same
+    calls, then throughput. ``accuracy`` holds the entity F1 (``metric`` says so), so reports and frontiers work
+    unchanged; ``mean_exit_layer`` and ``exit_distribution`` are per word; ``token_layer_fraction`` is query
+    token-layers over the static model's."""
+    env = environment(bench.device)
+    rows = len(encoded)
+    todo = []
+    for point in points:
+        hash_ = _point_hash(point, bench, dataset_source, rows, env)
+        if force or not log.has(hash_):
+            todo.append((point, hash_))
+    if not todo:
+        return []
+    models = {point.name: load_classifier(point.checkpoint, knobs=point.knobs, token_level=True).to(bench.device).eval()
+              for point, _ in todo}
+    singles = [{k: v.to(bench.device) for k, v in collate_tagged(encoded, [i], pad_id).items()} for i in range(rows)]
+    names = {name: [m.config.id2label[i] for i in range(m.config.num_labels)] for name, m in models.items()}
+    chunk_tags = {name: [None] * rows for name in models}
+    chunk_exits = {name: [None] * rows for name in models}
+    tokens = {name: np.zeros((rows, m.config.num_hidden_layers), dtype=np.int64) for name, m in models.items()}
+    work = {name: WorkCounters() for name in models}
+
+    def call_for(model):
+        return lambda b: model(b["input_ids"], None, b["token_type_ids"], word_mask=b["word_mask"])
+
+    def record(name, index, output):
+        words = singles[index]["word_mask"][0]
+        chunk_tags[name][index] = [names[name][j] for j in output.logits[0].nan_to_num(0.0).argmax(-1)[words].tolist()]
+        chunk_exits[name][index] = output.token_exit_layer[0][words].tolist()
+        tokens[name][index] = output.tokens_per_layer[0].cpu().numpy()
+        work[name].add(output.work)
+
+    latency = interleaved_latency({name: call_for(m) for name, m in models.items()}, singles, warmup=bench.warmup,
+                                  device=bench.device, on_result=record,
+                                  progress=(lambda i, n: progress("batch 1", i, n)) if progress else None)
+    batched = [{k: v.to(bench.device) for k, v in b.items()}
+               for b in tagged_batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
+    real_tokens = int(sum(encoded.lengths))
+    new_rows = []
+    for point, hash_ in todo:
+        model = models[point.name]
+        num_layers = model.config.num_hidden_layers
+        rows_per_s, batch_latency = throughput(
+            lambda b, model=model: model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                         word_mask=b["word_mask"]),
+            batched, rows, device=bench.device, repeats=bench.throughput_repeats)
+        tags: list[list[str]] = [[] for _ in data.sentences]
+        exits: list[list[int]] = [[] for _ in data.sentences]
+        for chunk, sentence in enumerate(encoded.sentence):
+            tags[sentence].extend(chunk_tags[point.name][chunk])
+            exits[sentence].extend(chunk_exits[point.name][chunk])
+        summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
+        ran = tokens[point.name] > 0
+        row = {
+            "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
+            "model": point.model_label, "checkpoint": point.checkpoint, "layers": num_layers,
+            **{f"mech_{k}": v for k, v in point.mechanisms().items()},
+            "knobs": model.config.knobs(), "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
+            "rows": rows, "dataset": dataset_source, "seed": bench.seed, "batch_size_latency": 1,
+            "batch_size_throughput": bench.batch_size, **env,
+            "metric": "entity_f1", "accuracy": summary["f1"], "precision": summary["precision"],
+            "recall": summary["recall"],
+            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
+            **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
+            "mean_exit_layer": summary["mean_word_exit_layer"],
+            "exit_distribution": {int(k): round(v * summary["words"]) for k, v in summary["word_exit_distribution"].items()},
+            "mean_tokens_per_layer": [float(tokens[point.name][:, i][ran[:, i]].mean()) if ran[:, i].any() else 0.0
+                                      for i in range(num_layers)],
+            "token_layer_fraction": summary["token_layer_ratio"],
+            "kv_token_layer_fraction": summary["kv_token_layer_ratio"],
+            "work": dataclasses.asdict(work[point.name]),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
+        }
+        log.append(row, replace=force)
+        new_rows.append(row)
+    return new_rows
+
+
 # ---------------------------------------------------------------------------------------------- sweeps, tuning
 
 
@@ -351,5 +435,5 @@ def save_json(path: Path, data: Any) -> None:
 
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
-           "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "tune", "TuneResult", "MECHANISMS",
+           "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "tune", "TuneResult", "MECHANISMS",
            "encode", "save_json", "LatencyStats"]

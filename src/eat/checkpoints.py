@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .configuration_eat import EATConfig
-from .modeling_eat import EATForSequenceClassification
+from .modeling_eat import EATForSequenceClassification, EATForTokenClassification
 
 BERT_LIKE = ("bert", "eat")
 
@@ -131,8 +131,9 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_classifier(name_or_path: str | None = None, *, num_labels: int | None = None,
                     id2label: dict[int, str] | None = None, knobs: dict[str, Any] | None = None,
-                    exit_heads_from_final: bool = True) -> EATForSequenceClassification:
-    """Load any BERT / DistilBERT / EAT checkpoint as an :class:`EATForSequenceClassification`.
+                    exit_heads_from_final: bool = True, token_level: bool = False):
+    """Load any BERT / DistilBERT / EAT checkpoint as an :class:`EATForSequenceClassification` (or, with
+    ``token_level``, an :class:`EATForTokenClassification` for sequence labelling).
 
     ``num_labels`` / ``id2label`` set the task head (a head of another size in the checkpoint is an error: it was
     trained for another task). ``knobs`` are EAT knobs (validated by name). Exit heads missing from the
@@ -150,7 +151,16 @@ def load_classifier(name_or_path: str | None = None, *, num_labels: int | None =
         label_overrides = {"num_labels": num_labels}
 
     trained_labels = raw.get("id2label")
-    has_head = any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
+    model_class = EATForTokenClassification if token_level else EATForSequenceClassification
+    other_class = EATForSequenceClassification if token_level else EATForTokenClassification
+    architectures = raw.get("architectures") or []
+    head_kind = "TokenClassification" if token_level else "SequenceClassification"
+    other_kind = "SequenceClassification" if token_level else "TokenClassification"
+    if model_type == "eat" and any(a.endswith(other_kind) for a in architectures):
+        raise CheckpointError(f"{name_or_path}: an {other_class.__name__} checkpoint (a "
+                              f"{'sentence' if token_level else 'token'}-level task) cannot be loaded for a "
+                              f"{'token' if token_level else 'sentence'}-level task")
+    has_head = any(a.endswith("For" + head_kind) for a in architectures)
     wanted = len(label_overrides.get("id2label", {})) or label_overrides.get("num_labels")
     if has_head and trained_labels and wanted and len(trained_labels) != wanted:
         raise CheckpointError(f"{name_or_path}: its classifier has {len(trained_labels)} labels "
@@ -161,7 +171,7 @@ def load_classifier(name_or_path: str | None = None, *, num_labels: int | None =
         config = EATConfig.from_dict({**raw, **label_overrides})
         config.set_knobs(**knobs)
         try:
-            model = EATForSequenceClassification.from_pretrained(name_or_path, config=config)
+            model = model_class.from_pretrained(name_or_path, config=config)
         except Exception as error:  # noqa: BLE001 - safetensors, OSError, torch: one clear message naming the path
             reason = "corrupt weight file" if "safetensor" in type(error).__name__.lower() else "cannot load weights"
             raise CheckpointError(f"{name_or_path}: {reason} ({error})") from error
@@ -173,7 +183,7 @@ def load_classifier(name_or_path: str | None = None, *, num_labels: int | None =
             directory = Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
         config = distilbert_config_to_eat(raw, **label_overrides)
         config.set_knobs(**knobs)
-        model = EATForSequenceClassification(config)
+        model = model_class(config)
         state = distilbert_to_bert_state_dict(read_state_dict(directory))
         result = model.load_state_dict(state, strict=False)
         backbone_missing = [k for k in result.missing_keys if k.startswith("bert.") and "pooler" not in k]

@@ -113,6 +113,8 @@ def train(
     max_length: Annotated[Optional[int], typer.Option()] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="seeded subset of training rows")] = None,
     eval_limit: Annotated[Optional[int], typer.Option()] = None,
+    calibration_rows: Annotated[Optional[int], typer.Option(
+        help="training rows held out for `eat tune` (0: train on every row, e.g. for a baseline)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
     train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
@@ -135,7 +137,7 @@ def train(
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
-        distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
+        calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
         data_file=data_file, eval_file=eval_file,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"
@@ -149,8 +151,11 @@ def train(
                 console.print(f"step {p['step']}/{p['total']} {info}")  # a log line when there is no live bar
 
         result = run_training(config, target, force=force, device=device, progress=report)
-    for split, accuracy in result.dev_accuracy.items():
-        out.print(f"{task} {split} accuracy: {accuracy:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
+    from .ner_data import is_token_task
+
+    metric = "entity F1" if is_token_task(task) else "accuracy"
+    for split, value in result.dev_accuracy.items():
+        out.print(f"{task} {split} {metric}: {value:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
                   f"model in {result.model_dir})")
 
 
@@ -160,6 +165,7 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
 
     from .checkpoints import CheckpointError, load_classifier
     from .data import task_spec
+    from .ner_data import CONLL_LABELS, is_token_task
 
     model_dir = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
     train_config_file = (model_dir.parent / "train_config.json") if model_dir.name == "model" else None
@@ -168,9 +174,15 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
         trained = json.loads(train_config_file.read_text())
     if task is not None and trained.get("task") not in (None, task) and trained.get("data_file") is None:
         raise CheckpointError(f"{checkpoint}: trained for task {trained.get('task')!r}, not {task!r}")
-    model = load_classifier(str(model_dir), knobs=knobs)
-    if task is not None and trained.get("data_file") is None:
-        labels = task_spec(task).label_names
+    if task is not None:
+        token_level = is_token_task(task)
+    else:  # what the checkpoint itself says it is
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or [] \
+            if (model_dir / "config.json").is_file() else []
+        token_level = is_token_task(trained.get("task", "")) or "EATForTokenClassification" in architectures
+    model = load_classifier(str(model_dir), knobs=knobs, token_level=token_level)
+    if task is not None and trained.get("data_file") is None and task != "ner":
+        labels = CONLL_LABELS if token_level else task_spec(task).label_names
         if model.config.num_labels != len(labels):
             raise CheckpointError(f"{checkpoint}: its head has {model.config.num_labels} labels, task {task} has "
                                   f"{len(labels)}; it was trained for another task")
@@ -202,8 +214,13 @@ def evaluate_command(
     from .evaluation import predict_encoded, summarize
     from .results import atomic_write_text
 
+    from .ner_data import is_token_task
+
     _set_threads(threads)
     knobs = knobs_from_options(knob, tau)
+    if is_token_task(task):
+        _evaluate_token_task(checkpoint, task, knobs, eval_file, max_length, batch_size, limit, device)
+        return
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
     if eval_file:
         labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
@@ -241,6 +258,41 @@ def evaluate_command(
     console.print(f"wrote {target / (tag + '.json')} and .csv")
 
 
+def _evaluate_token_task(checkpoint: Path, task: str, knobs: dict[str, Any], eval_file: str | None, max_length: int,
+                         batch_size: int, limit: int | None, device: str) -> None:
+    """`eat eval` for sequence labelling: entity P/R/F1, per-exit F1, word exit distribution, token-layer work."""
+    from .ner_data import encode_tagged, load_tagged
+    from .results import atomic_write_text
+    from .token_tasks import predict_tagged, summarize_tagged
+
+    model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, knobs)
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    data = load_tagged(task, "validation", eval_file, label_names=labels if eval_file else None).subset(limit)
+    encoded = encode_tagged(data, tokenizer, max_length)
+    pad_id = tokenizer.pad_token_id or 0
+    summary = summarize_tagged(predict_tagged(model, encoded, data, batch_size=batch_size, device=device,
+                                              pad_id=pad_id), data)
+    if model.exit_heads:
+        cached = summarize_tagged(predict_tagged(model, encoded, data, batch_size=batch_size, device=device,
+                                                 pad_id=pad_id, per_exit=True), data)
+        summary["per_exit_f1"] = cached["per_exit_f1"]
+    summary["source"], summary["note"] = data.source, data.note
+    report = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs(), "validation": summary}
+    out.print(f"{task} validation: entity F1 {summary['f1']:.2f} (P {summary['precision']:.2f}, R {summary['recall']:.2f})"
+              f"  mean word exit layer {summary['mean_word_exit_layer']:.2f}  token-layer fraction "
+              f"{summary['token_layer_ratio']:.3f}  ({summary['sentences']} sentences)")
+    if "per_exit_f1" in summary:
+        out.print("  per-exit F1: " + "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_f1"].items()))
+    tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
+    target = model_dir.parent if model_dir.name == "model" else model_dir
+    atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
+    import pandas as pd
+
+    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    atomic_write_text(target / f"{tag}.csv", pd.DataFrame([{"split": "validation", **flat}]).to_csv(index=False))
+    console.print(f"wrote {target / (tag + '.json')} and .csv")
+
+
 @app.command()
 @user_errors
 def predict(
@@ -252,10 +304,13 @@ def predict(
     max_length: Annotated[int, typer.Option()] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
 ) -> None:
-    """Classify raw texts: label, confidence and exit layer for each."""
+    """Classify raw texts: label, confidence and exit layer for each. A token-task checkpoint (NER) tags every
+    whitespace-separated word instead: word/TAG@exit-layer."""
     from .evaluation import predict_texts
 
     knobs = knobs_from_options(knob, tau)
+    from .modeling_eat import EATForTokenClassification
+
     model, tokenizer, _, _ = _load_checkpoint_for_task(checkpoint, None, knobs)
     if text:
         texts = list(text)
@@ -274,6 +329,16 @@ def predict(
             raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {error.start})") from None
     if not texts:
         raise ValueError("no text to classify (give texts as arguments, --file, or lines on stdin)")
+    if isinstance(model, EATForTokenClassification):
+        from .token_tasks import tag_texts
+
+        for result in tag_texts(model, tokenizer, texts, max_length=max_length):
+            if as_json:
+                typer.echo(json.dumps(result))
+            else:
+                typer.echo(" ".join(f"{word}/{tag}@{layer}" for word, tag, layer
+                                    in zip(result["words"], result["tags"], result["exit_layer"])))
+        return
     for result in predict_texts(model, tokenizer, texts, max_length=max_length):
         if as_json:
             typer.echo(json.dumps(result))
@@ -313,7 +378,7 @@ def bench(
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
 
-    from .bench import ablation_points, bench_config_from_preset, measure_points, sweep_points
+    from .bench import ablation_points, bench_config_from_preset, measure_points, measure_token_points, sweep_points
     from .data import encode, load_glue, task_spec
     from .results import ResultsLog
 
@@ -329,11 +394,17 @@ def bench(
     unknown = wanted - {"ablation", "sweeps"}
     if unknown:
         raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation and/or sweeps")
-    spec = task_spec(task)
+    from .ner_data import encode_tagged, is_token_task, load_tagged
+
+    token_level = is_token_task(task)
     log = ResultsLog(results)
-    for split in spec.eval_splits:
-        data = load_glue(task, split).subset(config.rows, seed=config.seed)
-        encoded = encode(data, tokenizer, max_length)
+    for split in ("validation",) if token_level else task_spec(task).eval_splits:
+        if token_level:
+            data = load_tagged(task, split).subset(config.rows, seed=config.seed)
+            encoded = encode_tagged(data, tokenizer, max_length)
+        else:
+            data = load_glue(task, split).subset(config.rows, seed=config.seed)
+            encoded = encode(data, tokenizer, max_length)
         split_config = dataclasses.replace(config, split=split)
         chosen = []
         if "ablation" in wanted:
@@ -343,11 +414,16 @@ def bench(
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
         with _progress() as bar:
-            new = measure_points(chosen, encoded, split_config, log, dataset_source=f"{data.source} {data.note}".strip(),
-                                 f1=spec.f1, force=force, pad_id=tokenizer.pad_token_id or 0,
-                                 examples_dir=results / "examples", progress=_bench_progress(bar))
+            source = f"{data.source} {data.note}".strip()
+            if token_level:
+                new = measure_token_points(chosen, encoded, data, split_config, log, dataset_source=source, force=force,
+                                           pad_id=tokenizer.pad_token_id or 0, progress=_bench_progress(bar))
+            else:
+                new = measure_points(chosen, encoded, split_config, log, dataset_source=source,
+                                     f1=task_spec(task).f1, force=force, pad_id=tokenizer.pad_token_id or 0,
+                                     examples_dir=results / "examples", progress=_bench_progress(bar))
         table = Table(title=f"{task} {split}: {len(new)} new point(s), {len(chosen) - len(new)} already measured")
-        for column in ("point", "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
+        for column in ("point", "entity F1" if token_level else "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
             table.add_column(column)
         for row in new:
             table.add_row(row["point"], f"{row['accuracy']:.2f}", f"{row['b1_p50_ms']:.2f}", f"{row['b1_p90_ms']:.2f}",
@@ -365,6 +441,7 @@ def tune_command(
     max_drop: Annotated[Optional[float], typer.Option(help="accuracy points allowed below everything-off")] = None,
     latency_budget: Annotated[Optional[float], typer.Option(help="batch-1 median budget in ms")] = None,
     results: Annotated[Path, typer.Option("--results")] = Path("results/bench"),
+    rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows for the final report (default all)")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -384,26 +461,71 @@ def tune_command(
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")
     train_config = TrainConfig(**trained)
     _, calibration, _ = training_data(train_config)
+    if len(calibration) == 0:
+        raise ValueError(f"{checkpoint}: trained with calibration_rows=0 (on every training row), so no held-out "
+                         "calibration split exists to tune on; retrain with --calibration-rows N")
     pad_id = tokenizer.pad_token_id or 0
+    from .ner_data import is_token_task
+
+    if is_token_task(task):
+        if max_drop is None:
+            raise ValueError("token tasks are tuned by --max-drop (entity F1 points)")
+        _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows)
+        return
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id)
     save_json(results / f"tuned_{task}.json", dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     out.print(f"calibration accuracy {result.calibration_accuracy:.2f} (everything off: {result.reference_accuracy:.2f})")
-    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads())
+    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows)
     points = [OperatingPoint("eat:none", str(model_dir), {}, "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), result.knobs, "tuned")]
     spec = task_spec(task)
     for split in spec.eval_splits:
-        data = load_glue(task, split)
-        rows = measure_points(points, encode(data, tokenizer, train_config.max_length),
+        data = load_glue(task, split).subset(rows, seed=config.seed)
+        measured = measure_points(points, encode(data, tokenizer, train_config.max_length),
                               dataclasses.replace(config, split=split), ResultsLog(results),
                               dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
                               pad_id=pad_id)
-        by_name = {row["point"]: row for row in rows}
+        by_name = {row["point"]: row for row in measured}
         off, tuned = by_name["eat:none"], by_name["eat:tuned"]
         out.print(f"{task} {split}: tuned accuracy {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; batch-1 p50 "
                   f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x)")
+
+
+def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, train_config, max_drop: float,
+                     results: Path, device: str, rows: int | None) -> None:
+    """`eat tune` for a token task: tau on the calibration sentences, then that point and exits-off on dev."""
+    import torch
+
+    from .bench import OperatingPoint, bench_config_from_preset, measure_token_points, save_json
+    from .ner_data import encode_tagged, load_tagged
+    from .results import ResultsLog
+    from .token_tasks import tune_token_tau
+
+    pad_id = tokenizer.pad_token_id or 0
+    model.config.set_knobs(exit_layers="all")
+    result = tune_token_tau(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
+                            max_drop=max_drop, device=device, pad_id=pad_id)
+    knobs = {"exit_policy": "confidence", "exit_threshold": result["tau"], "exit_layers": "all"}
+    result["knobs"] = knobs
+    save_json(results / f"tuned_{task}.json", result)
+    out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): tau {result['tau']}")
+    out.print(f"calibration F1 {result['calibration_f1']:.2f} (exits off: {result['reference_f1']:.2f}), token-layer "
+              f"fraction {result['token_layer_ratio']:.3f}")
+    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
+                                      split="validation", rows=rows)
+    data = load_tagged(task, "validation").subset(rows, seed=config.seed)
+    points = [OperatingPoint("eat:none", str(model_dir), {}, "ablation"),
+              OperatingPoint("eat:tuned", str(model_dir), knobs, "tuned")]
+    rows = measure_token_points(points, encode_tagged(data, tokenizer, train_config.max_length), data, config,
+                                ResultsLog(results), dataset_source=f"{data.source} {data.note}".strip(), force=True,
+                                pad_id=pad_id)
+    by_name = {row["point"]: row for row in rows}
+    off, tuned = by_name["eat:none"], by_name["eat:tuned"]
+    out.print(f"{task} validation: tuned entity F1 {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; token-layer "
+              f"fraction {tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned['b1_p50_ms']:.2f} vs "
+              f"{off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x)")
 
 
 @app.command()

@@ -19,6 +19,10 @@ exit_threshold         (any)                      `tau`: exit when max softmax p
 entropy_threshold      (any)                      exit when prediction entropy (nats) <= threshold
 exit_patience          (any)                      PABEE: exit after this many consecutive agreeing heads
 classifier_activation  "tanh"                     pooler activation ("relu" for DistilBERT checkpoints)
+token_exit_window      (any)                      token tasks: a token exits only when every real token within
+                                                  this many positions is confident too (0 = itself only)
+token_exit_kv          (any)                      token tasks: "keep" exited tokens as keys/values (frozen
+                                                  states, TOKEE) or "drop" them from attention altogether
 =====================  =========================  ==================================================
 
 Schedules (`keep_ratio`) take a scalar, a pair or a per-layer list and are normalised by
@@ -39,6 +43,7 @@ PRUNE_MODES = ("drop", "merge")
 ATTENTION_BACKENDS = ("blocked", "flex")
 EXIT_POLICIES = ("none", "confidence", "entropy", "patience")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
+TOKEN_EXIT_KV = ("keep", "drop")
 
 # The adaptive knobs and their defaults (every mechanism off). Anything else passed to `set_knobs` is an error.
 KNOB_DEFAULTS: dict[str, Any] = {
@@ -56,6 +61,8 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "entropy_threshold": 0.1,
     "exit_patience": 2,
     "classifier_activation": "tanh",
+    "token_exit_window": 0,
+    "token_exit_kv": "keep",
 }
 
 
@@ -168,6 +175,9 @@ def validate_knobs(config: "EATConfig") -> None:
         raise KnobError(f"entropy_threshold: expected a number, got {config.entropy_threshold!r}")
     if not isinstance(config.exit_patience, int) or config.exit_patience < 1:
         raise KnobError(f"exit_patience: expected an integer >= 1, got {config.exit_patience!r}")
+    _choice("token_exit_kv", config.token_exit_kv, TOKEN_EXIT_KV)
+    if not isinstance(config.token_exit_window, int) or config.token_exit_window < 0:
+        raise KnobError(f"token_exit_window: expected an integer >= 0, got {config.token_exit_window!r}")
     if config.prune_importance == "mean_attention" and window is not None:
         # Mean attention received needs every query's full attention row, which is exactly what the window
         # kernel avoids computing.
@@ -198,6 +208,8 @@ class EATConfig(BertConfig):
     entropy_threshold: float = 0.1
     exit_patience: int = 2
     classifier_activation: str = "tanh"
+    token_exit_window: int = 0
+    token_exit_kv: str = "keep"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -285,23 +285,30 @@ def encode(dataset: TextDataset, tokenizer, max_length: int) -> EncodedDataset:
     return EncodedDataset(ids, types, frame["label"].tolist(), truncated, [len(row) for row in ids])
 
 
-def batches(encoded: EncodedDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-            bucket: bool = True, pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Dynamically padded batches. ``bucket`` groups rows of similar length (less padding): for training, rows are
+def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                bucket: bool = True) -> list[list[int]]:
+    """Row numbers of every batch. ``bucket`` groups rows of similar length (less padding): for training, rows are
     shuffled, cut into pools of 50 batches, sorted by length inside a pool, and the batches shuffled; for
-    evaluation, rows are sorted by length. Each batch carries ``index`` (row numbers) to restore the order."""
-    order = list(range(len(encoded)))
+    evaluation, rows are sorted by length."""
+    order = list(range(len(lengths)))
     rng = random.Random(seed)
     if shuffle:
         rng.shuffle(order)
     if bucket:
         pool = batch_size * 50 if shuffle else len(order)
         order = [i for start in range(0, len(order), pool)
-                 for i in sorted(order[start:start + pool], key=lambda r: encoded.lengths[r])]
+                 for i in sorted(order[start:start + pool], key=lambda r: lengths[r])]
     chunks = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     if shuffle and bucket:
         rng.shuffle(chunks)
-    for chunk in chunks:
+    return chunks
+
+
+def batches(encoded: EncodedDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+            bucket: bool = True, pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Dynamically padded batches in :func:`batch_order`. Each batch carries ``index`` (row numbers) to restore
+    the order."""
+    for chunk in batch_order(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
         yield collate(encoded, chunk, pad_id)
 
 
@@ -335,5 +342,5 @@ def carve_calibration(dataset: TextDataset, fraction: float = 0.1, seed: int = 0
 
 
 __all__ = ["DataError", "TaskSpec", "TASKS", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
-           "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "collate",
+           "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "batch_order", "collate",
            "carve_calibration"]

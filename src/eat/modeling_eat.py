@@ -425,6 +425,21 @@ class EATLayer(nn.Module):
                               ffn_out.LayerNorm.eps)
         return hidden, q, k, scores
 
+    def forward_queries(self, queries, keys_values, mask=None):
+        """The same layer for a subset of tokens: only ``queries`` (B, m, d) are updated, attending to
+        ``keys_values`` (B, nk, d) (which include the queries themselves). mask: bool (B, 1, 1 or m, nk), True =
+        attend, or None. Returns (B, m, d). Used by token-level exits: exited tokens are no longer queries."""
+        attention = self.attention.self
+        B, m, _ = queries.shape
+        heads, size = attention.num_heads, attention.head_size
+        q = F.linear(queries, attention.query.weight, attention.query.bias).view(B, m, heads, size).transpose(1, 2)
+        k, v = (F.linear(keys_values, proj.weight, proj.bias).view(B, -1, heads, size).transpose(1, 2)
+                for proj in (attention.key, attention.value))
+        dropout_p = attention.dropout_p if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, m, dh)
+        hidden = self.attention.output(context.transpose(1, 2).reshape(B, m, -1), queries)
+        return self.output(self.intermediate(hidden), hidden)
+
 
 class EATEncoder(nn.Module):
     """The stack of layers (`encoder.layer.N`)."""
@@ -477,7 +492,8 @@ class WorkCounters:
 
     layers_run: sum over samples of layers executed. token_layers: sum over samples and layers of the real tokens
     each layer processed. padded_token_layers: the same including padding rows (what the matmuls really saw).
-    attention_scores: query-key scores computed per head, padding included. exit_head_rows: rows fed to exit heads.
+    attention_scores: query-key scores computed per head, padding included. exit_head_rows: rows (token tasks:
+    tokens) fed to exit heads. kv_token_layers (token tasks): exited tokens still projected to keys/values.
     """
 
     layers_run: int = 0
@@ -485,6 +501,7 @@ class WorkCounters:
     padded_token_layers: int = 0
     attention_scores: int = 0
     exit_head_rows: int = 0
+    kv_token_layers: int = 0
 
     def add(self, other: "WorkCounters") -> None:
         """Accumulate another pass's counters into this one."""
@@ -911,6 +928,277 @@ class EATForSequenceClassification(EATPreTrainedModel):
                 self.exit_heads[str(layer)] = head
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Token classification with token-level exits (sequence labelling, e.g. NER)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EATTokenClassifierOutput(ModelOutput):
+    """Output of `EATForTokenClassification`.
+
+    loss: cross-entropy of the final per-token logits when labels are given (IGNORE = -100 skipped); logits:
+    (B, n, C) of the head each token left at; token_exit_layer: (B, n) the layer after which each token's label
+    was read (0 for padding and pruned tokens); exit_layer: (B,) layers a sentence ran (its last token's exit);
+    tokens_per_layer: (B, L) tokens updated (queries) in each layer; exit_logits: (B, E, n, C) every head's logits
+    (NaN where a token had already left), in training or when asked; exit_layers: the E head positions;
+    work: WorkCounters (``token_layers`` counts query tokens; ``kv_token_layers`` the extra key/value-only tokens).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    token_exit_layer: torch.Tensor | None = None
+    exit_layer: torch.Tensor | None = None
+    tokens_per_layer: torch.Tensor | None = None
+    exit_logits: torch.Tensor | None = None
+    exit_layers: tuple[int, ...] | None = None
+    work: WorkCounters | None = None
+
+
+class EATTokenExitHead(nn.Module):
+    """A per-token intermediate exit: dropout + linear, the shape of the final head of `BertForTokenClassification`."""
+
+    def __init__(self, config: EATConfig):
+        super().__init__()
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden):
+        """(..., d) -> (..., C)."""
+        return self.classifier(self.dropout(hidden))
+
+
+def token_exit_owner(labelled):
+    """For every token, the labelled token whose exit it follows: a continuation subword follows the first
+    subword of its word, `[CLS]` the first word, `[SEP]` and padding the last. labelled: (B, n) bool -> (B, n)."""
+    B, n = labelled.shape
+    positions = torch.arange(n, device=labelled.device).expand(B, n)
+    owner = torch.where(labelled, positions, -1).cummax(dim=1).values
+    first = torch.where(labelled, positions, n).amin(dim=1, keepdim=True).clamp(max=n - 1)
+    return torch.where(owner < 0, first, owner)
+
+
+def token_exit_decision(logits, labelled, active, policy: str, tau: float, entropy_threshold: float, window: int):
+    """Which labelled tokens leave at this head. logits: (B, n, C); labelled, active: (B, n) bool.
+
+    A token is confident when the exit policy says so for its own prediction; with ``window`` > 0 it leaves only
+    when every labelled token within ``window`` positions is confident too (or has already left) -- the
+    window-based criterion of TOKEE. Returns (B, n) bool, True only for active labelled tokens that leave now.
+    """
+    B, n, C = logits.shape
+    if policy not in ("confidence", "entropy"):
+        raise ValueError(f"exit_policy {policy!r} has no token-level form; use 'confidence' or 'entropy'")
+    confident, _, _ = exit_decision(logits.reshape(B * n, C), policy, tau, entropy_threshold, 1)
+    confident = confident.view(B, n) | ~(labelled & active)  # unlabelled or finished tokens never hold others back
+    if window > 0:
+        doubtful = (~confident).float()[:, None]  # (B, 1, n)
+        doubtful = F.max_pool1d(doubtful, kernel_size=2 * window + 1, stride=1, padding=window)[:, 0]
+        confident = doubtful == 0
+    return confident & labelled & active
+
+
+class EATForTokenClassification(EATPreTrainedModel):
+    """EAT encoder + a per-token head after the last layer (`classifier`, as `BertForTokenClassification`) and
+    a token exit head (`exit_heads.<layer>`) after every other layer of ``config.exit_layers``.
+
+    Token-level exit: after each exit layer, a labelled token whose prediction satisfies the exit policy
+    (``exit_threshold`` = tau on the max probability, or entropy; optionally over a window of neighbours) stops
+    being updated. Its hidden state is frozen and its label is read from that head. Later layers take it out of
+    their queries, so their projections, attention rows and FFN run on fewer tokens; ``token_exit_kv`` decides
+    whether it stays as a key/value ("keep": its frozen state is projected to keys/values by later layers) or
+    leaves attention altogether ("drop"). Tokens without a label of their own (``word_mask`` False: continuation
+    subwords, `[CLS]`, `[SEP]`) follow the labelled token they belong to (:func:`token_exit_owner`). A sentence
+    leaves the batch when all its tokens have left. Token pruning (``keep_ratio``) only ever removes unlabelled
+    tokens other than `[CLS]`/`[SEP]` (importance: hidden-state norm, since `[CLS]` may have stopped updating);
+    sliding-window attention runs the blocked kernel while every token is still a query and a positional band
+    mask on the reduced query/key sets afterwards.
+    """
+
+    def __init__(self, config: EATConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.bert = EATModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.exit_heads = nn.ModuleDict({str(layer): EATTokenExitHead(config) for layer in config.exit_layer_list
+                                         if layer != config.num_hidden_layers})
+        self.post_init()
+
+    def init_exit_heads_from_final(self) -> None:
+        """Start every token exit head as a copy of the final classifier."""
+        with torch.no_grad():
+            for head in self.exit_heads.values():
+                head.classifier.load_state_dict(self.classifier.state_dict())
+
+    def add_exit_heads(self, layers) -> None:
+        """Add token exit heads (copies of the final classifier) after ``layers`` and set ``exit_layers``."""
+        self.config.set_knobs(exit_layers=list(layers) if not isinstance(layers, str) else layers)
+        for layer in self.config.exit_layer_list[:-1]:
+            if str(layer) not in self.exit_heads:
+                head = EATTokenExitHead(self.config).to(self.classifier.weight.device, self.classifier.weight.dtype)
+                with torch.no_grad():
+                    head.classifier.load_state_dict(self.classifier.state_dict())
+                self.exit_heads[str(layer)] = head
+
+    def _head(self, layer: int, hidden):
+        """Per-token logits (..., C) of the head after ``layer`` from hidden (..., d)."""
+        if layer == self.config.num_hidden_layers:
+            return self.classifier(self.dropout(hidden))
+        return self.exit_heads[str(layer)](hidden)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, word_mask=None, *,
+                output_exit_logits: bool = False, disable_exit: bool = False, **unused) -> EATTokenClassifierOutput:
+        """Label every token with per-token early exit. input_ids, attention_mask, token_type_ids, labels,
+        word_mask: (B, n), right-padded; word_mask marks the tokens whose label is read (first subwords; all real
+        tokens when None). disable_exit: evaluate every head on every token but never stop a token early."""
+        config = self.config
+        missing = [layer for layer in config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
+        if missing:
+            raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
+                             "add heads with add_exit_heads() (and train them) or change exit_layers")
+        encoder = self.bert
+        B, n = input_ids.shape
+        device = input_ids.device
+        num_layers = config.num_hidden_layers
+        schedule = config.keep_schedule
+        initial = encoder._initial_state(input_ids, attention_mask, (1.0,))  # validates the padding
+        real = torch.ones(B, n, dtype=torch.bool, device=device) if initial.key_mask is None else initial.key_mask
+        labelled = real if word_mask is None else word_mask.bool() & real
+        owner = token_exit_owner(labelled)  # (B, n)
+        protected = initial.protected | labelled  # never pruned
+        hidden = encoder.embeddings(input_ids, token_type_ids)  # (B, n, d), tokens stay at their input positions
+        alive = real  # (B, n) tokens other tokens attend to (keys/values)
+        active = real  # (B, n) tokens still updated (queries)
+
+        exit_layers = config.exit_layer_list
+        early_exit = (not self.training and not disable_exit and config.exit_policy != "none"
+                      and not (config.exit_policy == "confidence" and config.exit_threshold > 1.0))
+        evaluate_all_heads = self.training or output_exit_logits
+        work = WorkCounters()
+        kv_token_layers = 0
+        tokens_per_layer = torch.zeros(B, num_layers, dtype=torch.long, device=device)
+        token_exit_layer = torch.zeros(B, n, dtype=torch.long, device=device)
+        logits_out = None  # (B, n, C)
+        head_logits: list[torch.Tensor] = []  # every head's (B, n, C), when evaluating all heads
+        positions = torch.arange(n, device=device)
+
+        for index, layer in enumerate(encoder.encoder.layer):
+            layer_number = index + 1
+            last = layer_number == num_layers
+            running = active.any(dim=1)
+            if not bool(running.any()):
+                break
+            all_rows = bool(running.all())
+            rows = running.nonzero().squeeze(1)  # (R,)
+            act, ali = (active, alive) if all_rows else (active[rows], alive[rows])
+            row_real = real if all_rows else real[rows]
+            row_hidden = hidden if all_rows else hidden[rows]  # (R, n, d)
+            tokens_per_layer[rows, index] = act.sum(1)
+            if torch.equal(act, row_real):
+                # every token of these rows is still a query: the ordinary layer (blocked window kernel included),
+                # on the rows' longest real length
+                lengths = row_real.sum(1)
+                width = int(lengths.max())
+                state = _TokenState(rows=rows, lengths=lengths,
+                                    key_mask=None if bool(row_real[:, :width].all()) else row_real[:, :width],
+                                    positions=positions[:width].expand(len(rows), width),
+                                    protected=protected[rows, :width])
+                updated, _, _, scores = layer(row_hidden[:, :width], state.attention_context(config))
+                query_index = positions[:width].expand(len(rows), width)
+                query_valid = row_real[:, :width]
+                row_hidden = updated if width == n else torch.cat([updated, row_hidden[:, width:]], dim=1)
+            else:
+                # exited (and pruned) tokens are no longer queries: gather the active ones (R, m) and the keys
+                query_index, query_valid = compaction_index(act, act.sum(1))
+                key_index, key_valid = compaction_index(ali, ali.sum(1))
+                d = row_hidden.shape[-1]
+                queries = row_hidden.gather(1, query_index[..., None].expand(-1, -1, d))  # (R, m, d)
+                keys_values = row_hidden.gather(1, key_index[..., None].expand(-1, -1, d))  # (R, nk, d)
+                mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
+                if config.attention_window is not None:
+                    radius, glob = config.attention_window // 2, config.num_global_tokens
+                    band = ((query_index[:, :, None] - key_index[:, None, :]).abs() <= radius) \
+                        | (query_index[:, :, None] < glob) | (key_index[:, None, :] < glob)  # (R, m, nk)
+                    mask = band[:, None] if mask is None else band[:, None] & mask
+                updated = layer.forward_queries(queries, keys_values, mask)  # (R, m, d)
+                # filler slots point at distinct inactive positions and write back their unchanged states
+                updated = torch.where(query_valid[..., None], updated, queries)
+                row_hidden = row_hidden.scatter(1, query_index[..., None].expand(-1, -1, d), updated)
+                scores = query_index.shape[0] * query_index.shape[1] * key_index.shape[1]
+                kv_token_layers += int((ali.sum(1) - act.sum(1)).sum())
+            hidden = row_hidden if all_rows else hidden.index_copy(0, rows, row_hidden)
+            work.padded_token_layers += updated.shape[0] * updated.shape[1]
+            work.token_layers += int(act.sum())
+            work.attention_scores += scores
+
+            # --- token exits: the head of this layer labels the tokens still updated ------------------------------
+            if layer_number in exit_layers and (last or early_exit or evaluate_all_heads):
+                logits = self._head(layer_number, updated)  # (R, m, C)
+                work.exit_head_rows += int(query_valid.sum())
+                grid_rows = rows[:, None].expand_as(query_index)
+                if logits_out is None:
+                    logits_out = logits.new_full((B, n, logits.shape[-1]), float("nan"))
+                if evaluate_all_heads:
+                    if all_rows and logits.shape[1] == n and bool(query_valid.all()):
+                        head_logits.append(logits)  # training: every row and token (keeps the graph simple)
+                    else:
+                        full = logits.new_full((B, n, logits.shape[-1]), float("nan"))
+                        head_logits.append(full.index_put((grid_rows[query_valid], query_index[query_valid]),
+                                                          logits[query_valid]))
+                if last:
+                    leave = act
+                else:
+                    leave = None
+                    if early_exit:
+                        grid = logits.new_zeros(len(rows), n, logits.shape[-1])
+                        grid = grid.index_put((torch.arange(len(rows), device=device)[:, None]
+                                               .expand_as(query_index)[query_valid], query_index[query_valid]),
+                                              logits[query_valid])  # (R, n, C) at input positions
+                        row_labelled = labelled if all_rows else labelled[rows]
+                        words = token_exit_decision(grid, row_labelled, act, config.exit_policy,
+                                                    config.exit_threshold, config.entropy_threshold,
+                                                    config.token_exit_window)
+                        row_owner = owner if all_rows else owner[rows]
+                        leave = words.gather(1, row_owner) & act  # followers leave with their word
+                        if not bool(leave.any()):
+                            leave = None
+                if leave is not None:
+                    # read the leaving tokens' labels from this head
+                    leaving_slots = query_valid & leave.gather(1, query_index)
+                    logits_out = logits_out.index_put((grid_rows[leaving_slots], query_index[leaving_slots]),
+                                                      logits[leaving_slots])
+                    leave_full = leave if all_rows else torch.zeros_like(active).index_copy(0, rows, leave)
+                    token_exit_layer = token_exit_layer.masked_fill(leave_full, layer_number)
+                    active = active & ~leave_full
+                    if config.token_exit_kv == "drop":
+                        alive = alive & ~leave_full
+
+            # --- pruning: only unlabelled, unprotected tokens may go --------------------------------------------
+            ratio = schedule[index]
+            if ratio < 1.0 and not last:
+                counts = alive.sum(1)
+                target = torch.maximum(torch.ceil(counts.to(torch.float32) * ratio).long(),
+                                       (protected & alive).sum(1))
+                if bool((target < counts).any()):
+                    importance = hidden.norm(dim=-1).masked_fill(protected, float("inf")).masked_fill(~alive,
+                                                                                                   float("-inf"))
+                    rank = importance.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most important
+                    kept = (rank < target[:, None]) & alive
+                    alive, active = kept, active & kept
+
+        exit_layer = token_exit_layer.amax(dim=1)
+        work.layers_run = int(exit_layer.sum())
+        work.kv_token_layers = kv_token_layers
+        loss = None
+        if labels is not None:  # tokens that never got logits (padding, pruned) carry IGNORE labels
+            loss = F.cross_entropy(logits_out.nan_to_num(0.0).reshape(-1, logits_out.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        exit_logits = torch.stack(head_logits, dim=1) if head_logits else None  # (B, E, n, C)
+        return EATTokenClassifierOutput(loss=loss, logits=logits_out, token_exit_layer=token_exit_layer,
+                                        exit_layer=exit_layer, tokens_per_layer=tokens_per_layer,
+                                        exit_logits=exit_logits, exit_layers=exit_layers, work=work)
+
+
 def keep_layers(model: EATForSequenceClassification, layers) -> EATForSequenceClassification:
     """A static model made of the given 0-based layers of ``model`` (weights copied), e.g. ``[0, 2, 4]``.
 
@@ -944,7 +1232,8 @@ def half_depth_layers(num_layers: int) -> list[int]:
     return list(range(0, num_layers, 2))
 
 
-__all__ = ["EATModel", "EATForSequenceClassification", "EATPreTrainedModel", "EATEncoderOutput",
+__all__ = ["EATModel", "EATForSequenceClassification", "EATForTokenClassification", "EATTokenClassifierOutput",
+           "token_exit_decision", "token_exit_owner", "EATPreTrainedModel", "EATEncoderOutput",
            "EATSequenceClassifierOutput", "WorkCounters", "keep_layers", "half_depth_layers",
            "sliding_window_attention", "dense_attention", "bipartite_merge_plan", "compaction_index",
            "exit_decision", "cls_attention_importance", "mean_attention_importance"]

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataError
+import torch
+
+from .data import DataError, batch_order
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -175,6 +179,156 @@ def align_to_subwords(sentence: TaggedSentence, tokenizer, label_to_id: dict[str
     return results
 
 
+# ------------------------------------------------------------------------------------------------ token tasks
+
+# "conll2003": CoNLL-2003 English from a local folder; "ner": your own files (--data-file / --eval-file, CoNLL
+# columns with the tag last, or JSONL {tokens, tags}).
+TOKEN_TASKS = ("conll2003", "ner")
+_CONLL_FILES = {"train": ("eng.train", "train.txt"), "validation": ("eng.testa", "valid.txt", "dev.txt"),
+                "test": ("eng.testb", "test.txt")}
+
+
+def is_token_task(task: str) -> bool:
+    """True for sequence-labelling tasks (one label per word)."""
+    return task in TOKEN_TASKS
+
+
+def conll_dir() -> Path:
+    """The CoNLL-2003 folder: ``EAT_CONLL_DIR`` if set, else ``conll2003`` beside ``EAT_DATA_DIR`` (the GLUE folder).
+    Raises DataError naming what was looked for (CoNLL-2003 is licensed data and is never downloaded here)."""
+    value = os.environ.get("EAT_CONLL_DIR")
+    if value:
+        path = Path(value)
+        if not path.is_dir():
+            raise DataError(f"EAT_CONLL_DIR={value}: no such directory")
+        return path
+    glue = os.environ.get("EAT_DATA_DIR")
+    if glue and (Path(glue).parent / "conll2003").is_dir():
+        return Path(glue).parent / "conll2003"
+    raise DataError("CoNLL-2003 not found: set EAT_CONLL_DIR to the folder with eng.train and eng.testa "
+                    "(or EAT_DATA_DIR to a GLUE folder that has conll2003/ beside it)")
+
+
+@dataclass
+class TaggedData:
+    """Sentences of one split with the task's label names and where they came from."""
+
+    sentences: list[TaggedSentence]
+    label_names: tuple[str, ...]
+    source: str
+    note: str = ""
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def subset(self, limit: int | None, seed: int = 0) -> "TaggedData":
+        """A seeded random sample of ``limit`` sentences (all when ``limit`` is None or larger), in file order."""
+        if limit is None or limit >= len(self.sentences):
+            return self
+        chosen = sorted(random.Random(seed).sample(range(len(self.sentences)), limit))
+        return TaggedData([self.sentences[i] for i in chosen], self.label_names, self.source,
+                          (self.note + f"; seeded sample of {limit}").strip("; "))
+
+    def split_off(self, rows: int, seed: int = 0) -> tuple["TaggedData", "TaggedData"]:
+        """(rest, held out): a seeded slice of ``rows`` sentences held out (for choosing operating points)."""
+        order = list(range(len(self.sentences)))
+        random.Random(seed).shuffle(order)
+        held, rest = sorted(order[:rows]), sorted(order[rows:])
+        return (TaggedData([self.sentences[i] for i in rest], self.label_names, self.source, self.note),
+                TaggedData([self.sentences[i] for i in held], self.label_names, self.source,
+                           f"calibration slice ({rows} sentences, seed {seed}) of {self.source}"))
+
+
+def read_tagged(path: str | Path, labels: tuple[str, ...] | None = None) -> list[TaggedSentence]:
+    """Sentences from a CoNLL file (tag in the last of 4 columns) or a ``.jsonl`` file of ``{tokens, tags}``."""
+    if str(path).endswith((".jsonl", ".json")):
+        return read_tagged_jsonl(path, labels)
+    return read_conll(path, labels)
+
+
+def load_tagged(task: str, split: str, data_file: str | None = None,
+                label_names: tuple[str, ...] | None = None) -> TaggedData:
+    """A split of a token task: CoNLL-2003 (``conll2003``, BIO labels of its four entity types) or a user file."""
+    if data_file is not None:
+        sentences = read_tagged(data_file, label_names)
+        names = label_names or ("O",) + tuple(sorted({tag for s in sentences for tag in s.tags} - {"O"}))
+        return TaggedData(sentences, names, str(data_file))
+    if task != "conll2003":
+        raise DataError(f"task {task!r} needs --data-file (and --eval-file) with your own tagged sentences")
+    root = conll_dir()
+    for name in _CONLL_FILES.get(split, ()):
+        if (root / name).is_file():
+            return TaggedData(read_conll(root / name), CONLL_LABELS, str(root / name), "IOB1 converted to BIO")
+    raise DataError(f"{root}: no file for CoNLL-2003 split {split!r} "
+                    f"(looked for {', '.join(_CONLL_FILES.get(split, ('?',)))})")
+
+
+@dataclass
+class EncodedTagged:
+    """Subword ids per chunk (a sentence longer than the limit becomes several chunks), per-subword label ids
+    (IGNORE except on first subwords), which sentence every chunk belongs to, and its length."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    word_starts: list[list[bool]]
+    sentence: list[int]
+    lengths: list[int] = field(default_factory=list)
+    split_sentences: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_tagged(data: TaggedData, tokenizer, max_length: int) -> EncodedTagged:
+    """Align every sentence to subwords (:func:`align_to_subwords`); warn once with the count of sentences split
+    into chunks because they are longer than ``max_length``."""
+    label_to_id = {name: i for i, name in enumerate(data.label_names)}
+    ids, labels, starts, sentence = [], [], [], []
+    split = 0
+    for number, tagged in enumerate(data.sentences):
+        chunks = align_to_subwords(tagged, tokenizer, label_to_id, max_length, source=data.source)
+        split += len(chunks) > 1
+        for chunk in chunks:
+            ids.append(chunk.input_ids)
+            labels.append(chunk.labels)
+            previous = None
+            flags = []
+            for word in chunk.word_ids:
+                flags.append(word is not None and word != previous)
+                previous = word
+            starts.append(flags)
+            sentence.append(number)
+    if split:
+        logger.warning("%s: %d of %d sentences are longer than %d subwords and were split into chunks at word "
+                       "boundaries (no label dropped)", data.source, split, len(data.sentences), max_length)
+    return EncodedTagged(ids, labels, starts, sentence, [len(row) for row in ids], split)
+
+
+def collate_tagged(encoded: EncodedTagged, rows, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad the given chunks: input_ids, attention_mask, token_type_ids, labels (IGNORE on padding),
+    word_mask (first subwords), index."""
+    width = max(encoded.lengths[r] for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    word_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = encoded.lengths[r]
+        ids[i, :n] = torch.tensor(encoded.input_ids[r])
+        labels[i, :n] = torch.tensor(encoded.labels[r])
+        word_mask[i, :n] = torch.tensor(encoded.word_starts[r])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels,
+            "word_mask": word_mask, "index": torch.tensor(list(rows))}
+
+
+def tagged_batches(encoded: EncodedTagged, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                   bucket: bool = True, pad_id: int = 0):
+    """Dynamically padded batches of chunks in :func:`eat.data.batch_order`."""
+    for chunk in batch_order(encoded.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
+        yield collate_tagged(encoded, chunk, pad_id)
+
+
 def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
     """Entity-level precision, recall and F1 (percent) with seqeval (conlleval's definition)."""
     from seqeval.metrics import f1_score, precision_score, recall_score
@@ -183,5 +337,6 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str
             "f1": 100.0 * f1_score(gold, predicted)}
 
 
-__all__ = ["TaggedSentence", "AlignedSentence", "read_conll", "read_tagged_jsonl", "iob1_to_bio",
-           "align_to_subwords", "entity_scores", "CONLL_LABELS", "IGNORE"]
+__all__ = ["TaggedSentence", "AlignedSentence", "TaggedData", "EncodedTagged", "read_conll", "read_tagged_jsonl",
+           "read_tagged", "load_tagged", "iob1_to_bio", "align_to_subwords", "encode_tagged", "collate_tagged",
+           "tagged_batches", "entity_scores", "is_token_task", "conll_dir", "CONLL_LABELS", "IGNORE", "TOKEN_TASKS"]

@@ -60,6 +60,13 @@ def check_comparable(reference, row) -> None:
                           f"({details})")
 
 
+def metric_name(data: pd.DataFrame) -> str:
+    """What the ``accuracy`` column holds for these rows: "entity F1" for token tasks, else "accuracy"."""
+    if "metric" in data.columns and (data["metric"] == "entity_f1").any():
+        return "entity F1"
+    return "accuracy"
+
+
 def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
     match = frame[frame["point"] == name]
     return match.iloc[-1] if len(match) else None
@@ -84,9 +91,9 @@ def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
             ax.annotate(row["point"], (row["b1_p50_ms"], row["accuracy"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
     ax.set_xlabel("batch-1 median latency (ms)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(f"{metric_name(data)} (%)")
     env = data.iloc[0]
-    ax.set_title(f"{task}: accuracy vs latency ({env['device']}, {env['threads']} threads)", fontsize=10)
+    ax.set_title(f"{task}: {metric_name(data)} vs latency ({env['device']}, {env['threads']} threads)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -144,7 +151,7 @@ def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
     axes[2].barh(names, data["accuracy"], color="tab:orange")
     low = max(0.0, float(data["accuracy"].min()) - 5)
     axes[2].set_xlim(low, 100)
-    axes[2].set_xlabel("accuracy (%)")
+    axes[2].set_xlabel(f"{metric_name(data)} (%)")
     for ax in axes[1:]:
         ax.set_yticklabels([])
     fig.suptitle(f"{task}: ablation (each row its own measurement)", fontsize=10)
@@ -159,7 +166,7 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     static = _static_row(data, "static")
     if static is None:
         static = _static_row(data, "eat:none")
-    lines = ["| point | role | accuracy | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | rows/s (batch) | "
+    lines = [f"| point | role | {metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | rows/s (batch) | "
              "speedup batch | mean exit layer | token-layer fraction |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, row in data.iterrows():
@@ -230,10 +237,11 @@ def build_report(folder: str | Path) -> Path:
         tuned_file = folder / f"tuned_{task.split(':')[0]}.json"
         if tuned_file.is_file():
             tuned = json.loads(tuned_file.read_text())
+            kind = "f1" if "calibration_f1" in tuned else "accuracy"
             sections += [f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
-                         f"`{json.dumps(tuned.get('knobs'))}`, calibration accuracy "
-                         f"{tuned.get('calibration_accuracy', float('nan')):.2f} vs reference "
-                         f"{tuned.get('reference_accuracy', float('nan')):.2f}.", ""]
+                         f"`{json.dumps(tuned.get('knobs'))}`, calibration {metric_name(data)} "
+                         f"{tuned.get('calibration_' + kind, float('nan')):.2f} vs reference "
+                         f"{tuned.get('reference_' + kind, float('nan')):.2f}.", ""]
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(sections))
     return path

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .checkpoints import load_classifier
 from .data import (DataError, TextDataset, batches, carve_calibration, encode, load_glue, load_table, task_spec)
-from .modeling_eat import EATForSequenceClassification, half_depth_layers, keep_layers
+from .modeling_eat import EATForSequenceClassification, EATForTokenClassification, half_depth_layers, keep_layers
+from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
 
 VARIANTS = ("eat", "static", "half")
 
@@ -40,7 +41,7 @@ class TrainConfig:
     "half" (static, every other layer of the backbone: the DistilBERT stand-in).
     """
 
-    task: str = "sst2"
+    task: str = "sst2"  # a GLUE task, "conll2003" (token-level), or a name for your own --data-file
     model: str | None = None  # backbone: path or hub id; None = the packaged MiniLM
     variant: str = "eat"
     epochs: float = 2.0
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 42
     train_limit: int | None = None  # seeded subset of the training rows (demo sizes)
     eval_limit: int | None = None
-    calibration_rows: int = 2000  # held out of train for `eat tune` (never trained on)
+    calibration_rows: int = 2000  # held out of train for `eat tune` (never trained on); 0 = train on every row
     exit_layers: list[int] | str | None = "all"
     exit_loss_weights: str | list[float] = "depth"  # "depth" (proportional to layer), "uniform", or a list
     distill_weight: float = 1.0  # self-distillation of every exit from the final head (0 = off)
@@ -73,13 +74,15 @@ class TrainConfig:
         """Raise ValueError naming the first bad field."""
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.data_file is None:
+        if self.data_file is None and not is_token_task(self.task):
             task_spec(self.task)
         for name in ("epochs", "learning_rate"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_length < 4:
             raise ValueError("batch_size must be >= 1 and max_length >= 4")
+        if self.calibration_rows < 0:
+            raise ValueError(f"calibration_rows: must be >= 0, got {self.calibration_rows}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16: expected auto, on or off, got {self.bf16!r}")
 
@@ -113,7 +116,9 @@ def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[str, TextDataset]]:
-    """(train, calibration, {eval split: dataset}) for a config: GLUE or user files."""
+    """(train, calibration, {eval split: dataset}) for a config: GLUE or user files (token tasks: TaggedData)."""
+    if is_token_task(config.task):
+        return _tagged_training_data(config)
     if config.data_file is not None:
         full = load_table(config.data_file, config.text_column, config.text_pair_column, config.label_column)
         if config.eval_file is None:
@@ -124,8 +129,26 @@ def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[s
         spec = task_spec(config.task)
         full = load_glue(config.task, "train")
         evals = {split: load_glue(config.task, split) for split in spec.eval_splits}
-    train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
-                                           fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
+    if config.calibration_rows == 0:
+        # a baseline that is never tuned may train on every row (the split then is empty, and tuning refuses it)
+        train, calibration = full, full.subset(0, seed=config.seed)
+    else:
+        train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
+                                               fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
+    train = train.subset(config.train_limit, seed=config.seed)
+    evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
+    return train, calibration, evals
+
+
+def _tagged_training_data(config: TrainConfig):
+    """The same split for a token task: sentences of CoNLL-2003 or of the user's files."""
+    full = load_tagged(config.task, "train", config.data_file)
+    if config.data_file is not None and config.eval_file is None:
+        raise DataError("--eval-file is required with --data-file")
+    evals = {"validation": load_tagged(config.task, "validation", config.eval_file,
+                                       label_names=full.label_names if config.eval_file else None)}
+    rows = min(config.calibration_rows, len(full) // 10)
+    train, calibration = full.split_off(rows, seed=config.seed) if rows else (full, full.subset(0))
     train = train.subset(config.train_limit, seed=config.seed)
     evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
     return train, calibration, evals
@@ -134,14 +157,15 @@ def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[s
 # ------------------------------------------------------------------------------------------------------ model
 
 
-def build_model(config: TrainConfig, label_names: tuple[str, ...]) -> EATForSequenceClassification:
-    """The model to fine-tune for a variant, from the backbone."""
+def build_model(config: TrainConfig, label_names: tuple[str, ...]):
+    """The model to fine-tune for a variant, from the backbone (a token classifier for token tasks)."""
     id2label = dict(enumerate(label_names))
+    token_level = is_token_task(config.task)
     if config.variant == "eat":
         knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
                      attention_window=config.train_attention_window)
-        return load_classifier(config.model, id2label=id2label, knobs=knobs)
-    model = load_classifier(config.model, id2label=id2label)
+        return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
+    model = load_classifier(config.model, id2label=id2label, token_level=token_level)
     if config.variant == "half":
         model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
     return model
@@ -173,6 +197,14 @@ def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: to
         kd = F.kl_div(student, teacher.expand_as(student), reduction="none").sum(-1).mean()
         loss = loss + distill_weight * kd * temperature**2
     return loss
+
+
+def token_multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                          distill_weight: float, temperature: float) -> torch.Tensor:
+    """:func:`multi_exit_loss` over the labelled tokens: exit_logits (B, E, n, C), labels (B, n) with IGNORE."""
+    keep = labels != IGNORE
+    per_token = exit_logits.permute(0, 2, 1, 3)[keep]  # (N, E, C)
+    return multi_exit_loss(per_token, labels[keep], weights, distill_weight, temperature)
 
 
 # -------------------------------------------------------------------------------------------------- the loop
@@ -237,11 +269,17 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
         backbone = default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    encoded = encode(train_data, tokenizer, config.max_length)
+    token_level = is_token_task(config.task)
+    if token_level:
+        encoded = encode_tagged(train_data, tokenizer, config.max_length)
+        make_batches, model_class, loss_function = tagged_batches, EATForTokenClassification, token_multi_exit_loss
+    else:
+        encoded = encode(train_data, tokenizer, config.max_length)
+        make_batches, model_class, loss_function = batches, EATForSequenceClassification, multi_exit_loss
 
     resumed_step = 0
     if ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
-        model = EATForSequenceClassification.from_pretrained(ckpt_dir)
+        model = model_class.from_pretrained(ckpt_dir)
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
         resumed_step = state["global_step"]
     else:
@@ -281,16 +319,16 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     stopped_early = False
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        for index, batch in enumerate(batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
-                                              bucket=config.length_bucketing, pad_id=tokenizer.pad_token_id or 0)):
+        for index, batch in enumerate(make_batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
+                                                   bucket=config.length_bucketing, pad_id=tokenizer.pad_token_id or 0)):
             if index < skip:
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            logits = output.exit_logits.float()  # (B, E, C)
-            loss = multi_exit_loss(logits, batch["labels"], weights, config.distill_weight,
-                                   config.distill_temperature)
+                extra = {"word_mask": batch["word_mask"]} if token_level else {}
+                output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
+            logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
+            loss = loss_function(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -324,10 +362,17 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp_model_dir, model_dir)
 
-    from .evaluation import evaluate_static_accuracy
+    if token_level:
+        from .token_tasks import evaluate_tagged
 
-    dev = {name: evaluate_static_accuracy(model, tokenizer, data, config.max_length, device=device)
-           for name, data in evals.items()}
+        dev = {name: evaluate_tagged(model, encode_tagged(data, tokenizer, config.max_length), data, device=device,
+                                     pad_id=tokenizer.pad_token_id or 0, disable_exit=True)["f1"]
+               for name, data in evals.items()}
+    else:
+        from .evaluation import evaluate_static_accuracy
+
+        dev = {name: evaluate_static_accuracy(model, tokenizer, data, config.max_length, device=device)
+               for name, data in evals.items()}
     result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step)
     summary = {**dataclasses.asdict(result), "train_source": train_data.source, "train_note": train_data.note,
                "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__}
@@ -354,4 +399,4 @@ def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt_dir: Path, tok
 
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config_from_preset", "train", "TrainResult", "RunFinishedError",
-           "multi_exit_loss", "exit_weights", "build_model", "training_data", "VARIANTS"]
+           "multi_exit_loss", "token_multi_exit_loss", "exit_weights", "build_model", "training_data", "VARIANTS"]

@@ -1,0 +1,164 @@
+"""Sequence labelling with token-level exits: prediction, entity-level evaluation and the choice of ``tau``.
+
+Words are labelled from their first subword (see :mod:`eat.ner_data`); a sentence split into chunks is put back
+together before scoring, so entity F1 is computed on whole sentences exactly as conlleval/seqeval define it.
+Work is counted from the model's own counters: ``token_layers`` (tokens updated as queries) against the static
+model's ``real tokens x layers``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .modeling_eat import EATForTokenClassification, WorkCounters
+from .ner_data import EncodedTagged, TaggedData, collate_tagged, entity_scores, tagged_batches
+
+
+@dataclass
+class TaggedPredictions:
+    """Predicted tags and the layer each word's label was read at, per sentence; plus the work done."""
+
+    tags: list[list[str]]
+    exit_layers: list[list[int]]
+    work: WorkCounters
+    real_tokens: int
+    num_layers: int
+    per_exit_tags: dict[int, list[list[str]]] = field(default_factory=dict)
+
+    @property
+    def token_layer_ratio(self) -> float:
+        """Token-layers updated / the static model's (every real token through every layer)."""
+        return self.work.token_layers / max(1, self.real_tokens * self.num_layers)
+
+
+@torch.no_grad()
+def predict_tagged(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
+                   batch_size: int = 32, device: str = "cpu", pad_id: int = 0, disable_exit: bool = False,
+                   per_exit: bool = False) -> TaggedPredictions:
+    """Run the model over every chunk and assemble word-level tags per sentence.
+
+    per_exit: also read every exit head on every word (one pass with exits disabled), for per-layer F1."""
+    model.eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    chunk_tags: dict[int, list[str]] = {}
+    chunk_exits: dict[int, list[int]] = {}
+    chunk_heads: dict[int, list[list[str]]] = {}
+    work = WorkCounters()
+    real = 0
+    for batch in tagged_batches(encoded, batch_size, pad_id=pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], word_mask=batch["word_mask"],
+                    disable_exit=disable_exit or per_exit, output_exit_logits=per_exit)
+        work.add(out.work)
+        real += int(batch["attention_mask"].sum())
+        predicted = out.logits.nan_to_num(0.0).argmax(-1).cpu()
+        exits = out.token_exit_layer.cpu()
+        heads = out.exit_logits.nan_to_num(0.0).argmax(-1).cpu() if per_exit else None  # (B, E, n)
+        for i, row in enumerate(batch["index"].tolist()):
+            words = batch["word_mask"][i].cpu()
+            chunk_tags[row] = [names[j] for j in predicted[i][words].tolist()]
+            chunk_exits[row] = exits[i][words].tolist()
+            if heads is not None:
+                chunk_heads[row] = [[names[j] for j in heads[i, e][words].tolist()] for e in range(heads.shape[1])]
+    sentences = len(data.sentences)
+    tags: list[list[str]] = [[] for _ in range(sentences)]
+    exit_layers: list[list[int]] = [[] for _ in range(sentences)]
+    head_layers = model.config.exit_layer_list
+    per_exit_tags = {layer: [[] for _ in range(sentences)] for layer in head_layers} if per_exit else {}
+    for row, sentence in enumerate(encoded.sentence):  # chunks of a sentence are consecutive, in order
+        tags[sentence].extend(chunk_tags[row])
+        exit_layers[sentence].extend(chunk_exits[row])
+        for slot, layer in enumerate(head_layers if per_exit else ()):
+            per_exit_tags[layer][sentence].extend(chunk_heads[row][slot])
+    return TaggedPredictions(tags, exit_layers, work, real, model.config.num_hidden_layers, per_exit_tags)
+
+
+def summarize_tagged(predictions: TaggedPredictions, data: TaggedData) -> dict[str, Any]:
+    """Entity precision/recall/F1, per-exit F1 (when read), word exit distribution, work ratios."""
+    gold = [sentence.tags for sentence in data.sentences]
+    for sentence, (want, got) in enumerate(zip(gold, predictions.tags)):
+        if len(want) != len(got):
+            raise RuntimeError(f"sentence {sentence}: {len(want)} gold tags but {len(got)} predictions")
+    scores = entity_scores(gold, predictions.tags)
+    words = Counter(layer for sentence in predictions.exit_layers for layer in sentence)
+    total = sum(words.values())
+    summary: dict[str, Any] = {
+        **scores,
+        "sentences": len(gold),
+        "words": total,
+        "word_exit_distribution": {str(layer): words[layer] / total for layer in sorted(words)},
+        "mean_word_exit_layer": sum(layer * count for layer, count in words.items()) / max(1, total),
+        "token_layer_ratio": predictions.token_layer_ratio,
+        "kv_token_layer_ratio": predictions.work.kv_token_layers / max(1, predictions.real_tokens
+                                                                        * predictions.num_layers),
+        "work": dict(vars(predictions.work)),
+    }
+    if predictions.per_exit_tags:
+        summary["per_exit_f1"] = {str(layer): entity_scores(gold, tags)["f1"]
+                                  for layer, tags in predictions.per_exit_tags.items()}
+    return summary
+
+
+def evaluate_tagged(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, **kwargs) -> dict:
+    """:func:`predict_tagged` then :func:`summarize_tagged`."""
+    return summarize_tagged(predict_tagged(model, encoded, data, **kwargs), data)
+
+
+def tune_token_tau(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
+                   max_drop: float, taus: Sequence[float] = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
+                   device: str = "cpu", pad_id: int = 0) -> dict[str, Any]:
+    """Choose ``tau`` on a calibration split: the least token-layer work whose entity F1 is at most ``max_drop``
+    points below the same model with exits off. Every tau is a real run (a token's exit changes what the others
+    attend to, so one cached pass cannot stand in for another threshold)."""
+    policy, threshold = model.config.exit_policy, model.config.exit_threshold
+    reference = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id, disable_exit=True)
+    candidates = []
+    try:
+        model.config.set_knobs(exit_policy="confidence")
+        for tau in taus:
+            model.config.set_knobs(exit_threshold=float(tau))
+            result = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id)
+            candidates.append({"tau": float(tau), "f1": result["f1"], "token_layer_ratio": result["token_layer_ratio"]})
+    finally:
+        model.config.set_knobs(exit_policy=policy, exit_threshold=threshold)
+    fitting = [c for c in candidates if c["f1"] >= reference["f1"] - max_drop]
+    best = min(fitting, key=lambda c: c["token_layer_ratio"]) if fitting else max(candidates, key=lambda c: c["f1"])
+    return {"tau": best["tau"], "calibration_f1": best["f1"], "reference_f1": reference["f1"],
+            "token_layer_ratio": best["token_layer_ratio"], "max_drop": max_drop, "candidates": candidates,
+            "criterion": (f"least token-layer work with calibration F1 >= reference - {max_drop}" if fitting
+                          else "no tau within max_drop: the most accurate")}
+
+
+@torch.no_grad()
+def tag_texts(model: EATForTokenClassification, tokenizer, texts: list[str], *, max_length: int = 128,
+              device: str = "cpu") -> list[dict[str, Any]]:
+    """Tag raw texts one by one (batch 1): words are the text split on whitespace; each gets a tag, its
+    confidence and the layer its label was read at. A text longer than the limit is tagged in chunks."""
+    from .ner_data import TaggedSentence, encode_tagged
+
+    model.eval().to(device)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    results = []
+    for i, text in enumerate(texts):
+        words = text.split()
+        if not words:
+            raise ValueError(f"text {i} is empty")
+        data = TaggedData([TaggedSentence(words, ["O"] * len(words), i + 1)], tuple(names), f"text {i}")
+        encoded = encode_tagged(data, tokenizer, max_length)
+        tags, confidences, exits = [], [], []
+        for chunk in range(len(encoded)):
+            batch = collate_tagged(encoded, [chunk], tokenizer.pad_token_id or 0)
+            out = model(batch["input_ids"].to(device), None, None, word_mask=batch["word_mask"].to(device))
+            probs = out.logits[0].float().softmax(-1)[batch["word_mask"][0].to(device)]  # (words, C)
+            tags += [names[j] for j in probs.argmax(-1).tolist()]
+            confidences += probs.amax(-1).tolist()
+            exits += out.token_exit_layer[0][batch["word_mask"][0].to(device)].tolist()
+        results.append({"text": text, "words": words, "tags": tags, "confidence": confidences, "exit_layer": exits})
+    return results
+
+
+__all__ = ["tag_texts", "TaggedPredictions", "predict_tagged", "summarize_tagged", "evaluate_tagged", "tune_token_tau"]
