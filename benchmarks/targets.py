@@ -22,6 +22,32 @@ from eat.report import check_comparable  # noqa: E402
 from eat.results import ResultsLog  # noqa: E402
 
 
+def token_task_targets(args, static: dict, by_point: dict) -> list[str]:
+    """Issue #5: the tuned token-exit point within 1.0 entity F1 of static, at most 60% of its token-layer work,
+    and faster at batch 1 (same run)."""
+    lines = [f"# {args.task}: targets from {args.results} ({static['rows']} chunks, {static['cpu']}, {static['device']}, "
+             f"{static['threads']} threads, commit {static['git_commit']})",
+             f"static: entity F1 {static['accuracy']:.2f}, batch-1 p50 {static['b1_p50_ms']:.2f} ms, "
+             f"{static['throughput_rows_per_s']:.0f} sentences/s at batch {static['batch_size_throughput']}"]
+    for name in ("eat:none", "eat:tuned"):
+        row = by_point.get(name)
+        if row is None:
+            lines.append(f"{name}: not measured")
+            continue
+        check_comparable(static, row)
+        drop = static["accuracy"] - row["accuracy"]
+        speed = static["b1_p50_ms"] / row["b1_p50_ms"]
+        work = row["token_layer_fraction"]
+        line = (f"{name}: entity F1 {row['accuracy']:.2f} ({-drop:+.2f}), token-layer work {work:.3f} of static "
+                f"(+{row.get('kv_token_layer_fraction', 0.0):.3f} key/value-only), batch-1 {speed:.2f}x static, "
+                f"batch {row['batch_size_throughput']} {row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x")
+        if name == "eat:tuned":
+            met = drop <= 1.0 and work <= 0.6 and speed > 1.0
+            line += f" -> {'MET' if met else 'MISSED'} (needs <= 1.0 F1 below, <= 0.60 work, faster at batch 1)"
+        lines.append(line)
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, required=True)
@@ -33,6 +59,9 @@ def main() -> None:
     for split in sorted({r["split"] for r in rows}):
         by_point = {r["point"]: r for r in rows if r["split"] == split}
         static, half = by_point.get("static"), by_point.get("half-depth")
+        if static is not None and static.get("metric") == "entity_f1":
+            lines += token_task_targets(args, static, by_point)
+            continue
         if static is None or half is None:
             lines.append(f"{args.task} {split}: static and half-depth rows are needed")
             continue

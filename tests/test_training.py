@@ -82,3 +82,26 @@ def test_half_variant_is_half_depth(tmp_path, backbone_path, data_dir, monkeypat
     config = train_config_from_preset("smoke", variant="half")
     model = build_model(config, ("negative", "positive"))
     assert model.config.num_hidden_layers == 3 and len(model.exit_heads) == 0
+
+
+def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    """--init-from a static run + --freeze-backbone: the backbone and final head stay bit-identical, the exit
+    heads learn (their loss falls), and an EAT with exits off is exactly the static model."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    static = train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="static")
+    train(static, tmp_path / "static")
+    losses = []
+    heads = train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="eat", epochs=20.0,
+                                     learning_rate=3e-3, init_from=str(tmp_path / "static"), freeze_backbone=True)
+    result = train(heads, tmp_path / "heads", progress=lambda p: losses.append(p["loss"]))
+    before = load_file(tmp_path / "static" / "model" / "model.safetensors")
+    after = load_file(tmp_path / "heads" / "model" / "model.safetensors")
+    assert set(before) < set(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(k.startswith("exit_heads.") for k in after)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    static_summary = json.loads((tmp_path / "static" / "train_summary.json").read_text())
+    assert result.dev_accuracy == static_summary["dev_accuracy"]  # exits off: the same model
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        train_config_from_preset("smoke", freeze_backbone=True)

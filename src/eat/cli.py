@@ -120,6 +120,9 @@ def train(
     train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
     length_bucketing: Annotated[Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing",
                                                              help="train on batches of similar length")] = None,
+    init_from: Annotated[Optional[str], typer.Option(help="start from this fine-tuned run instead of the backbone")] = None,
+    freeze_backbone: Annotated[bool, typer.Option(
+        help="with --init-from: train only the exit heads on frozen features (two-stage)")] = False,
     data_file: Annotated[Optional[str], typer.Option(help="your own training table (csv/tsv/jsonl/parquet)")] = None,
     eval_file: Annotated[Optional[str], typer.Option(help="your own evaluation table")] = None,
     text_column: Annotated[str, typer.Option()] = "text",
@@ -138,6 +141,7 @@ def train(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
+        init_from=init_from, freeze_backbone=freeze_backbone or None,
         data_file=data_file, eval_file=eval_file,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"

@@ -57,9 +57,21 @@ def _window_geometry(n: int, radius: int, num_global: int, block: int | None):
     return g, block, num_blocks, num_blocks * block, block + 2 * radius
 
 
+def window_key_index(n: int, radius: int, num_global: int = 1, block: int | None = None, device="cpu"):
+    """Key positions of every query block of :func:`sliding_window_attention`, flattened to (nb * (g + W),): the
+    g global tokens, then the band [i * block - radius, i * block + block + radius) clamped into [0, n) (slots
+    outside the sequence are masked by :func:`window_attention_mask`). One `index_select` with it gathers every
+    block's keys in a single copy."""
+    g, block, num_blocks, _, width = _window_geometry(n, radius, num_global, block)
+    band = torch.arange(num_blocks, device=device)[:, None] * block - radius + torch.arange(width, device=device)
+    glob = torch.arange(g, device=device).expand(num_blocks, g)
+    return torch.cat([glob, band.clamp(0, n - 1)], dim=1).reshape(-1)
+
+
 def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, block: int | None = None,
                           key_mask=None, key_bias=None, device="cpu"):
-    """The per-block SDPA mask of :func:`sliding_window_attention`: (B * nb, 1, block, g + W), bool or additive.
+    """The per-block SDPA mask of :func:`sliding_window_attention`: (B * nb, 1, block, g + W), additive float
+    (0 = attend, -inf = not), so SDPA does not convert a bool mask in every layer.
 
     It depends only on the batch's shape and padding, so the model builds it once per batch and every layer
     reuses it.
@@ -74,7 +86,7 @@ def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, bloc
     glob_real = real[:, None, None, :g].expand(B, num_blocks, block, g)
     allowed = torch.cat([glob_real, allowed], dim=-1)  # (B, nb, b, g + W)
     if key_bias is None:
-        mask = allowed
+        mask = torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
     else:
         bias_win = F.pad(key_bias, (radius, radius + n_pad - n)).unfold(1, width, block)  # (B, nb, W)
         bias = torch.cat([key_bias[:, None, None, :g].expand(B, num_blocks, block, g),
@@ -84,34 +96,36 @@ def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, bloc
 
 
 def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
-                             key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None):
+                             key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None, index=None):
     """Sliding-window attention with global leading tokens, computed block by block.
 
     Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
     first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
     never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
-    band (gathered with `unfold`, a view) plus the global keys, in one batched SDPA call.
+    band plus the global keys (gathered by one `index_select`), in one batched SDPA call.
 
     q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
     every score of that key (log token sizes after merging) or None. mask: the result of
-    :func:`window_attention_mask` for these arguments, when the caller has it already.
+    :func:`window_attention_mask` for these arguments and index the result of :func:`window_key_index`, when
+    the caller has them already (the model builds both once per batch).
     Returns ((B, H, n, dh), scores computed).
     """
     B, H, n, dh = q.shape
     g, block, num_blocks, n_pad, width = _window_geometry(n, radius, num_global, block)
     if mask is None:
         mask = window_attention_mask(B, n, radius, num_global, block, key_mask, key_bias, q.device)
+    if index is None:
+        index = window_key_index(n, radius, num_global, block, q.device)
 
-    # Keys of block i are positions [i * block - radius, i * block + block + radius): pad, then unfold (a view).
-    pad = (0, 0, radius, radius + n_pad - n)
-    k_win = F.pad(k, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
-    v_win = F.pad(v, pad).unfold(2, width, block).permute(0, 2, 1, 4, 3)  # (B, nb, H, W, dh)
-    k_glob = k[:, None, :, :g].expand(B, num_blocks, H, g, dh)  # (B, nb, H, g, dh)
-    v_glob = v[:, None, :, :g].expand(B, num_blocks, H, g, dh)
-    keys = torch.cat([k_glob, k_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
-    values = torch.cat([v_glob, v_win], dim=3).reshape(B * num_blocks, H, g + width, dh)
-    queries = F.pad(q, (0, 0, 0, n_pad - n)).view(B, H, num_blocks, block, dh).transpose(1, 2)
-    queries = queries.reshape(B * num_blocks, H, block, dh)
+    # Keys of block i: the global ones, then positions [i * block - radius, i * block + block + radius).
+    keys = k.index_select(2, index).view(B, H, num_blocks, g + width, dh).transpose(1, 2)  # (B, nb, H, g+W, dh)
+    values = v.index_select(2, index).view(B, H, num_blocks, g + width, dh).transpose(1, 2)
+    padded_q = F.pad(q, (0, 0, 0, n_pad - n)) if n_pad != n else q
+    queries = padded_q.view(B, H, num_blocks, block, dh).transpose(1, 2)  # (B, nb, H, block, dh)
+    if B == 1:  # batch 1 (the long-input case): strided views, no copy; SDPA reads them as they are
+        keys, values, queries = keys[0], values[0], queries[0]
+    else:
+        keys, values, queries = (t.reshape(B * num_blocks, H, -1, dh) for t in (keys, values, queries))
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
     out = out.view(B, num_blocks, H, block, dh).transpose(1, 2).reshape(B, H, n_pad, dh)[:, :, :n]
 
@@ -343,7 +357,7 @@ class EATSelfAttention(nn.Module):
             out, scores = flex_window_attention(q, k, v, ctx.flex_mask)
         else:
             out, scores = sliding_window_attention(q, k, v, ctx.radius, ctx.num_global, ctx.block, ctx.key_mask,
-                                                   ctx.key_bias, dropout_p, ctx.window_mask)
+                                                   ctx.key_bias, dropout_p, ctx.window_mask, ctx.window_index)
         return out.transpose(1, 2).reshape(B, n, -1), q, k, scores
 
 
@@ -521,6 +535,7 @@ class _AttentionContext:
     block: int | None
     flex_mask: object | None = None  # FlexAttention BlockMask, built once per batch shape
     window_mask: torch.Tensor | None = None  # blocked-kernel mask, built once per batch shape
+    window_index: torch.Tensor | None = None  # blocked-kernel key positions, built once per batch shape
 
 
 @dataclass
@@ -581,7 +596,7 @@ class _TokenState:
                 radius = config.attention_window // 2
                 if radius >= n - 1:  # the window covers the whole sequence: dense attention is the same function
                     radius = None
-            flex_mask = window_mask = None
+            flex_mask = window_mask = window_index = None
             if radius is not None and config.attention_backend == "flex":
                 lengths = None if self.key_mask is None else self.lengths
                 flex_mask = flex_window_block_mask(n, radius, config.num_global_tokens, lengths,
@@ -590,11 +605,13 @@ class _TokenState:
                 window_mask = window_attention_mask(self.positions.shape[0], n, radius, config.num_global_tokens,
                                                     config.attention_block_size, self.key_mask, key_bias,
                                                     self.positions.device)
+                window_index = window_key_index(n, radius, config.num_global_tokens, config.attention_block_size,
+                                                self.positions.device)
             self.context = _AttentionContext(
                 dense_mask=_dense_mask(self.key_mask, key_bias) if radius is None else None,
                 key_mask=self.key_mask, key_bias=key_bias, radius=radius,
                 num_global=config.num_global_tokens, block=config.attention_block_size, flex_mask=flex_mask,
-                window_mask=window_mask)
+                window_mask=window_mask, window_index=window_index)
         return self.context
 
 

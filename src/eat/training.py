@@ -64,6 +64,8 @@ class TrainConfig:
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA only; "on"; "off"
     checkpoint_every: int = 400  # optimizer steps between resumable checkpoints
     length_bucketing: bool = False  # batches of similar lengths: faster, but homogeneous batches can cost accuracy
+    init_from: str | None = None  # a finished run (or model folder) to start from instead of the backbone
+    freeze_backbone: bool = False  # with init_from: train only the exit heads (two-stage schedule)
     data_file: str | None = None  # user data instead of GLUE
     eval_file: str | None = None
     text_column: str = "text"
@@ -81,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_length < 4:
             raise ValueError("batch_size must be >= 1 and max_length >= 4")
+        if self.freeze_backbone and (self.init_from is None or self.variant != "eat"):
+            raise ValueError("freeze_backbone: needs --init-from (a fine-tuned run) and --variant eat")
         if self.calibration_rows < 0:
             raise ValueError(f"calibration_rows: must be >= 0, got {self.calibration_rows}")
         if self.bf16 not in ("auto", "on", "off"):
@@ -164,6 +168,10 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
     if config.variant == "eat":
         knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
                      attention_window=config.train_attention_window)
+        if config.init_from is not None:
+            start = Path(config.init_from)
+            start = start / "model" if (start / "model" / "config.json").is_file() else start
+            return load_classifier(str(start), id2label=id2label, knobs=knobs, token_level=token_level)
         return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
     model = load_classifier(config.model, id2label=id2label, token_level=token_level)
     if config.variant == "half":
@@ -286,6 +294,12 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
         model = build_model(config, train_data.label_names)
         state = {"global_step": 0}
     model.to(device).train()
+    if config.freeze_backbone:
+        started = time.perf_counter()
+        step = fit_exit_heads_on_frozen_backbone(model, encoded, config, make_batches, token_level, device,
+                                                 tokenizer.pad_token_id or 0, progress)
+        return _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step,
+                           time.perf_counter() - started, 0, token_level, device)
 
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
@@ -354,6 +368,14 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     if stopped_early:
         return TrainResult(str(out), "", step, seconds, len(encoded), {}, resumed_step)
 
+    return _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step, seconds, resumed_step,
+                       token_level, device)
+
+
+def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_data, encoded, step: int,
+                seconds: float, resumed_step: int, token_level: bool, device: str) -> TrainResult:
+    """Save the finished model atomically, evaluate it on the dev split(s), write train_summary.json."""
+    model_dir, ckpt_dir = out / "model", out / "checkpoint-last"
     model.eval()
     tmp_model_dir = out / "model.tmp"
     shutil.rmtree(tmp_model_dir, ignore_errors=True)
@@ -379,6 +401,86 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     _atomic_write_json(out / "train_summary.json", summary)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+@torch.no_grad()
+def _frozen_features(model, encoded, make_batches, token_level: bool, device: str, pad_id: int):
+    """One pass of the frozen model (eval mode, every mechanism off) over the training rows: the input of every
+    exit head ((N, E-1, d): `[CLS]` vectors, or labelled tokens' vectors for token tasks), the final head's
+    logits (N, C) as the distillation teacher, and the labels (N,)."""
+    model.eval()
+    exit_layers = [layer for layer in model.config.exit_layer_list if layer != model.config.num_hidden_layers]
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [model.bert.encoder.layer[layer - 1].register_forward_hook(
+        lambda module, args, output, layer=layer: captured.__setitem__(layer, output[0])) for layer in exit_layers]
+    features, teacher, labels = [], [], []
+    saved_knobs = model.config.knobs()
+    try:
+        model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+        for batch in make_batches(encoded, 64, bucket=True, pad_id=pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            extra = {"word_mask": batch["word_mask"]} if token_level else {}
+            output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
+            if token_level:
+                keep = batch["labels"] != IGNORE
+                features.append(torch.stack([captured[layer][keep] for layer in exit_layers], dim=1))
+                teacher.append(output.logits[keep])
+                labels.append(batch["labels"][keep])
+            else:
+                features.append(torch.stack([captured[layer][:, 0] for layer in exit_layers], dim=1))
+                teacher.append(output.logits)
+                labels.append(batch["labels"])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.config.set_knobs(**saved_knobs)
+    return torch.cat(features), torch.cat(teacher), torch.cat(labels), exit_layers
+
+
+def fit_exit_heads_on_frozen_backbone(model, encoded, config: TrainConfig, make_batches, token_level: bool,
+                                      device: str, pad_id: int, progress=None) -> int:
+    """Second stage of a two-stage schedule: the backbone and final head of a fine-tuned model (``init_from``)
+    stay exactly as they are; only the exit heads learn, from features computed once by the frozen model (so an
+    epoch costs a few matrix products, not a forward pass). Loss: :func:`multi_exit_loss` with the frozen final
+    head as the last "head" (its weight is a constant) and as the distillation teacher. Returns steps taken."""
+    features, teacher, labels, exit_layers = _frozen_features(model, encoded, make_batches, token_level, device,
+                                                              pad_id)
+    heads = [model.exit_heads[str(layer)] for layer in exit_layers]
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = [p for head in heads for p in head.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    weights = exit_weights(config.exit_loss_weights, tuple(exit_layers) + (model.config.num_hidden_layers,))
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    total_steps = max(1, int(steps_per_epoch * config.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    for head in heads:
+        head.train()
+    step, started = 0, time.perf_counter()
+    while step < total_steps:
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start:start + config.batch_size].to(device)
+            logits = torch.stack([head(features[index, slot]) for slot, head in enumerate(heads)]
+                                 + [teacher[index]], dim=1)  # (b, E, C), the teacher last
+            loss = multi_exit_loss(logits, labels[index], weights, config.distill_weight, config.distill_temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if progress is not None:
+                progress({"step": step, "total": total_steps, "loss": float(loss.detach()),
+                          "rows_per_s": step * config.batch_size / max(time.perf_counter() - started, 1e-9)})
+            if step >= total_steps:
+                break
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    model.eval()
+    return step
 
 
 def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt_dir: Path, tokenizer) -> None:
