@@ -111,6 +111,7 @@ def test_token_exits_shrink_the_queries(kv):
 
 @pytest.mark.parametrize("knobs", [
     dict(token_exit_kv="keep"),
+    dict(token_exit_kv="keep", exit_policy="agreement", exit_patience=2),
     dict(token_exit_kv="drop", token_exit_window=1),
     dict(token_exit_kv="keep", keep_ratio=[1.0, 0.6, 1.0, 1.0], attention_window=6),
 ])
@@ -119,9 +120,11 @@ def test_batched_equals_one_at_a_time(knobs):
     ids, mask = mixed_batch(seed=2, lengths=(22, 9, 15, 5))
     words = word_mask_for(mask, seed=2)
     tau = middle_tau(model, ids, mask, words)
-    model.config.set_knobs(exit_policy="confidence", exit_threshold=tau)
+    policy = knobs.get("exit_policy", "confidence")
+    model.config.set_knobs(exit_policy=policy, exit_threshold=tau * 0.8 if policy == "agreement" else tau)
     with torch.no_grad():
         batched = model(ids, mask, word_mask=words)
+        assert int(batched.token_exit_layer[words].min()) < 4  # some tokens really left early
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
             alone = model(ids[row:row + 1, :n], word_mask=words[row:row + 1, :n])
@@ -150,12 +153,20 @@ def test_owner_and_window_rules():
     logits[0, [1, 4], 0] = 10.0
     logits[0, 3, 0] = 0.1
     active = torch.ones(1, 7, dtype=torch.bool)
-    alone = token_exit_decision(logits, labelled, active, "confidence", 0.9, 0.1, window=0)
+    alone, _, _ = token_exit_decision(logits, labelled, active, "confidence", 0.9, 0.1, window=0)
     assert alone.tolist() == [[False, True, False, False, True, False, False]]
-    windowed = token_exit_decision(logits, labelled, active, "confidence", 0.9, 0.1, window=1)
+    windowed, _, _ = token_exit_decision(logits, labelled, active, "confidence", 0.9, 0.1, window=1)
     assert windowed.tolist() == [[False, True, False, False, False, False, False]]  # 4 waits for its neighbour 3
+    # agreement: confident AND the same prediction as the previous head
+    first, streak, previous = token_exit_decision(logits, labelled, active, "agreement", 0.9, 0.1, 0, 2)
+    assert not first.any() and streak.tolist() == [[1] * 7]  # one head seen: no agreement yet
+    flipped = logits.clone()
+    flipped[0, 4] = torch.tensor([0.0, 10.0])  # token 4 changes its mind
+    second, streak, _ = token_exit_decision(flipped, labelled, active, "agreement", 0.9, 0.1, 0, 2, streak, previous)
+    assert second.tolist() == [[False, True, False, False, False, False, False]]
+    assert streak[0, 1] == 2 and streak[0, 4] == 1
     with pytest.raises(ValueError, match="token-level"):
-        token_exit_decision(logits, labelled, active, "patience", 0.9, 0.1, window=0)
+        token_exit_decision(logits, labelled, active, "none", 0.9, 0.1, window=0)
 
 
 def test_training_mode_gives_every_head_and_a_loss_that_backpropagates():

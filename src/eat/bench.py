@@ -159,6 +159,29 @@ def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassificati
     return load_classifier(point.checkpoint, knobs=point.knobs).to(device).eval()
 
 
+def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env: dict, log: ResultsLog,
+                force: bool) -> list[tuple[OperatingPoint, str]]:
+    """(point, configuration hash) of every point not in the log yet (all of them with ``force``)."""
+    todo = []
+    for point in points:
+        hash_ = _point_hash(point, bench, dataset_source, rows, env)
+        if force or not log.has(hash_):
+            todo.append((point, hash_))
+    return todo
+
+
+def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int, dataset_source: str,
+                     env: dict) -> dict[str, Any]:
+    """What a results row says about what was measured and where (everything but the measurements)."""
+    return {"task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
+            "model": point.model_label, "checkpoint": point.checkpoint, "layers": model.config.num_hidden_layers,
+            **{f"mech_{k}": v for k, v in point.mechanisms().items()},
+            "knobs": model.config.knobs(),
+            "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
+            "rows": rows, "dataset": dataset_source, "seed": bench.seed, "batch_size_latency": 1,
+            "batch_size_throughput": bench.batch_size, **env}
+
+
 def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, bench: BenchConfig, log: ResultsLog, *,
                    dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
                    examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
@@ -167,11 +190,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     throughput at ``bench.batch_size``. Appends and returns the new rows."""
     env = environment(bench.device)
     rows = len(encoded)
-    todo = []
-    for point in points:
-        hash_ = _point_hash(point, bench, dataset_source, rows, env)
-        if force or not log.has(hash_):
-            todo.append((point, hash_))
+    todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
     if not todo:
         return []
     models = {point.name: load_point(point, bench.device) for point, _ in todo}
@@ -218,12 +237,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         lengths = np.asarray(encoded.lengths)
         num_layers = model.config.num_hidden_layers
         row = {
-            "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
-            "model": point.model_label, "checkpoint": point.checkpoint, "layers": num_layers,
-            **{f"mech_{k}": v for k, v in point.mechanisms().items()},
-            "knobs": model.config.knobs(), "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
-            "rows": rows, "dataset": dataset_source, "seed": bench.seed, "batch_size_latency": 1,
-            "batch_size_throughput": bench.batch_size, **env,
+            **_identity_fields(point, model, bench, rows, dataset_source, env),
             "accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
             "accuracy_batched": batch_metrics["accuracy"],
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
@@ -264,11 +278,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
     token-layers over the static model's."""
     env = environment(bench.device)
     rows = len(encoded)
-    todo = []
-    for point in points:
-        hash_ = _point_hash(point, bench, dataset_source, rows, env)
-        if force or not log.has(hash_):
-            todo.append((point, hash_))
+    todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
     if not todo:
         return []
     models = {point.name: load_classifier(point.checkpoint, knobs=point.knobs, token_level=True).to(bench.device).eval()
@@ -312,12 +322,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
         summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
         ran = tokens[point.name] > 0
         row = {
-            "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
-            "model": point.model_label, "checkpoint": point.checkpoint, "layers": num_layers,
-            **{f"mech_{k}": v for k, v in point.mechanisms().items()},
-            "knobs": model.config.knobs(), "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
-            "rows": rows, "dataset": dataset_source, "seed": bench.seed, "batch_size_latency": 1,
-            "batch_size_throughput": bench.batch_size, **env,
+            **_identity_fields(point, model, bench, rows, dataset_source, env),
             "metric": "entity_f1", "accuracy": summary["f1"], "precision": summary["precision"],
             "recall": summary["recall"],
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,

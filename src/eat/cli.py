@@ -505,18 +505,17 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     from .bench import OperatingPoint, bench_config_from_preset, measure_token_points, save_json
     from .ner_data import encode_tagged, load_tagged
     from .results import ResultsLog
-    from .token_tasks import tune_token_tau
+    from .token_tasks import tune_token_exits
 
     pad_id = tokenizer.pad_token_id or 0
     model.config.set_knobs(exit_layers="all")
-    result = tune_token_tau(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
-                            max_drop=max_drop, device=device, pad_id=pad_id)
-    knobs = {"exit_policy": "confidence", "exit_threshold": result["tau"], "exit_layers": "all"}
-    result["knobs"] = knobs
+    result = tune_token_exits(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
+                              max_drop=max_drop, device=device, pad_id=pad_id)
+    knobs = result["knobs"]
     save_json(results / f"tuned_{task}.json", result)
-    out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): tau {result['tau']}")
+    out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): {knobs}")
     out.print(f"calibration F1 {result['calibration_f1']:.2f} (exits off: {result['reference_f1']:.2f}), token-layer "
-              f"fraction {result['token_layer_ratio']:.3f}")
+              f"fraction {result['token_layer_ratio']:.3f}, {result['mean_sentence_layers']:.2f} layers per sentence")
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
                                       split="validation", rows=rows)
     data = load_tagged(task, "validation").subset(rows, seed=config.seed)

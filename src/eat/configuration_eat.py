@@ -14,7 +14,8 @@ num_global_tokens      (any)                      leading tokens with global att
 attention_block_size   None                       query block of the blocked window kernel
 attention_backend      (any)                      window kernel: "blocked" (SDPA per block) or "flex" (compiled)
 exit_layers            None (last layer only)     1-based layers that carry an exit head, or "all"
-exit_policy            "none"                     "none", "confidence", "entropy" or "patience"
+exit_policy            "none"                     "none", "confidence", "entropy", "patience" or "agreement"
+                                                  (the last exit_patience heads agree AND max prob >= tau)
 exit_threshold         (any)                      `tau`: exit when max softmax probability >= tau
 entropy_threshold      (any)                      exit when prediction entropy (nats) <= threshold
 exit_patience          (any)                      PABEE: exit after this many consecutive agreeing heads
@@ -41,7 +42,7 @@ from transformers import BertConfig
 PRUNE_IMPORTANCES = ("cls_attention", "mean_attention", "norm")
 PRUNE_MODES = ("drop", "merge")
 ATTENTION_BACKENDS = ("blocked", "flex")
-EXIT_POLICIES = ("none", "confidence", "entropy", "patience")
+EXIT_POLICIES = ("none", "confidence", "entropy", "patience", "agreement")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
 TOKEN_EXIT_KV = ("keep", "drop")
 

@@ -94,7 +94,8 @@ def exits_at_threshold(exit_logits: np.ndarray, exit_layers: tuple[int, ...], po
     """Replay early exit on cached head logits (N, E, C): (chosen logits (N, C), exit layer (N,)).
 
     Same rules as the model: "confidence" exits at the first head with max probability >= threshold, "entropy" at
-    the first with entropy <= threshold, "patience" when the last ``patience`` heads agree, "none" at the last head.
+    the first with entropy <= threshold, "patience" when the last ``patience`` heads agree, "agreement" when they
+    agree and the max probability is >= threshold, "none" at the last head.
     """
     N, E, _ = exit_logits.shape
     probs = _softmax(exit_logits)
@@ -102,12 +103,14 @@ def exits_at_threshold(exit_logits: np.ndarray, exit_layers: tuple[int, ...], po
         passes = probs.max(-1) >= threshold
     elif policy == "entropy":
         passes = -(probs * np.log(np.clip(probs, 1e-30, None))).sum(-1) <= threshold
-    elif policy == "patience":
+    elif policy in ("patience", "agreement"):
         predictions = probs.argmax(-1)
         streak = np.ones((N, E), dtype=np.int64)
         for e in range(1, E):
             streak[:, e] = np.where(predictions[:, e] == predictions[:, e - 1], streak[:, e - 1] + 1, 1)
         passes = streak >= patience
+        if policy == "agreement":
+            passes &= probs.max(-1) >= threshold
     else:
         passes = np.zeros((N, E), dtype=bool)
     passes[:, -1] = True

@@ -251,7 +251,8 @@ def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, pat
 
     - "confidence": max softmax probability >= tau (tau 0 exits at the first head, tau > 1 never);
     - "entropy": prediction entropy in nats <= entropy_threshold;
-    - "patience": the last `patience` heads agree (PABEE with patience t is `patience = t + 1`).
+    - "patience": the last `patience` heads agree (PABEE with patience t is `patience = t + 1`);
+    - "agreement": both: the last `patience` heads agree and the max probability is >= tau.
     """
     if policy == "confidence":
         return logits.softmax(-1).amax(-1) >= tau, streak, previous
@@ -259,13 +260,16 @@ def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, pat
         log_probs = logits.log_softmax(-1)
         entropy = -(log_probs.exp() * log_probs).sum(-1)
         return entropy <= entropy_threshold, streak, previous
-    if policy == "patience":
+    if policy in ("patience", "agreement"):
         prediction = logits.argmax(-1)
         if previous is None:
             streak = torch.ones_like(prediction)
         else:
             streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
-        return streak >= patience, streak, prediction
+        leave = streak >= patience
+        if policy == "agreement":
+            leave = leave & (logits.softmax(-1).amax(-1) >= tau)
+        return leave, streak, prediction
     return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), streak, previous
 
 
@@ -995,23 +999,31 @@ def token_exit_owner(labelled):
     return torch.where(owner < 0, first, owner)
 
 
-def token_exit_decision(logits, labelled, active, policy: str, tau: float, entropy_threshold: float, window: int):
-    """Which labelled tokens leave at this head. logits: (B, n, C); labelled, active: (B, n) bool.
+def token_exit_decision(logits, labelled, active, policy: str, tau: float, entropy_threshold: float, window: int,
+                        patience: int = 2, streak=None, previous=None):
+    """Which labelled tokens leave at this head. logits: (B, n, C); labelled, active: (B, n) bool; streak,
+    previous: (B, n) per-token patience state of the earlier heads (None at the first head).
 
-    A token is confident when the exit policy says so for its own prediction; with ``window`` > 0 it leaves only
-    when every labelled token within ``window`` positions is confident too (or has already left) -- the
-    window-based criterion of TOKEE. Returns (B, n) bool, True only for active labelled tokens that leave now.
+    A token is confident when the exit policy (:func:`exit_decision`, applied per token) says so for its own
+    predictions; with ``window`` > 0 it leaves only when every labelled token within ``window`` positions is
+    confident too (or has already left) -- the window-based criterion of TOKEE. Returns (leave (B, n) bool, True
+    only for active labelled tokens that leave now, streak, previous).
     """
     B, n, C = logits.shape
-    if policy not in ("confidence", "entropy"):
-        raise ValueError(f"exit_policy {policy!r} has no token-level form; use 'confidence' or 'entropy'")
-    confident, _, _ = exit_decision(logits.reshape(B * n, C), policy, tau, entropy_threshold, 1)
+    if policy not in ("confidence", "entropy", "patience", "agreement"):
+        raise ValueError(f"exit_policy {policy!r} has no token-level form (use confidence, entropy, patience or agreement)")
+    flat_streak = None if streak is None else streak.reshape(-1)
+    flat_previous = None if previous is None else previous.reshape(-1)
+    confident, flat_streak, flat_previous = exit_decision(logits.reshape(B * n, C), policy, tau, entropy_threshold,
+                                                          patience, flat_streak, flat_previous)
+    if flat_streak is not None:
+        streak, previous = flat_streak.view(B, n), flat_previous.view(B, n)
     confident = confident.view(B, n) | ~(labelled & active)  # unlabelled or finished tokens never hold others back
     if window > 0:
         doubtful = (~confident).float()[:, None]  # (B, 1, n)
         doubtful = F.max_pool1d(doubtful, kernel_size=2 * window + 1, stride=1, padding=window)[:, 0]
         confident = doubtful == 0
-    return confident & labelled & active
+    return confident & labelled & active, streak, previous
 
 
 class EATForTokenClassification(EATPreTrainedModel):
@@ -1098,6 +1110,7 @@ class EATForTokenClassification(EATPreTrainedModel):
         logits_out = None  # (B, n, C)
         head_logits: list[torch.Tensor] = []  # every head's (B, n, C), when evaluating all heads
         positions = torch.arange(n, device=device)
+        streak = previous = None  # (B, n) per-token patience state at input positions
 
         for index, layer in enumerate(encoder.encoder.layer):
             layer_number = index + 1
@@ -1172,9 +1185,18 @@ class EATForTokenClassification(EATPreTrainedModel):
                                                .expand_as(query_index)[query_valid], query_index[query_valid]),
                                               logits[query_valid])  # (R, n, C) at input positions
                         row_labelled = labelled if all_rows else labelled[rows]
-                        words = token_exit_decision(grid, row_labelled, act, config.exit_policy,
-                                                    config.exit_threshold, config.entropy_threshold,
-                                                    config.token_exit_window)
+                        row_streak = None if streak is None else (streak if all_rows else streak[rows])
+                        row_previous = None if previous is None else (previous if all_rows else previous[rows])
+                        words, row_streak, row_previous = token_exit_decision(
+                            grid, row_labelled, act, config.exit_policy, config.exit_threshold,
+                            config.entropy_threshold, config.token_exit_window, config.exit_patience,
+                            row_streak, row_previous)
+                        if row_streak is not None:
+                            if streak is None:
+                                streak = torch.zeros(B, n, dtype=torch.long, device=device)
+                                previous = torch.full((B, n), -1, dtype=torch.long, device=device)
+                            streak = row_streak if all_rows else streak.index_copy(0, rows, row_streak)
+                            previous = row_previous if all_rows else previous.index_copy(0, rows, row_previous)
                         row_owner = owner if all_rows else owner[rows]
                         leave = words.gather(1, row_owner) & act  # followers leave with their word
                         if not bool(leave.any()):

@@ -333,8 +333,8 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str
     """Entity-level precision, recall and F1 (percent) with seqeval (conlleval's definition)."""
     from seqeval.metrics import f1_score, precision_score, recall_score
 
-    return {"precision": 100.0 * precision_score(gold, predicted), "recall": 100.0 * recall_score(gold, predicted),
-            "f1": 100.0 * f1_score(gold, predicted)}
+    return {"precision": 100.0 * float(precision_score(gold, predicted)),
+            "recall": 100.0 * float(recall_score(gold, predicted)), "f1": 100.0 * float(f1_score(gold, predicted))}
 
 
 __all__ = ["TaggedSentence", "AlignedSentence", "TaggedData", "EncodedTagged", "read_conll", "read_tagged_jsonl",

@@ -28,6 +28,7 @@ class TaggedPredictions:
     real_tokens: int
     num_layers: int
     per_exit_tags: dict[int, list[list[str]]] = field(default_factory=dict)
+    chunks: int = 0
 
     @property
     def token_layer_ratio(self) -> float:
@@ -74,7 +75,7 @@ def predict_tagged(model: EATForTokenClassification, encoded: EncodedTagged, dat
         exit_layers[sentence].extend(chunk_exits[row])
         for slot, layer in enumerate(head_layers if per_exit else ()):
             per_exit_tags[layer][sentence].extend(chunk_heads[row][slot])
-    return TaggedPredictions(tags, exit_layers, work, real, model.config.num_hidden_layers, per_exit_tags)
+    return TaggedPredictions(tags, exit_layers, work, real, model.config.num_hidden_layers, per_exit_tags, len(encoded))
 
 
 def summarize_tagged(predictions: TaggedPredictions, data: TaggedData) -> dict[str, Any]:
@@ -93,6 +94,7 @@ def summarize_tagged(predictions: TaggedPredictions, data: TaggedData) -> dict[s
         "word_exit_distribution": {str(layer): words[layer] / total for layer in sorted(words)},
         "mean_word_exit_layer": sum(layer * count for layer, count in words.items()) / max(1, total),
         "token_layer_ratio": predictions.token_layer_ratio,
+        "mean_sentence_layers": predictions.work.layers_run / max(1, predictions.chunks),
         "kv_token_layer_ratio": predictions.work.kv_token_layers / max(1, predictions.real_tokens
                                                                         * predictions.num_layers),
         "work": dict(vars(predictions.work)),
@@ -108,29 +110,41 @@ def evaluate_tagged(model: EATForTokenClassification, encoded: EncodedTagged, da
     return summarize_tagged(predict_tagged(model, encoded, data, **kwargs), data)
 
 
-def tune_token_tau(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
-                   max_drop: float, taus: Sequence[float] = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999),
-                   device: str = "cpu", pad_id: int = 0) -> dict[str, Any]:
-    """Choose ``tau`` on a calibration split: the least token-layer work whose entity F1 is at most ``max_drop``
-    points below the same model with exits off. Every tau is a real run (a token's exit changes what the others
-    attend to, so one cached pass cannot stand in for another threshold)."""
-    policy, threshold = model.config.exit_policy, model.config.exit_threshold
+# exit rules tried by :func:`tune_token_exits`: confidence alone, and agreement (the last two heads agree and the
+# max probability reaches tau), which lets a sentence finish earlier at the same F1
+TOKEN_EXIT_GRID = ([{"exit_policy": "confidence", "exit_threshold": tau} for tau in (0.9, 0.95, 0.98, 0.99, 0.995)]
+                   + [{"exit_policy": "agreement", "exit_patience": 2, "exit_threshold": tau}
+                      for tau in (0.8, 0.9, 0.95, 0.98)])
+
+
+def tune_token_exits(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
+                     max_drop: float, grid: Sequence[dict[str, Any]] = TOKEN_EXIT_GRID, device: str = "cpu",
+                     pad_id: int = 0) -> dict[str, Any]:
+    """Choose the token exit rule on a calibration split: among the rules whose entity F1 is at most ``max_drop``
+    points below the same model with exits off, the one whose sentences run the fewest layers (what batch-1
+    latency follows: a sentence stops when its last token has left), ties broken by token-layer work. Every rule
+    is a real run (a token's exit changes what the others attend to, so one cached pass cannot stand in)."""
+    saved = model.config.knobs()
     reference = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id, disable_exit=True)
     candidates = []
     try:
-        model.config.set_knobs(exit_policy="confidence")
-        for tau in taus:
-            model.config.set_knobs(exit_threshold=float(tau))
+        for knobs in grid:
+            model.config.set_knobs(**knobs)
             result = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id)
-            candidates.append({"tau": float(tau), "f1": result["f1"], "token_layer_ratio": result["token_layer_ratio"]})
+            candidates.append({"knobs": dict(knobs), "f1": result["f1"], "token_layer_ratio": result["token_layer_ratio"],
+                               "mean_sentence_layers": result["mean_sentence_layers"]})
     finally:
-        model.config.set_knobs(exit_policy=policy, exit_threshold=threshold)
+        model.config.set_knobs(**saved)
     fitting = [c for c in candidates if c["f1"] >= reference["f1"] - max_drop]
-    best = min(fitting, key=lambda c: c["token_layer_ratio"]) if fitting else max(candidates, key=lambda c: c["f1"])
-    return {"tau": best["tau"], "calibration_f1": best["f1"], "reference_f1": reference["f1"],
-            "token_layer_ratio": best["token_layer_ratio"], "max_drop": max_drop, "candidates": candidates,
-            "criterion": (f"least token-layer work with calibration F1 >= reference - {max_drop}" if fitting
-                          else "no tau within max_drop: the most accurate")}
+    if fitting:
+        best = min(fitting, key=lambda c: (c["mean_sentence_layers"], c["token_layer_ratio"]))
+        criterion = f"fewest layers per sentence with calibration F1 >= reference - {max_drop}"
+    else:
+        best, criterion = max(candidates, key=lambda c: c["f1"]), "no rule within max_drop: the most accurate"
+    return {"knobs": {**best["knobs"], "exit_layers": "all"}, "calibration_f1": best["f1"],
+            "reference_f1": reference["f1"], "token_layer_ratio": best["token_layer_ratio"],
+            "mean_sentence_layers": best["mean_sentence_layers"], "max_drop": max_drop, "candidates": candidates,
+            "criterion": criterion}
 
 
 @torch.no_grad()
@@ -161,4 +175,5 @@ def tag_texts(model: EATForTokenClassification, tokenizer, texts: list[str], *, 
     return results
 
 
-__all__ = ["tag_texts", "TaggedPredictions", "predict_tagged", "summarize_tagged", "evaluate_tagged", "tune_token_tau"]
+__all__ = ["tag_texts", "TaggedPredictions", "predict_tagged", "summarize_tagged", "evaluate_tagged",
+           "tune_token_exits", "TOKEN_EXIT_GRID"]
