@@ -97,7 +97,8 @@ class OperatingPoint:
 
 
 def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
-                    tau: float | None = None, keep: float | list[float] | None = None) -> dict[str, Any]:
+                    tau: float | None = None, keep: float | list[float] | None = None,
+                    policy: str | None = None) -> dict[str, Any]:
     """EAT knobs that switch each mechanism on or off (ablations are knob toggles, nothing else).
 
     A ``keep`` that prunes nothing (a tuned point that chose no pruning) cannot stand for the pruning mechanism:
@@ -105,23 +106,26 @@ def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
     """
     if keep is None or all(float(r) >= 1.0 for r in (keep if isinstance(keep, (list, tuple)) else [keep])):
         keep = bench.prune_keep_ratio
-    return {"keep_ratio": keep if prune else 1.0,
-            "attention_window": bench.attention_window if sparse else None,
-            "exit_policy": bench.exit_policy if exit_ else "none",
-            "exit_threshold": tau if tau is not None else bench.tau,
-            "exit_layers": "all" if exit_ else None}
+    knobs = {"keep_ratio": keep if prune else 1.0,
+             "attention_window": bench.attention_window if sparse else None,
+             "exit_policy": (policy or bench.exit_policy) if exit_ else "none",
+             "exit_threshold": tau if tau is not None else bench.tau,
+             "exit_layers": "all" if exit_ else None}
+    if knobs["exit_policy"] == "agreement":
+        knobs["exit_patience"] = 2
+    return knobs
 
 
 def ablation_points(eat_checkpoint: str, bench: BenchConfig, *, static_checkpoint: str | None = None,
                     half_checkpoint: str | None = None, tau: float | None = None,
-                    keep: float | list[float] | None = None) -> list[OperatingPoint]:
+                    keep: float | list[float] | None = None, policy: str | None = None) -> list[OperatingPoint]:
     """The 8 on/off combinations of the three mechanisms on the EAT checkpoint, plus the static baselines."""
     points = []
     for prune, sparse, exit_ in itertools.product((False, True), repeat=3):
         on = [name for name, flag in zip(MECHANISMS, (prune, sparse, exit_)) if flag]
         name = "eat:" + ("+".join(on) if on else "none")
-        points.append(OperatingPoint(name, eat_checkpoint, mechanism_knobs(bench, prune, sparse, exit_, tau, keep),
-                                     "ablation"))
+        points.append(OperatingPoint(name, eat_checkpoint,
+                                     mechanism_knobs(bench, prune, sparse, exit_, tau, keep, policy), "ablation"))
     if static_checkpoint:
         points.append(OperatingPoint("static", static_checkpoint, {}, "baseline", "static"))
     if half_checkpoint:
@@ -376,8 +380,9 @@ class TuneResult:
 def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
          latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = (1.0, [0.9, 0.7], [0.9, 0.6], [0.8, 0.5]),
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
-         warmup: int = 5) -> TuneResult:
-    """Pick ``tau`` and a keep schedule on the calibration split.
+         warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement")) -> TuneResult:
+    """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
+    and a keep schedule on the calibration split.
 
     ``max_drop``: the fastest point whose calibration accuracy is at most ``max_drop`` points below the same
     checkpoint with every mechanism off. ``latency_budget_ms``: the most accurate point whose measured batch-1
@@ -394,25 +399,25 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     candidates = []
     for keep in keep_grid:
         model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
-        sweep = tau_sweep(model, calibration, tau_grid, device=device, pad_id=pad_id)
-        for row in sweep:
-            row["keep_ratio"] = keep
-        if max_drop is not None:
-            ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
-            if ok:
-                candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
-        else:
-            candidates.extend(sweep[:: max(1, len(sweep) // 8)])
+        for policy in policies:
+            sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id)
+            for row in sweep:
+                row["keep_ratio"], row["exit_policy"] = keep, policy
+            if max_drop is not None:
+                ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
+                if ok:
+                    candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
+            else:
+                candidates.extend(sweep[:: max(1, len(sweep) // 8)])
     if not candidates:
-        candidates = [{"tau": 1.01, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0}]
+        candidates = [{"tau": 1.01, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0,
+                       "exit_policy": "confidence"}]
     timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],
                                 calibration.labels[:timing_rows], 0, calibration.lengths[:timing_rows])
     singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
     models = {}
     for i, cand in enumerate(candidates):
-        knobs = {"keep_ratio": cand["keep_ratio"], "exit_layers": "all", "exit_policy": "confidence",
-                 "exit_threshold": cand["tau"]}
-        models[str(i)] = load_classifier(checkpoint, knobs=knobs).to(device)
+        models[str(i)] = load_classifier(checkpoint, knobs=_tuned_knobs(cand)).to(device)
     calls = {name: (lambda b, m=m: m(b["input_ids"].to(device), None, b["token_type_ids"].to(device)))
              for name, m in models.items()}
     latency = interleaved_latency(calls, singles, warmup=warmup, device=device)
@@ -428,10 +433,18 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
                              f"measured {min(c['calibration_p50_ms'] for c in candidates):.2f} ms")
         best = max(fitting, key=lambda c: c["accuracy"])
         criterion = f"most accurate with calibration p50 <= {latency_budget_ms} ms"
-    knobs = {"keep_ratio": best["keep_ratio"], "exit_layers": "all", "exit_policy": "confidence",
-             "exit_threshold": best["tau"]}
+    knobs = _tuned_knobs(best)
     return TuneResult(knobs, best["accuracy"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
                       criterion)
+
+
+def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
+    """The EAT knobs of a tuning candidate (agreement = the last 2 heads agree and confidence >= tau)."""
+    knobs = {"keep_ratio": candidate["keep_ratio"], "exit_layers": "all", "exit_policy": candidate["exit_policy"],
+             "exit_threshold": candidate["tau"]}
+    if candidate["exit_policy"] == "agreement":
+        knobs["exit_patience"] = 2
+    return knobs
 
 
 def save_json(path: Path, data: Any) -> None:

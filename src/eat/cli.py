@@ -551,6 +551,8 @@ def run(
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     train_limit: Annotated[Optional[int], typer.Option(help="override the preset's training rows")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(
+        help="accuracy points the tuned point may lose on the calibration split (default: the preset's)")] = None,
 ) -> None:
     """The main job end to end: train EAT + static + half-depth, tune, sweep, ablate, time, report. Resumable."""
     from .bench import BENCH_PRESETS
@@ -570,7 +572,8 @@ def run(
         with _progress() as bar:
             summary = run_task(name, preset, runs_dir, results, device=device,
                                train_overrides={"train_limit": train_limit} if train_limit else None,
-                               log=lambda message: console.print(message), progress=_bench_progress(bar))
+                               log=lambda message: console.print(message), progress=_bench_progress(bar),
+                               max_drop=max_drop)
         for line in summary_lines(results, name):
             out.print(line)
         out.print(f"report: {summary['report']}")

@@ -44,8 +44,11 @@ def _train_variant(config: TrainConfig, folder: Path, log) -> Path:
 
 def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, device: str = "cpu",
              train_overrides: dict[str, Any] | None = None, bench_overrides: dict[str, Any] | None = None,
-             log: Callable[[str], None] | None = None, progress=None) -> dict[str, Any]:
-    """The whole main job for one task. Returns the tuned point and where the report is."""
+             log: Callable[[str], None] | None = None, progress=None, max_drop: float | None = None) -> dict[str, Any]:
+    """The whole main job for one task. Returns the tuned point and where the report is.
+
+    max_drop: accuracy points the tuned point may lose on the calibration split (default: the preset's)."""
+    max_drop = RUN_MAX_DROP[preset] if max_drop is None else max_drop
     spec = task_spec(task)
     train_overrides = dict(train_overrides or {})
     models = {}
@@ -73,9 +76,9 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
         tuned = json.loads(tuned_file.read_text())
         _log(f"tuned point for {task} reused: {tuned['knobs']}", log)
     else:
-        _log(f"tuning {task} on {len(calibration)} calibration rows (max drop {RUN_MAX_DROP[preset]})", log)
+        _log(f"tuning {task} on {len(calibration)} calibration rows (max drop {max_drop})", log)
         result = tune(str(models["eat"]), encode(calibration, tokenizer, eat_config.max_length),
-                      max_drop=RUN_MAX_DROP[preset], device=device, pad_id=pad_id, tau_grid=bench.tau_grid,
+                      max_drop=max_drop, device=device, pad_id=pad_id, tau_grid=bench.tau_grid,
                       timing_rows=min(150, len(calibration)))
         tuned = dataclasses.asdict(result)
         save_json(tuned_file, tuned)
@@ -98,7 +101,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
             atomic_write_text(sweep_file, pd.DataFrame(rows).to_csv(index=False))
         points = ablation_points(str(models["eat"]), split_bench, static_checkpoint=str(models["static"]),
                                  half_checkpoint=str(models["half"]), tau=tuned["knobs"]["exit_threshold"],
-                                 keep=tuned["knobs"]["keep_ratio"])
+                                 keep=tuned["knobs"]["keep_ratio"], policy=tuned["knobs"].get("exit_policy"))
         points.append(OperatingPoint("eat:tuned", str(models["eat"]), tuned["knobs"], "tuned"))
         points += sweep_points(str(models["eat"]), split_bench)
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
