@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/targets.py --results results/paper [--task sst2] [--out benchmarks/results/targets.txt]
 
-Reads rows measured side by side in one run (same checkpoint family, inputs and threads) and prints, per target,
+Reads rows measured side by side in one run (the latest static row's ``run_id``: same checkpoint family, inputs and
+threads, one interleaved timing run) and prints, per target,
 the measured ratio and whether it is met. Rows measured with different thread counts, devices or datasets are
 never compared: the script stops and says which fields differ.
 """
@@ -55,6 +56,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = [r for r in ResultsLog(args.results).rows() if r["task"] == args.task]
+    static_rows = [r for r in rows if r["point"] == "static"]
+    if static_rows and static_rows[-1].get("run_id"):
+        # ratios only between points timed side by side in one interleaved run: the static row's run
+        run_id = static_rows[-1]["run_id"]
+        rows = [r for r in rows if r.get("run_id") == run_id]
     lines = []
     for split in sorted({r["split"] for r in rows}):
         by_point = {r["point"]: r for r in rows if r["split"] == split}

@@ -4,7 +4,9 @@ threshold / keep-ratio / window sweeps, and operating-point selection on a calib
 An *operating point* is a checkpoint plus EAT knobs. :func:`measure_points` loads every point, times batch-1 calls
 interleaved over the same examples (one pass = accuracy and latency of each point), then batch-B throughput on the
 same batches, and appends one row per point to a :class:`~eat.results.ResultsLog`. Points already in the log (same
-configuration hash) are skipped unless ``force``; every row comes from its own measurement, never a copy.
+configuration hash) are skipped unless ``force`` (finished results are never redone or overwritten by a resumed
+run); every row carries the ``run_id`` of the interleaved run it came from, so a comparison can insist on points
+measured side by side. Every row comes from its own measurement, never a copy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,9 +178,9 @@ def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env:
 
 
 def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int, dataset_source: str,
-                     env: dict) -> dict[str, Any]:
+                     env: dict, run_id: str) -> dict[str, Any]:
     """What a results row says about what was measured and where (everything but the measurements)."""
-    return {"task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
+    return {"run_id": run_id, "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
             "model": point.model_label, "checkpoint": point.checkpoint, "layers": model.config.num_hidden_layers,
             **{f"mech_{k}": v for k, v in point.mechanisms().items()},
             "knobs": model.config.knobs(),
@@ -197,6 +200,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
     if not todo:
         return []
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from
     models = {point.name: load_point(point, bench.device) for point, _ in todo}
     singles = [collate(encoded, [i], pad_id) for i in range(rows)]
     singles = [{k: v.to(bench.device) for k, v in s.items()} for s in singles]
@@ -241,7 +245,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         lengths = np.asarray(encoded.lengths)
         num_layers = model.config.num_hidden_layers
         row = {
-            **_identity_fields(point, model, bench, rows, dataset_source, env),
+            **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
             "accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
             "accuracy_batched": batch_metrics["accuracy"],
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
@@ -285,6 +289,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
     if not todo:
         return []
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from
     models = {point.name: load_classifier(point.checkpoint, knobs=point.knobs, token_level=True).to(bench.device).eval()
               for point, _ in todo}
     singles = [{k: v.to(bench.device) for k, v in collate_tagged(encoded, [i], pad_id).items()} for i in range(rows)]
@@ -326,7 +331,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
         summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
         ran = tokens[point.name] > 0
         row = {
-            **_identity_fields(point, model, bench, rows, dataset_source, env),
+            **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
             "metric": "entity_f1", "accuracy": summary["f1"], "precision": summary["precision"],
             "recall": summary["recall"],
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,

@@ -382,7 +382,8 @@ def bench(
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
 
-    from .bench import ablation_points, bench_config_from_preset, measure_points, measure_token_points, sweep_points
+    from .bench import (OperatingPoint, ablation_points, bench_config_from_preset, measure_points,
+                        measure_token_points, sweep_points)
     from .data import encode, load_glue, task_spec
     from .results import ResultsLog
 
@@ -411,10 +412,19 @@ def bench(
             encoded = encode(data, tokenizer, max_length)
         split_config = dataclasses.replace(config, split=split)
         chosen = []
+        tuned_file = results / f"tuned_{task}.json"
+        tuned = json.loads(tuned_file.read_text())["knobs"] if tuned_file.is_file() else None
         if "ablation" in wanted:
+            # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
+            # is measured in the same run as the baselines
+            rule = {} if tuned is None else {"tau": tuned["exit_threshold"], "keep": tuned.get("keep_ratio"),
+                                             "policy": tuned.get("exit_policy")}
             chosen += ablation_points(str(model_dir), split_config,
                                       static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
-                                      half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None)
+                                      half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,
+                                      **rule)
+            if tuned is not None:
+                chosen.append(OperatingPoint("eat:tuned", str(model_dir), tuned, "tuned"))
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
         with _progress() as bar:
