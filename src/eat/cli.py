@@ -120,6 +120,9 @@ def train(
     train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
     length_bucketing: Annotated[Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing",
                                                              help="train on batches of similar length")] = None,
+    exit_layers: Annotated[Optional[str], typer.Option(help="layers with exit heads: 'all' or a comma list")] = None,
+    exit_loss_weights: Annotated[Optional[str], typer.Option(
+        help="joint loss weights: depth, uniform, or a comma list (one per exit layer)")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="start from this fine-tuned run instead of the backbone")] = None,
     freeze_backbone: Annotated[bool, typer.Option(
         help="with --init-from: train only the exit heads on frozen features (two-stage)")] = False,
@@ -142,6 +145,7 @@ def train(
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
         init_from=init_from, freeze_backbone=freeze_backbone or None,
+        exit_layers=_layer_list(exit_layers), exit_loss_weights=_weight_list(exit_loss_weights),
         data_file=data_file, eval_file=eval_file,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"
@@ -161,6 +165,20 @@ def train(
     for split, value in result.dev_accuracy.items():
         out.print(f"{task} {split} {metric}: {value:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
                   f"model in {result.model_dir})")
+
+
+def _layer_list(text: str | None):
+    """'all' or '2,4,6' -> the TrainConfig value (None = the preset's)."""
+    if text is None or text == "all":
+        return text
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _weight_list(text: str | None):
+    """'depth' / 'uniform' / '0.1,0.2,0.7' -> the TrainConfig value (None = the preset's)."""
+    if text is None or text in ("depth", "uniform"):
+        return text
+    return [float(part) for part in text.split(",") if part.strip()]
 
 
 def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[str, Any]):
@@ -456,6 +474,7 @@ def tune_command(
     latency_budget: Annotated[Optional[float], typer.Option(help="batch-1 median budget in ms")] = None,
     results: Annotated[Path, typer.Option("--results")] = Path("results/bench"),
     rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows for the final report (default all)")] = None,
+    max_work: Annotated[float, typer.Option(help="token tasks: most token-layer work allowed (fraction of static)")] = 1.0,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -484,7 +503,8 @@ def tune_command(
     if is_token_task(task):
         if max_drop is None:
             raise ValueError("token tasks are tuned by --max-drop (entity F1 points)")
-        _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows)
+        _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows,
+                         max_work)
         return
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id)
@@ -508,7 +528,7 @@ def tune_command(
 
 
 def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, train_config, max_drop: float,
-                     results: Path, device: str, rows: int | None) -> None:
+                     results: Path, device: str, rows: int | None, max_work: float = 1.0) -> None:
     """`eat tune` for a token task: tau on the calibration sentences, then that point and exits-off on dev."""
     import torch
 
@@ -520,7 +540,7 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     pad_id = tokenizer.pad_token_id or 0
     model.config.set_knobs(exit_layers="all")
     result = tune_token_exits(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
-                              max_drop=max_drop, device=device, pad_id=pad_id)
+                              max_drop=max_drop, max_work=max_work, device=device, pad_id=pad_id)
     knobs = result["knobs"]
     save_json(results / f"tuned_{task}.json", result)
     out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): {knobs}")

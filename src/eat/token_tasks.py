@@ -110,38 +110,54 @@ def evaluate_tagged(model: EATForTokenClassification, encoded: EncodedTagged, da
     return summarize_tagged(predict_tagged(model, encoded, data, **kwargs), data)
 
 
-# exit rules tried by :func:`tune_token_exits`: confidence alone, and agreement (the last two heads agree and the
-# max probability reaches tau), which lets a sentence finish earlier at the same F1
-TOKEN_EXIT_GRID = ([{"exit_policy": "confidence", "exit_threshold": tau} for tau in (0.9, 0.95, 0.98, 0.99, 0.995)]
-                   + [{"exit_policy": "agreement", "exit_patience": 2, "exit_threshold": tau}
-                      for tau in (0.8, 0.9, 0.95, 0.98)])
+# exit rules tried by :func:`tune_token_exits`: confidence alone; agreement (the last `exit_patience` heads agree
+# and the max probability reaches tau), which lets a sentence finish earlier at the same F1; TOKEE's window
+# criterion (neighbours confident too); and heads from layer 2 on (layer 1's head is weak on a frozen backbone)
+_LATER = [2, 3, 4, 5, 6]
+TOKEN_EXIT_GRID = (
+    [{"exit_policy": "confidence", "exit_threshold": tau, "token_exit_window": w}
+     for tau, w in ((0.99, 0), (0.995, 0), (0.995, 1))]
+    + [{"exit_policy": "agreement", "exit_patience": 2, "exit_threshold": tau, "token_exit_window": w}
+       for tau, w in ((0.9, 0), (0.95, 0), (0.9, 1), (0.95, 1), (0.98, 1))]
+    + [{"exit_policy": "agreement", "exit_patience": 2, "exit_threshold": tau, "token_exit_window": w,
+        "exit_layers": _LATER} for tau, w in ((0.95, 0), (0.95, 1))]
+    + [{"exit_policy": "agreement", "exit_patience": 3, "exit_threshold": tau} for tau in (0.8, 0.9)])
 
 
 def tune_token_exits(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
-                     max_drop: float, grid: Sequence[dict[str, Any]] = TOKEN_EXIT_GRID, device: str = "cpu",
-                     pad_id: int = 0) -> dict[str, Any]:
+                     max_drop: float, max_work: float = 1.0, grid: Sequence[dict[str, Any]] = TOKEN_EXIT_GRID,
+                     device: str = "cpu", pad_id: int = 0) -> dict[str, Any]:
     """Choose the token exit rule on a calibration split: among the rules whose entity F1 is at most ``max_drop``
-    points below the same model with exits off, the one whose sentences run the fewest layers (what batch-1
-    latency follows: a sentence stops when its last token has left), ties broken by token-layer work. Every rule
-    is a real run (a token's exit changes what the others attend to, so one cached pass cannot stand in)."""
+    points below the same model with exits off and whose token-layer work is at most ``max_work`` of the static
+    model's, the one whose sentences run the fewest layers (what batch-1 latency follows: a sentence stops when
+    its last token has left), ties broken by token-layer work. Every rule is a real run (a token's exit changes
+    what the others attend to, so one cached pass cannot stand in). Rules need heads at their ``exit_layers``
+    (rules naming layers without heads are skipped)."""
     saved = model.config.knobs()
     reference = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id, disable_exit=True)
     candidates = []
     try:
         for knobs in grid:
+            knobs = {"exit_layers": "all", "token_exit_window": 0, **knobs}
+            heads = {str(layer) for layer in model.config.exit_layer_list[:-1]} if knobs["exit_layers"] == "all" \
+                else {str(layer) for layer in knobs["exit_layers"] if layer != model.config.num_hidden_layers}
+            if not heads <= set(model.exit_heads):
+                continue
             model.config.set_knobs(**knobs)
             result = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id)
             candidates.append({"knobs": dict(knobs), "f1": result["f1"], "token_layer_ratio": result["token_layer_ratio"],
                                "mean_sentence_layers": result["mean_sentence_layers"]})
     finally:
         model.config.set_knobs(**saved)
-    fitting = [c for c in candidates if c["f1"] >= reference["f1"] - max_drop]
+    fitting = [c for c in candidates if c["f1"] >= reference["f1"] - max_drop and c["token_layer_ratio"] <= max_work]
     if fitting:
         best = min(fitting, key=lambda c: (c["mean_sentence_layers"], c["token_layer_ratio"]))
-        criterion = f"fewest layers per sentence with calibration F1 >= reference - {max_drop}"
+        criterion = (f"fewest layers per sentence with calibration F1 >= reference - {max_drop} and token-layer "
+                     f"work <= {max_work}")
     else:
-        best, criterion = max(candidates, key=lambda c: c["f1"]), "no rule within max_drop: the most accurate"
-    return {"knobs": {**best["knobs"], "exit_layers": "all"}, "calibration_f1": best["f1"],
+        best = max(candidates, key=lambda c: c["f1"])
+        criterion = "no rule within max_drop and max_work: the most accurate"
+    return {"knobs": dict(best["knobs"]), "calibration_f1": best["f1"],
             "reference_f1": reference["f1"], "token_layer_ratio": best["token_layer_ratio"],
             "mean_sentence_layers": best["mean_sentence_layers"], "max_drop": max_drop, "candidates": candidates,
             "criterion": criterion}
