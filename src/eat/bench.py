@@ -101,7 +101,7 @@ class OperatingPoint:
 
 def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
                     tau: float | None = None, keep: float | list[float] | None = None,
-                    policy: str | None = None) -> dict[str, Any]:
+                    policy: str | None = None, patience: int | None = None) -> dict[str, Any]:
     """EAT knobs that switch each mechanism on or off (ablations are knob toggles, nothing else).
 
     A ``keep`` that prunes nothing (a tuned point that chose no pruning) cannot stand for the pruning mechanism:
@@ -114,21 +114,23 @@ def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
              "exit_policy": (policy or bench.exit_policy) if exit_ else "none",
              "exit_threshold": tau if tau is not None else bench.tau,
              "exit_layers": "all" if exit_ else None}
-    if knobs["exit_policy"] == "agreement":
-        knobs["exit_patience"] = 2
+    if knobs["exit_policy"] in ("agreement", "patience"):
+        knobs["exit_patience"] = patience or 2
     return knobs
 
 
 def ablation_points(eat_checkpoint: str, bench: BenchConfig, *, static_checkpoint: str | None = None,
                     half_checkpoint: str | None = None, tau: float | None = None,
-                    keep: float | list[float] | None = None, policy: str | None = None) -> list[OperatingPoint]:
+                    keep: float | list[float] | None = None, policy: str | None = None,
+                    patience: int | None = None) -> list[OperatingPoint]:
     """The 8 on/off combinations of the three mechanisms on the EAT checkpoint, plus the static baselines."""
     points = []
     for prune, sparse, exit_ in itertools.product((False, True), repeat=3):
         on = [name for name, flag in zip(MECHANISMS, (prune, sparse, exit_)) if flag]
         name = "eat:" + ("+".join(on) if on else "none")
         points.append(OperatingPoint(name, eat_checkpoint,
-                                     mechanism_knobs(bench, prune, sparse, exit_, tau, keep, policy), "ablation"))
+                                     mechanism_knobs(bench, prune, sparse, exit_, tau, keep, policy, patience),
+                                     "ablation"))
     if static_checkpoint:
         points.append(OperatingPoint("static", static_checkpoint, {}, "baseline", "static"))
     if half_checkpoint:

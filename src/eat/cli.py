@@ -436,7 +436,7 @@ def bench(
             # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
             # is measured in the same run as the baselines
             rule = {} if tuned is None else {"tau": tuned["exit_threshold"], "keep": tuned.get("keep_ratio"),
-                                             "policy": tuned.get("exit_policy")}
+                                             "policy": tuned.get("exit_policy"), "patience": tuned.get("exit_patience")}
             chosen += ablation_points(str(model_dir), split_config,
                                       static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
                                       half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,

@@ -101,7 +101,8 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
             atomic_write_text(sweep_file, pd.DataFrame(rows).to_csv(index=False))
         points = ablation_points(str(models["eat"]), split_bench, static_checkpoint=str(models["static"]),
                                  half_checkpoint=str(models["half"]), tau=tuned["knobs"]["exit_threshold"],
-                                 keep=tuned["knobs"]["keep_ratio"], policy=tuned["knobs"].get("exit_policy"))
+                                 keep=tuned["knobs"]["keep_ratio"], policy=tuned["knobs"].get("exit_policy"),
+                                 patience=tuned["knobs"].get("exit_patience"))
         points.append(OperatingPoint("eat:tuned", str(models["eat"]), tuned["knobs"], "tuned"))
         points += sweep_points(str(models["eat"]), split_bench)
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
