@@ -83,7 +83,7 @@ def main() -> None:
     if args.memory_only:
         models = {}
     env = environment()
-    lines = [f"# Long inputs: full forward, 6 layers x 384 hidden, 12 heads, random weights, batch 1",
+    lines = ["# Long inputs: full forward, 6 layers x 384 hidden, 12 heads, random weights, batch 1",
              f"cpu: {env['cpu']}, threads: {env['threads']}, torch {env['torch']}, commit {env['git_commit']}, "
              f"window {args.window} + [CLS] global, {args.repeats} timed repeats after 1 warm-up",
              f"{'tokens':>7} {'dense ms':>9} {'window ms':>10} {'speedup':>8} {'flex ms':>8} {'flex speedup':>13} "

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from eat.bench import OperatingPoint, ablation_points, bench_config_from_preset, measure_points, tau_sweep
+from eat.bench import ablation_points, bench_config_from_preset, measure_points, tau_sweep
 from eat.data import EncodedDataset
 from eat.evaluation import predict_encoded
 from eat.report import ReportError, build_report, pareto_front
@@ -73,8 +73,6 @@ def test_tau_sweep_from_cache_equals_rerunning_at_that_tau():
 
 
 def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
-    from eat.modeling_eat import EATForSequenceClassification
-
     folder = tmp_path / "ckpt"
     tiny = tiny_model()
     tiny.save_pretrained(folder)

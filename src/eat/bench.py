@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .checkpoints import load_classifier
 from .data import EncodedDataset, batches, collate, encode

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
