@@ -49,6 +49,36 @@ def token_task_targets(args, static: dict, by_point: dict) -> list[str]:
     return lines + [""]
 
 
+PAIR_TASKS = ("qqp", "mnli")
+
+
+def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
+    """Target 6 on QQP / MNLI: the tuned point (chosen on calibration) at least 1.6x faster than static at batch 1
+    with at most 1.0 point lower accuracy (MNLI: each of matched and mismatched is its own split here)."""
+    lines = [f"# {args.task} {split}: T6 from {args.results} ({static['rows']} rows, {static['cpu']}, "
+             f"{static['device']}, {static['threads']} threads, commit {static['git_commit']})"]
+    for name in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned"):
+        row = by_point.get(name)
+        if row is None:
+            continue
+        check_comparable(static, row)
+        f1 = f", F1 {row['f1']:.2f}" if row.get("f1") is not None and row.get("f1") == row.get("f1") else ""
+        line = (f"{name}: accuracy {row['accuracy']:.2f}{f1}, batch-1 p50 {row['b1_p50_ms']:.2f} ms "
+                f"({static['b1_p50_ms'] / row['b1_p50_ms']:.2f}x), {row['throughput_rows_per_s']:.0f} rows/s at batch "
+                f"{row['batch_size_throughput']} ({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), "
+                f"mean exit layer {row['mean_exit_layer']:.2f}")
+        lines.append(line)
+    tuned = by_point.get("eat:tuned")
+    if tuned is None:
+        return lines + ["T6: no tuned point measured -> MISSED", ""]
+    speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+    drop = static["accuracy"] - tuned["accuracy"]
+    met = speed >= 1.6 and drop <= 1.0
+    lines.append(f"T6 batch 1, tuned point (chosen on calibration): {speed:.2f}x static, accuracy {tuned['accuracy']:.2f} "
+                 f"({-drop:+.2f} points) -> {'MET' if met else 'MISSED'} (needs >= 1.6x and <= 1.0 point below)")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, required=True)
@@ -67,6 +97,9 @@ def main() -> None:
         static, half = by_point.get("static"), by_point.get("half-depth")
         if static is not None and static.get("metric") == "entity_f1":
             lines += token_task_targets(args, static, by_point)
+            continue
+        if static is not None and args.task in PAIR_TASKS:
+            lines += pair_task_targets(args, split, static, by_point)
             continue
         if static is None or half is None:
             lines.append(f"{args.task} {split}: static and half-depth rows are needed")
@@ -93,19 +126,26 @@ def main() -> None:
         best = max(fast_enough, key=lambda r: r["accuracy"], default=None)
         if best is not None:
             gain = best["accuracy"] - half["accuracy"]
-            lines.append(f"T2 vs half-depth: {best['point']} at {best['b1_p50_ms']:.2f} ms (half {half['b1_p50_ms']:.2f}) "
+            lines.append(f"T2 vs half-depth (any measured point, picked on dev): {best['point']} at {best['b1_p50_ms']:.2f} ms (half {half['b1_p50_ms']:.2f}) "
                          f"accuracy {best['accuracy']:.2f} ({gain:+.2f} points) -> {'MET' if gain >= 1.0 else 'MISSED'}")
         else:
             lines.append("T2 vs half-depth: no EAT point is as fast as the half-depth model -> MISSED")
+        # T3 is judged on the tuned point (chosen on calibration); the best dev row is shown for reference only
+        if tuned is not None and tuned["mech_exit"] and tuned["mech_prune"]:
+            ratio = tuned["throughput_rows_per_s"] / static["throughput_rows_per_s"]
+            drop = static["accuracy"] - tuned["accuracy"]
+            met = ratio >= 1.5 and drop <= 0.5
+            lines.append(f"T3 batch {static['batch_size_throughput']} throughput, tuned point (exits + pruning): "
+                         f"{ratio:.2f}x static at accuracy {tuned['accuracy']:.2f} ({-drop:+.2f}) -> "
+                         f"{'MET' if met else 'MISSED'} (needs >= 1.5x and <= 0.5 points below)")
+        else:
+            lines.append("T3: the tuned point does not use both exits and pruning -> MISSED")
         batched = [r for r in candidates if r["mech_exit"] and r["mech_prune"]
                    and static["accuracy"] - r["accuracy"] <= 0.5]
         best = max(batched, key=lambda r: r["throughput_rows_per_s"], default=None)
         if best is not None:
             ratio = best["throughput_rows_per_s"] / static["throughput_rows_per_s"]
-            lines.append(f"T3 batch {static['batch_size_throughput']} throughput with exits + pruning: {best['point']} "
-                         f"{ratio:.2f}x static at accuracy {best['accuracy']:.2f} -> {'MET' if ratio >= 1.5 else 'MISSED'}")
-        else:
-            lines.append("T3: no point with exits and pruning within 0.5 points of static -> MISSED")
+            lines.append(f"   (reference only, picked on dev: {best['point']} {ratio:.2f}x at accuracy {best['accuracy']:.2f})")
         lines.append("")
     emit(lines, args.out)
 

@@ -581,6 +581,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     train_limit: Annotated[Optional[int], typer.Option(help="override the preset's training rows")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="override the preset's epochs (e.g. 1 for QQP/MNLI)")] = None,
     max_drop: Annotated[Optional[float], typer.Option(
         help="accuracy points the tuned point may lose on the calibration split (default: the preset's)")] = None,
 ) -> None:
@@ -601,7 +602,8 @@ def run(
     for name in tasks:
         with _progress() as bar:
             summary = run_task(name, preset, runs_dir, results, device=device,
-                               train_overrides={"train_limit": train_limit} if train_limit else None,
+                               train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs))
+                                                if v is not None} or None,
                                log=lambda message: console.print(message), progress=_bench_progress(bar),
                                max_drop=max_drop)
         for line in summary_lines(results, name):

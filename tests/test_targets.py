@@ -1,0 +1,74 @@
+"""benchmarks/targets.py: the target arithmetic on hand-written result rows (no timing here), and its refusal to
+compare rows measured with different thread counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from eat.report import ReportError
+from eat.results import ResultsLog
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+
+
+def _row(point: str, role: str, accuracy: float, p50: float, rows_per_s: float, *, split: str = "validation",
+         threads: int = 2, task: str = "qqp", exit_layer: float = 6.0) -> dict:
+    return {"config_hash": f"{point}-{split}-{threads}", "run_id": "run-1", "task": task, "split": split,
+            "point": point, "role": role, "accuracy": accuracy, "f1": accuracy - 5, "b1_p50_ms": p50,
+            "throughput_rows_per_s": rows_per_s, "batch_size_throughput": 32, "mean_exit_layer": exit_layer,
+            "rows": 100, "cpu": "test cpu", "device": "cpu", "threads": threads, "dataset": "d",
+            "git_commit": "abc", "mech_exit": point != "static", "mech_prune": False}
+
+
+def _targets(folder: Path, task: str, monkeypatch, capsys) -> str:
+    """Run the script's main() in this process (as its command line would) and return what it printed."""
+    spec = importlib.util.spec_from_file_location("targets_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(folder), "--task", task])
+    module.main()
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tuned_accuracy, tuned_ms, verdict", [
+    (84.2, 6.0, "MET"),  # 2.0x, -0.8 points
+    (83.5, 6.0, "MISSED"),  # -1.5 points
+    (84.9, 8.0, "MISSED"),  # 1.5x
+])
+def test_pair_task_target_six(tmp_path, monkeypatch, capsys, tuned_accuracy, tuned_ms, verdict):
+    log = ResultsLog(tmp_path)
+    log.append(_row("static", "baseline", 85.0, 12.0, 100))
+    log.append(_row("eat:tuned", "tuned", tuned_accuracy, tuned_ms, 180, exit_layer=2.5))
+    printed = _targets(tmp_path, "qqp", monkeypatch, capsys)
+    line = [x for x in printed.splitlines() if x.startswith("T6")][0]
+    assert line.endswith("(needs >= 1.6x and <= 1.0 point below)")
+    assert f"-> {verdict}" in line
+
+
+def test_targets_refuse_rows_measured_with_other_threads(tmp_path, monkeypatch, capsys):
+    log = ResultsLog(tmp_path)
+    log.append(_row("static", "baseline", 85.0, 12.0, 100, threads=2))
+    log.append(_row("eat:tuned", "tuned", 84.9, 5.0, 200, threads=1))
+    with pytest.raises(ReportError, match="measured differently.*threads: 2 vs 1"):
+        _targets(tmp_path, "qqp", monkeypatch, capsys)
+
+
+def test_sst2_batched_target_is_judged_on_the_tuned_point(tmp_path, monkeypatch, capsys):
+    """A faster ablation row picked on dev must not stand in for the tuned point in T3."""
+    log = ResultsLog(tmp_path)
+    rows = [_row("static", "baseline", 89.0, 10.0, 100, task="sst2"),
+            _row("half-depth", "baseline", 88.0, 5.0, 200, task="sst2"),
+            {**_row("eat:tuned", "tuned", 88.7, 4.5, 140, task="sst2"), "mech_prune": True},
+            {**_row("eat:prune+exit", "ablation", 88.9, 4.0, 190, task="sst2"), "mech_prune": True}]
+    for row in rows:
+        log.append(row)
+    printed = _targets(tmp_path, "sst2", monkeypatch, capsys)
+    t1 = [x for x in printed.splitlines() if x.startswith("T1")][0]
+    t3 = [x for x in printed.splitlines() if x.startswith("T3")][0]
+    assert "2.22x static" in t1 and t1.endswith("MET (needs >= 2.0x and <= 0.5 points below)")
+    assert "1.40x static" in t3 and "-> MISSED" in t3  # the tuned point, not the 1.90x ablation row
+    assert "reference only, picked on dev: eat:prune+exit 1.90x" in printed
