@@ -30,7 +30,7 @@ from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
 from .results import ResultsLog, atomic_write_text, config_hash
 from .timing import LatencyStats, environment, interleaved_latency, throughput
-from .token_tasks import TaggedPredictions, summarize_tagged
+from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
 MECHANISMS = ("prune", "sparse", "exit")
 
@@ -324,11 +324,8 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
             lambda b, model=model: model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
                                          word_mask=b["word_mask"]),
             batched, rows, device=bench.device, repeats=bench.throughput_repeats)
-        tags: list[list[str]] = [[] for _ in data.sentences]
-        exits: list[list[int]] = [[] for _ in data.sentences]
-        for chunk, sentence in enumerate(encoded.sentence):
-            tags[sentence].extend(chunk_tags[point.name][chunk])
-            exits[sentence].extend(chunk_exits[point.name][chunk])
+        tags = join_chunks(chunk_tags[point.name], encoded.sentence, len(data.sentences))
+        exits = join_chunks(chunk_exits[point.name], encoded.sentence, len(data.sentences))
         summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
         ran = tokens[point.name] > 0
         row = {

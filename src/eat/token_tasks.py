@@ -36,6 +36,15 @@ class TaggedPredictions:
         return self.work.token_layers / max(1, self.real_tokens * self.num_layers)
 
 
+def join_chunks(per_chunk: Sequence[list], chunk_sentence: Sequence[int], sentences: int) -> list[list]:
+    """Put per-chunk word lists (tags, exit layers, ...) back together per sentence. ``chunk_sentence[i]`` is the
+    sentence of chunk ``i``; the chunks of a sentence are consecutive and in order (see :func:`encode_tagged`)."""
+    joined: list[list] = [[] for _ in range(sentences)]
+    for chunk, sentence in enumerate(chunk_sentence):
+        joined[sentence].extend(per_chunk[chunk])
+    return joined
+
+
 @torch.no_grad()
 def predict_tagged(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
                    batch_size: int = 32, device: str = "cpu", pad_id: int = 0, disable_exit: bool = False,
@@ -66,15 +75,11 @@ def predict_tagged(model: EATForTokenClassification, encoded: EncodedTagged, dat
             if heads is not None:
                 chunk_heads[row] = [[names[j] for j in heads[i, e][words].tolist()] for e in range(heads.shape[1])]
     sentences = len(data.sentences)
-    tags: list[list[str]] = [[] for _ in range(sentences)]
-    exit_layers: list[list[int]] = [[] for _ in range(sentences)]
-    head_layers = model.config.exit_layer_list
-    per_exit_tags = {layer: [[] for _ in range(sentences)] for layer in head_layers} if per_exit else {}
-    for row, sentence in enumerate(encoded.sentence):  # chunks of a sentence are consecutive, in order
-        tags[sentence].extend(chunk_tags[row])
-        exit_layers[sentence].extend(chunk_exits[row])
-        for slot, layer in enumerate(head_layers if per_exit else ()):
-            per_exit_tags[layer][sentence].extend(chunk_heads[row][slot])
+    rows = range(len(encoded))
+    tags = join_chunks([chunk_tags[r] for r in rows], encoded.sentence, sentences)
+    exit_layers = join_chunks([chunk_exits[r] for r in rows], encoded.sentence, sentences)
+    per_exit_tags = {layer: join_chunks([chunk_heads[r][slot] for r in rows], encoded.sentence, sentences)
+                     for slot, layer in enumerate(model.config.exit_layer_list)} if per_exit else {}
     return TaggedPredictions(tags, exit_layers, work, real, model.config.num_hidden_layers, per_exit_tags, len(encoded))
 
 
@@ -191,5 +196,5 @@ def tag_texts(model: EATForTokenClassification, tokenizer, texts: list[str], *, 
     return results
 
 
-__all__ = ["tag_texts", "TaggedPredictions", "predict_tagged", "summarize_tagged", "evaluate_tagged",
+__all__ = ["join_chunks", "tag_texts", "TaggedPredictions", "predict_tagged", "summarize_tagged", "evaluate_tagged",
            "tune_token_exits", "TOKEN_EXIT_GRID"]
