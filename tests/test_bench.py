@@ -172,3 +172,16 @@ def test_report_without_data_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="not valid JSON"):
         build_report(tmp_path)
     assert (tmp_path / "results.jsonl").read_text() == "not json\n"
+
+
+def test_tune_prefers_exits_off_to_a_threshold_that_never_fires(tmp_path, tiny_backbone):
+    """A tau no row meets would evaluate every head for nothing: the tuner must choose real exits-off instead."""
+    from eat.bench import tune
+
+    folder = tmp_path / "ckpt"
+    tiny_model(seed=3, exit_layers="all").save_pretrained(folder)
+    result = tune(str(folder), _encoded(24), max_drop=0.0, keep_grid=(1.0,), tau_grid=[1.01], timing_rows=4,
+                  warmup=1, policies=("confidence",))
+    assert result.knobs["exit_policy"] == "none" and result.knobs["exit_layers"] is None
+    assert [c["exit_policy"] for c in result.candidates] == ["none"]
+    assert result.calibration_accuracy == result.reference_accuracy

@@ -110,7 +110,8 @@ def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
         keep = bench.prune_keep_ratio
     knobs = {"keep_ratio": keep if prune else 1.0,
              "attention_window": bench.attention_window if sparse else None,
-             "exit_policy": (policy or bench.exit_policy) if exit_ else "none",
+             # a tuned point with exits off has no rule to lend the exit rows: the bench's rule is used then
+             "exit_policy": (policy if policy not in (None, "none") else bench.exit_policy) if exit_ else "none",
              "exit_threshold": tau if tau is not None else bench.tau,
              "exit_layers": "all" if exit_ else None}
     if knobs["exit_policy"] in ("agreement", "patience"):
@@ -412,9 +413,12 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
                     candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
             else:
                 candidates.extend(sweep[:: max(1, len(sweep) // 8)])
-    if not candidates:
-        candidates = [{"tau": 1.01, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0,
-                       "exit_policy": "confidence"}]
+    # A threshold no calibration row meets still pays for evaluating every head (~10% at batch 1): such a point is
+    # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
+    num_layers = reference_model.config.num_hidden_layers
+    candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
+    candidates.append({"tau": 1.0, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0,
+                       "mean_exit_layer": float(num_layers), "exit_policy": "none"})
     timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],
                                 calibration.labels[:timing_rows], 0, calibration.lengths[:timing_rows])
     singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
@@ -443,6 +447,9 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
 def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
     """The EAT knobs of a tuning candidate (agreement = the last 2 heads agree and confidence >= tau)."""
+    if candidate["exit_policy"] == "none":  # exits off: no head is evaluated
+        return {"keep_ratio": candidate["keep_ratio"], "exit_layers": None, "exit_policy": "none",
+                "exit_threshold": candidate["tau"]}
     knobs = {"keep_ratio": candidate["keep_ratio"], "exit_layers": "all", "exit_policy": candidate["exit_policy"],
              "exit_threshold": candidate["tau"]}
     if candidate["exit_policy"] == "agreement":
