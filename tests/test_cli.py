@@ -87,6 +87,19 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
     second = _invoke(*args)
     assert "0 new point(s), 8 already measured" in second.output
     assert len((results / "results.jsonl").read_text().splitlines()) == 8
+    # the short table: exits off, exit, prune+exit and the tuned point (no baselines given here)
+    short = tmp_path / "short"
+    args = ("bench", "--checkpoint", str(trained_tiny), "--task", "sst2", "--preset", "smoke", "--results",
+            str(short), "--points", "tuned", "--rows", "12")
+    missing = _invoke(*args)
+    assert missing.exit_code == 2 and "no " in missing.output and "tuned_sst2.json" in missing.output
+    short.mkdir()
+    (short / "tuned_sst2.json").write_text(json.dumps({"knobs": {
+        "keep_ratio": [0.9, 0.7], "exit_layers": "all", "exit_policy": "confidence", "exit_threshold": 0.8}}))
+    measured = _invoke(*args)
+    assert measured.exit_code == 0, measured.output
+    rows = [json.loads(line) for line in (short / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point"] for r in rows) == ["eat:exit", "eat:none", "eat:prune+exit", "eat:tuned"]
 
 
 def test_readme_quickstart_smallest_form(tmp_path, data_dir):

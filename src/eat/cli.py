@@ -388,7 +388,9 @@ def bench(
     half: Annotated[Optional[Path], typer.Option(help="half-depth baseline run folder")] = None,
     preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
     results: Annotated[Path, typer.Option("--results", help="results folder (CSV/JSONL appended)")] = Path("results/bench"),
-    points: Annotated[str, typer.Option(help="comma list of: ablation, sweeps")] = "ablation,sweeps",
+    points: Annotated[str, typer.Option(
+        help="comma list of: ablation (8 mechanism combinations + baselines), sweeps, tuned (baselines, exits off, "
+             "exit, prune+exit and the tuned point only: the short table for large dev sets)")] = "ablation,sweeps",
     tau: Annotated[Optional[float], typer.Option(help="exit threshold of the exit mechanism")] = None,
     rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows (default: preset)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="throughput batch size")] = None,
@@ -414,9 +416,11 @@ def bench(
         if folder is not None:
             _, _, _, baseline_dirs[name] = _load_checkpoint_for_task(folder, task, {})
     wanted = {p.strip() for p in points.split(",") if p.strip()}
-    unknown = wanted - {"ablation", "sweeps"}
+    unknown = wanted - {"ablation", "sweeps", "tuned"}
     if unknown:
-        raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation and/or sweeps")
+        raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
+    if "tuned" in wanted and not (results / f"tuned_{task}.json").is_file():
+        raise ValueError(f"--points tuned: no {results / f'tuned_{task}.json'}; run `eat tune --results {results}` first")
     from .ner_data import encode_tagged, is_token_task, load_tagged
 
     token_level = is_token_task(task)
@@ -432,15 +436,17 @@ def bench(
         chosen = []
         tuned_file = results / f"tuned_{task}.json"
         tuned = json.loads(tuned_file.read_text())["knobs"] if tuned_file.is_file() else None
-        if "ablation" in wanted:
+        if wanted & {"ablation", "tuned"}:
             # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
             # is measured in the same run as the baselines
             rule = {} if tuned is None else {"tau": tuned["exit_threshold"], "keep": tuned.get("keep_ratio"),
                                              "policy": tuned.get("exit_policy"), "patience": tuned.get("exit_patience")}
-            chosen += ablation_points(str(model_dir), split_config,
-                                      static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
-                                      half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,
-                                      **rule)
+            grid = ablation_points(str(model_dir), split_config,
+                                   static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
+                                   half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,
+                                   **rule)
+            short = ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit")
+            chosen += grid if "ablation" in wanted else [point for point in grid if point.name in short]
             if tuned is not None:
                 chosen.append(OperatingPoint("eat:tuned", str(model_dir), tuned, "tuned"))
         if "sweeps" in wanted:
