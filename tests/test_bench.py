@@ -87,9 +87,11 @@ def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
     assert all(p.mechanisms()["prune"] == ("prune" in p.name) for p in tuned)
     first = measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
     assert len(first) == 3 and len(log.rows()) == 3
+    assert measure_points(points[:3], encoded, bench, log, dataset_source="fixture") == []  # all measured: skipped
     again = measure_points(points[:4], encoded, bench, log, dataset_source="fixture")
-    assert [row["point"] for row in again] == [points[3].name]  # finished rows are skipped, not redone
-    assert len(log.rows()) == 4
+    # one new point: the whole table is timed again side by side (one run_id), old rows replaced, not duplicated
+    assert [row["point"] for row in again] == [p.name for p in points[:4]]
+    assert len(log.rows()) == 4 and len({row["run_id"] for row in log.rows()}) == 1
     forced = measure_points(points[:1], encoded, bench, log, dataset_source="fixture", force=True)
     assert len(forced) == 1 and len(log.rows()) == 4  # replaced, not duplicated
     row = log.rows()[0]

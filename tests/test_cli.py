@@ -83,9 +83,9 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
             str(results), "--points", "ablation", "--rows", "12")
     first = _invoke(*args)
     assert first.exit_code == 0, first.output
-    assert "8 new point(s), 0 already measured" in first.output
+    assert "8 point(s) measured in this run, 0 already measured" in first.output
     second = _invoke(*args)
-    assert "0 new point(s), 8 already measured" in second.output
+    assert "0 point(s) measured in this run, 8 already measured" in second.output
     assert len((results / "results.jsonl").read_text().splitlines()) == 8
     # the short table: exits off, exit, prune+exit and the tuned point (no baselines given here)
     short = tmp_path / "short"

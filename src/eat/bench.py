@@ -170,13 +170,13 @@ def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassificati
 
 def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env: dict, log: ResultsLog,
                 force: bool) -> list[tuple[OperatingPoint, str]]:
-    """(point, configuration hash) of every point not in the log yet (all of them with ``force``)."""
-    todo = []
-    for point in points:
-        hash_ = _point_hash(point, bench, dataset_source, rows, env)
-        if force or not log.has(hash_):
-            todo.append((point, hash_))
-    return todo
+    """(point, configuration hash) of the points to measure: none when every point is in the log already, else
+    all of them. Ratios are only valid between points timed side by side in one interleaved run, so a table with
+    one new point is measured again as a whole (the old rows are replaced, not duplicated)."""
+    hashes = [(point, _point_hash(point, bench, dataset_source, rows, env)) for point in points]
+    if not force and all(log.has(hash_) for _, hash_ in hashes):
+        return []
+    return hashes
 
 
 def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int, dataset_source: str,
@@ -264,7 +264,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
             _write_examples(examples_dir / f"{hash_}.csv", lengths, exit_layer[point.name], tokens[point.name],
                             predictions == labels)
             row["examples_file"] = f"examples/{hash_}.csv"
-        log.append(row, replace=force)
+        log.append(row, replace=True)
         new_rows.append(row)
     return new_rows
 
@@ -344,7 +344,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
             "work": dataclasses.asdict(work[point.name]),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
         }
-        log.append(row, replace=force)
+        log.append(row, replace=True)
         new_rows.append(row)
     return new_rows
 

@@ -460,7 +460,7 @@ def bench(
                 new = measure_points(chosen, encoded, split_config, log, dataset_source=source,
                                      f1=task_spec(task).f1, force=force, pad_id=tokenizer.pad_token_id or 0,
                                      examples_dir=results / "examples", progress=_bench_progress(bar))
-        table = Table(title=f"{task} {split}: {len(new)} new point(s), {len(chosen) - len(new)} already measured")
+        table = Table(title=f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} already measured")
         for column in ("point", "entity F1" if token_level else "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
             table.add_column(column)
         for row in new:
