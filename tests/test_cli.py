@@ -119,3 +119,16 @@ def test_readme_quickstart_smallest_form(tmp_path, data_dir):
     assert report.is_file() and (tmp_path / "runs" / "results" / "plots" / "sst2_frontier.png").is_file()
     rows = [json.loads(line) for line in (tmp_path / "runs" / "results" / "results.jsonl").read_text().splitlines()]
     assert {"static", "half-depth", "eat:none", "eat:prune+sparse+exit", "eat:tuned"} <= {r["point"] for r in rows}
+
+
+def test_pruning_aware_training_schedule_from_the_command_line(tiny_backbone, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    out = tmp_path / "pruned-run"
+    result = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", "--train-limit", "32",
+                     "--train-keep-ratio", "0.9,0.6", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train_config.json").read_text())["train_keep_ratio"] == [0.9, 0.6]
+    assert json.loads((out / "model" / "config.json").read_text())["keep_ratio"] == [0.9, 0.6]
+    bad = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke",
+                  "--train-keep-ratio", "most", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "--train-keep-ratio: expected a number or 'first,last'" in bad.output

@@ -117,7 +117,8 @@ def train(
         help="training rows held out for `eat tune` (0: train on every row, e.g. for a baseline)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
-    train_keep_ratio: Annotated[Optional[float], typer.Option(help="pruning-aware training keep ratio")] = None,
+    train_keep_ratio: Annotated[Optional[str], typer.Option(
+        help="pruning-aware training: keep ratio while training, one number or 'first,last' (e.g. 0.9,0.6)")] = None,
     length_bucketing: Annotated[Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing",
                                                              help="train on batches of similar length")] = None,
     exit_layers: Annotated[Optional[str], typer.Option(help="layers with exit heads: 'all' or a comma list")] = None,
@@ -143,7 +144,7 @@ def train(
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
-        calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=train_keep_ratio, length_bucketing=length_bucketing,
+        calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
         init_from=init_from, freeze_backbone=freeze_backbone or None,
         exit_layers=_layer_list(exit_layers), exit_loss_weights=_weight_list(exit_loss_weights),
         data_file=data_file, eval_file=eval_file,
@@ -172,6 +173,17 @@ def _layer_list(text: str | None):
     if text is None or text == "all":
         return text
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _keep_ratio(text: str | None):
+    """'0.7' -> 0.7, '0.9,0.6' -> [0.9, 0.6] (the knob's forms; None = the preset's)."""
+    if text is None:
+        return None
+    try:
+        parts = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--train-keep-ratio: expected a number or 'first,last', got {text!r}") from None
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _weight_list(text: str | None):
