@@ -187,3 +187,21 @@ def test_tune_prefers_exits_off_to_a_threshold_that_never_fires(tmp_path, tiny_b
     assert result.knobs["exit_policy"] == "none" and result.knobs["exit_layers"] is None
     assert [c["exit_policy"] for c in result.candidates] == ["none"]
     assert result.calibration_accuracy == result.reference_accuracy
+
+
+def test_tune_measures_the_drop_against_a_reference_run(tmp_path, tiny_backbone):
+    """--reference: the allowed drop is counted from another model's calibration accuracy (e.g. static)."""
+    from eat.bench import tune
+
+    eat_folder, static_folder = tmp_path / "eat", tmp_path / "static"
+    tiny_model(seed=3, exit_layers="all").save_pretrained(eat_folder)
+    tiny_model(seed=8).save_pretrained(static_folder)
+    encoded = _encoded(24)
+    static = predict_encoded(tiny_model(seed=8), encoded)
+    expected = 100.0 * float((static.predictions == static.labels).mean())
+    result = tune(str(eat_folder), encoded, max_drop=0.0, keep_grid=(1.0,), tau_grid=[1.01], timing_rows=4,
+                  warmup=1, policies=("confidence",), reference_checkpoint=str(static_folder))
+    assert result.reference_accuracy == pytest.approx(expected)
+    assert "reference run" in result.criterion
+    off = predict_encoded(tiny_model(seed=3, exit_layers="all"), encoded)
+    assert result.candidates[-1]["accuracy"] == pytest.approx(100.0 * float((off.predictions == off.labels).mean()))

@@ -132,3 +132,15 @@ def test_pruning_aware_training_schedule_from_the_command_line(tiny_backbone, da
     bad = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke",
                   "--train-keep-ratio", "most", "--out", str(tmp_path / "bad"))
     assert bad.exit_code == 2 and "--train-keep-ratio: expected a number or 'first,last'" in bad.output
+
+
+def test_tune_refuses_a_reference_with_another_calibration_slice(trained_tiny, tiny_backbone, data_dir, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    other = tmp_path / "other-seed"
+    trained = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", "--variant", "static",
+                      "--seed", "7", "--out", str(other))
+    assert trained.exit_code == 0, trained.output
+    result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "1",
+                     "--reference", str(other), "--results", str(tmp_path / "r"))
+    assert result.exit_code == 2 and "calibration slice differs" in result.output and "seed: 42 vs 7" in result.output

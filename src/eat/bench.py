@@ -384,21 +384,24 @@ class TuneResult:
 def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
          latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = (1.0, [0.9, 0.7], [0.9, 0.6], [0.8, 0.5]),
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
-         warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement")) -> TuneResult:
+         warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement"),
+         reference_checkpoint: str | None = None) -> TuneResult:
     """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
     and a keep schedule on the calibration split.
 
     ``max_drop``: the fastest point whose calibration accuracy is at most ``max_drop`` points below the same
-    checkpoint with every mechanism off. ``latency_budget_ms``: the most accurate point whose measured batch-1
+    checkpoint with every mechanism off (or than ``reference_checkpoint``, e.g. the static model the targets
+    compare with, which must have held out the same calibration rows). ``latency_budget_ms``: the most accurate point whose measured batch-1
     median fits the budget. For each keep schedule the smallest qualifying tau comes from one cached pass
     (exact); the finalists are then timed side by side on ``timing_rows`` calibration examples.
     """
     if (max_drop is None) == (latency_budget_ms is None):
         raise ValueError("give exactly one of max_drop or latency_budget_ms")
     tau_grid = list(tau_grid) if tau_grid is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
-    reference_model = load_classifier(checkpoint).to(device)
+    reference_model = load_classifier(reference_checkpoint or checkpoint).to(device)
     reference_model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
     reference = predict_encoded(reference_model, calibration, device=device, pad_id=pad_id)
+    reference_model = load_classifier(checkpoint).to(device)  # the exits-off candidate is this checkpoint's
     reference_accuracy = classification_metrics(reference.labels, reference.predictions)["accuracy"]
     candidates = []
     for keep in keep_grid:
@@ -417,7 +420,13 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
     num_layers = reference_model.config.num_hidden_layers
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
-    candidates.append({"tau": 1.0, "keep_ratio": 1.0, "accuracy": reference_accuracy, "token_layer_fraction": 1.0,
+    if reference_checkpoint is not None:
+        reference_model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+        off = predict_encoded(reference_model, calibration, device=device, pad_id=pad_id)
+        off_accuracy = classification_metrics(off.labels, off.predictions)["accuracy"]
+    else:
+        off_accuracy = reference_accuracy
+    candidates.append({"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
                        "mean_exit_layer": float(num_layers), "exit_policy": "none"})
     timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],
                                 calibration.labels[:timing_rows], 0, calibration.lengths[:timing_rows])
@@ -432,7 +441,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         cand["calibration_p50_ms"] = latency[str(i)].p50_ms
     if max_drop is not None:
         best = min(candidates, key=lambda c: c["calibration_p50_ms"])
-        criterion = f"fastest with calibration accuracy >= reference - {max_drop}"
+        criterion = f"fastest with calibration accuracy >= {'reference run' if reference_checkpoint else 'reference'} - {max_drop}"
     else:
         fitting = [c for c in candidates if c["calibration_p50_ms"] <= latency_budget_ms]
         if not fitting:

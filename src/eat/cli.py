@@ -175,6 +175,19 @@ def _layer_list(text: str | None):
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _check_same_calibration(checkpoint: Path, trained: dict, reference: Path, reference_trained: dict) -> None:
+    """A tuning reference must have held out the very calibration slice the EAT run holds out."""
+    if not reference_trained:
+        raise ValueError(f"{reference}: no train_config.json, so its calibration slice is unknown")
+    fields = ("task", "seed", "calibration_rows", "data_file")
+    differ = [f for f in fields if trained.get(f) != reference_trained.get(f)]
+    if differ or not reference_trained.get("calibration_rows"):
+        details = ", ".join(f"{f}: {trained.get(f)} vs {reference_trained.get(f)}" for f in differ) or \
+            "calibration_rows: 0 (it trained on every row)"
+        raise ValueError(f"--reference {reference}: its calibration slice differs from {checkpoint}'s ({details}); "
+                         "the reference must hold out the same rows")
+
+
 def _keep_ratio(text: str | None):
     """'0.7' -> 0.7, '0.9,0.6' -> [0.9, 0.6] (the knob's forms; None = the preset's)."""
     if text is None:
@@ -493,6 +506,9 @@ def tune_command(
     results: Annotated[Path, typer.Option("--results")] = Path("results/bench"),
     rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows for the final report (default all)")] = None,
     max_work: Annotated[float, typer.Option(help="token tasks: most token-layer work allowed (fraction of static)")] = 1.0,
+    reference: Annotated[Optional[Path], typer.Option(
+        help="measure --max-drop against this run (e.g. the family's static model, trained with the same "
+             "calibration slice held out) instead of the EAT checkpoint with everything off")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -524,13 +540,20 @@ def tune_command(
         _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows,
                          max_work)
         return
+    reference_dir = None
+    if reference is not None:
+        _, _, reference_trained, reference_dir = _load_checkpoint_for_task(reference, task, {})
+        _check_same_calibration(checkpoint, trained, reference, reference_trained)
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
-                  latency_budget_ms=latency_budget, device=device, pad_id=pad_id)
+                  latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
+                  reference_checkpoint=None if reference_dir is None else str(reference_dir))
     save_json(results / f"tuned_{task}.json", dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
-    out.print(f"calibration accuracy {result.calibration_accuracy:.2f} (everything off: {result.reference_accuracy:.2f})")
+    reference_name = "everything off" if reference is None else str(reference)
+    out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows)
-    points = [OperatingPoint("eat:none", str(model_dir), {}, "ablation"),
+    everything_off = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
+    points = [OperatingPoint("eat:none", str(model_dir), everything_off, "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), result.knobs, "tuned")]
     spec = task_spec(task)
     for split in spec.eval_splits:
@@ -567,7 +590,8 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
                                       split="validation", rows=rows)
     data = load_tagged(task, "validation").subset(rows, seed=config.seed)
-    points = [OperatingPoint("eat:none", str(model_dir), {}, "ablation"),
+    everything_off = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
+    points = [OperatingPoint("eat:none", str(model_dir), everything_off, "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), knobs, "tuned")]
     rows = measure_token_points(points, encode_tagged(data, tokenizer, train_config.max_length), data, config,
                                 ResultsLog(results), dataset_source=f"{data.source} {data.note}".strip(), force=True,
