@@ -398,11 +398,15 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     if (max_drop is None) == (latency_budget_ms is None):
         raise ValueError("give exactly one of max_drop or latency_budget_ms")
     tau_grid = list(tau_grid) if tau_grid is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
-    reference_model = load_classifier(reference_checkpoint or checkpoint).to(device)
-    reference_model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
-    reference = predict_encoded(reference_model, calibration, device=device, pad_id=pad_id)
-    reference_model = load_classifier(checkpoint).to(device)  # the exits-off candidate is this checkpoint's
-    reference_accuracy = classification_metrics(reference.labels, reference.predictions)["accuracy"]
+
+    def everything_off_accuracy(path: str) -> tuple[float, int]:
+        model = load_classifier(path).to(device)
+        model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+        off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
+        return classification_metrics(off.labels, off.predictions)["accuracy"], model.config.num_hidden_layers
+
+    off_accuracy, num_layers = everything_off_accuracy(checkpoint)  # also the exits-off candidate below
+    reference_accuracy = everything_off_accuracy(reference_checkpoint)[0] if reference_checkpoint else off_accuracy
     candidates = []
     for keep in keep_grid:
         model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
@@ -418,14 +422,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
                 candidates.extend(sweep[:: max(1, len(sweep) // 8)])
     # A threshold no calibration row meets still pays for evaluating every head (~10% at batch 1): such a point is
     # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
-    num_layers = reference_model.config.num_hidden_layers
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
-    if reference_checkpoint is not None:
-        reference_model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
-        off = predict_encoded(reference_model, calibration, device=device, pad_id=pad_id)
-        off_accuracy = classification_metrics(off.labels, off.predictions)["accuracy"]
-    else:
-        off_accuracy = reference_accuracy
     candidates.append({"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
                        "mean_exit_layer": float(num_layers), "exit_policy": "none"})
     timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],

@@ -168,6 +168,10 @@ def train(
                   f"model in {result.model_dir})")
 
 
+# the knobs of the "eat:none" row `eat tune` reports beside its point (explicit: a checkpoint's saved knobs may prune)
+EVERYTHING_OFF = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
+
+
 def _layer_list(text: str | None):
     """'all' or '2,4,6' -> the TrainConfig value (None = the preset's)."""
     if text is None or text == "all":
@@ -552,8 +556,7 @@ def tune_command(
     reference_name = "everything off" if reference is None else str(reference)
     out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows)
-    everything_off = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
-    points = [OperatingPoint("eat:none", str(model_dir), everything_off, "ablation"),
+    points = [OperatingPoint("eat:none", str(model_dir), EVERYTHING_OFF, "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), result.knobs, "tuned")]
     spec = task_spec(task)
     for split in spec.eval_splits:
@@ -590,8 +593,7 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
                                       split="validation", rows=rows)
     data = load_tagged(task, "validation").subset(rows, seed=config.seed)
-    everything_off = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
-    points = [OperatingPoint("eat:none", str(model_dir), everything_off, "ablation"),
+    points = [OperatingPoint("eat:none", str(model_dir), EVERYTHING_OFF, "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), knobs, "tuned")]
     rows = measure_token_points(points, encode_tagged(data, tokenizer, train_config.max_length), data, config,
                                 ResultsLog(results), dataset_source=f"{data.source} {data.note}".strip(), force=True,
