@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eat.bench import ablation_points, bench_config_from_preset, measure_points, tau_sweep
+from eat.checkpoints import load_classifier
 from eat.data import EncodedDataset
 from eat.evaluation import predict_encoded
 from eat.report import ReportError, build_report, pareto_front
@@ -205,3 +206,29 @@ def test_tune_measures_the_drop_against_a_reference_run(tmp_path, tiny_backbone)
     assert "reference run" in result.criterion
     off = predict_encoded(tiny_model(seed=3, exit_layers="all"), encoded)
     assert result.candidates[-1]["accuracy"] == pytest.approx(100.0 * float((off.predictions == off.labels).mean()))
+
+
+def test_tune_drops_exit_heads_no_calibration_row_leaves_at(tmp_path, tiny_backbone):
+    """Confidence rule: a head nobody exits at is removed from exit_layers; the calibration decisions stay the same."""
+    from eat.bench import _tuned_knobs, tune
+
+    model = tiny_model(seed=3, exit_layers="all")
+    with torch.no_grad():  # the layer-1 head predicts uniformly (max probability 1/3): it can never fire
+        model.exit_heads["1"].classifier.weight.zero_()
+        model.exit_heads["1"].classifier.bias.zero_()
+        model.exit_heads["2"].classifier.bias.copy_(torch.tensor([0.0, 0.3, 0.0]))  # max prob ~0.403
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    encoded = _encoded(24)
+    result = tune(str(folder), encoded, max_drop=100.0, keep_grid=(1.0,), tau_grid=[0.403], timing_rows=4,
+                  warmup=1, policies=("confidence",))
+    chosen = result.candidates[0]  # the confidence candidate (which one is faster on a tiny model is timing noise)
+    assert chosen["exit_policy"] == "confidence" and chosen["exit_layers_used"][0] == 2
+    knobs = _tuned_knobs(chosen)
+    assert 1 not in knobs["exit_layers"] and knobs["exit_layers"] == chosen["exit_layers_used"]
+    tuned = load_classifier(str(folder), knobs=knobs)
+    assert "1" not in [str(layer) for layer in tuned.config.exit_layer_list]
+    every_head = load_classifier(str(folder), knobs={**knobs, "exit_layers": "all"})
+    with_fewer, with_all = predict_encoded(tuned, encoded), predict_encoded(every_head, encoded)
+    assert (with_fewer.predictions == with_all.predictions).all() and (with_fewer.exit_layer == with_all.exit_layer).all()
+    assert sorted(set(with_all.exit_layer.tolist())) == chosen["exit_layers_used"]

@@ -43,6 +43,22 @@ def test_glue_tsv_columns_for_mnli_and_qqp(tmp_path):
     assert data.frame["label"].tolist() == [0, 2] and data.frame["text_pair"][1] == "It is sunny."
 
 
+def test_glue_rows_with_an_empty_text_are_dropped_with_a_warning(data_dir, tmp_path, caplog):
+    # The real MNLI 10% train sample has one empty hypothesis: the task still trains, the row is named and dropped.
+    sample = pd.read_parquet(data_dir / "mnli" / "train_sample.parquet")
+    empty_rows = sample.index[sample["hypothesis"].isna() | (sample["hypothesis"].str.strip() == "")].tolist()
+    assert empty_rows, "the shared MNLI sample was expected to hold an empty hypothesis"
+    (tmp_path / "mnli").mkdir()
+    sample.iloc[: empty_rows[0] + 2].to_parquet(tmp_path / "mnli" / "train_sample.parquet")
+    with caplog.at_level("WARNING", logger="eat.data"):
+        data = load_glue("mnli", "train", tmp_path)
+    assert len(data) == empty_rows[0] + 1 and (data.frame["text_pair"].str.strip() != "").all()
+    assert f"dropped 1 row(s) with an empty text, e.g. rows [{empty_rows[0]}]" in caplog.text
+    # A user's own table with the same row is an error, not a silent drop.
+    with pytest.raises(DataError, match=r"column 'hypothesis' has 1 empty text"):
+        load_table(tmp_path / "mnli" / "train_sample.parquet", "premise", "hypothesis", "label")
+
+
 def test_user_tables_with_string_and_int_labels(tmp_path):
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('body,tag\n"hello, world",spam\nsomething else,ham\n', encoding="utf-8")

@@ -365,7 +365,8 @@ def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus
         ran = np.arange(1, cached.tokens_per_layer.shape[1] + 1)[None, :] <= layers[:, None]
         token_layers = float((cached.tokens_per_layer * ran).sum() / (lengths.sum() * ran.shape[1]))
         rows.append({"tau": float(tau), **classification_metrics(labels, chosen.argmax(-1), f1),
-                     "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers})
+                     "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
+                     "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))})
     return rows
 
 
@@ -452,12 +453,20 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
 
 def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
-    """The EAT knobs of a tuning candidate (agreement = the last 2 heads agree and confidence >= tau)."""
+    """The EAT knobs of a tuning candidate (agreement = the last 2 heads agree and confidence >= tau).
+
+    With the confidence rule each head decides alone, so a head that no calibration row leaves at is dropped from
+    ``exit_layers`` (it would be evaluated for every example for nothing; the calibration decisions are unchanged).
+    The agreement rule compares neighbouring heads, so it keeps every head.
+    """
     if candidate["exit_policy"] == "none":  # exits off: no head is evaluated
         return {"keep_ratio": candidate["keep_ratio"], "exit_layers": None, "exit_policy": "none",
                 "exit_threshold": candidate["tau"]}
-    knobs = {"keep_ratio": candidate["keep_ratio"], "exit_layers": "all", "exit_policy": candidate["exit_policy"],
-             "exit_threshold": candidate["tau"]}
+    exit_layers: str | list[int] = "all"
+    if candidate["exit_policy"] == "confidence" and candidate.get("exit_layers_used"):
+        exit_layers = list(candidate["exit_layers_used"])
+    knobs = {"keep_ratio": candidate["keep_ratio"], "exit_layers": exit_layers,
+             "exit_policy": candidate["exit_policy"], "exit_threshold": candidate["tau"]}
     if candidate["exit_policy"] == "agreement":
         knobs["exit_patience"] = 2
     return knobs

@@ -127,8 +127,10 @@ def load_glue(task: str, split: str, root: Path | None = None) -> TextDataset:
     if root is None:
         return _load_glue_from_hub(spec, split)
     path, note = resolve_glue_file(task, split, root)
+    # Official GLUE files are used as published: MNLI's train has a row with an empty hypothesis, which is
+    # dropped with a warning (a user's own table gets an error instead, so nothing is silently lost there).
     dataset = load_table(path, spec.text_columns[0], spec.text_columns[1] if len(spec.text_columns) > 1 else None,
-                         "label", label_names=spec.label_names)
+                         "label", label_names=spec.label_names, drop_empty=True)
     dataset.note = note
     return dataset
 
@@ -146,7 +148,8 @@ def _load_glue_from_hub(spec: TaskSpec, split: str) -> TextDataset:
                         "set EAT_DATA_DIR to a local copy") from error
     frame = hub.to_pandas()
     return _frame_to_dataset(frame, f"hub:nyu-mll/glue/{spec.name}/{split}", spec.text_columns[0],
-                             spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label", spec.label_names)
+                             spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label", spec.label_names,
+                             drop_empty=True)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -183,23 +186,26 @@ def _check_utf8(path: Path) -> None:
 
 
 def load_table(path: str | Path, text_column: str, text_pair_column: str | None, label_column: str,
-               label_names: Sequence[str] | None = None) -> TextDataset:
+               label_names: Sequence[str] | None = None, drop_empty: bool = False) -> TextDataset:
     """A user table (CSV/TSV/JSONL/parquet) as a :class:`TextDataset`.
 
     Labels may be integers (ids into ``label_names``) or strings (names in ``label_names``). Without
-    ``label_names`` they are inferred: sorted unique strings, or ``0..max`` for integers.
+    ``label_names`` they are inferred: sorted unique strings, or ``0..max`` for integers. Rows with an empty text
+    raise :class:`DataError`, or with ``drop_empty`` are dropped with one warning naming the file and the rows.
     """
     frame = read_table(Path(path)).rename(columns=_TSV_RENAMES)
-    return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names)
+    return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names, drop_empty)
 
 
 def _frame_to_dataset(frame: pd.DataFrame, source: str, text_column: str, text_pair_column: str | None,
-                      label_column: str, label_names: Sequence[str] | None) -> TextDataset:
+                      label_column: str, label_names: Sequence[str] | None, drop_empty: bool = False) -> TextDataset:
     for column in (text_column, text_pair_column, label_column):
         if column is not None and column not in frame.columns:
             raise DataError(f"{source}: no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
     if frame.empty:
         raise DataError(f"{source}: no rows")
+    if drop_empty:
+        frame = _drop_empty_texts(frame, source, [c for c in (text_column, text_pair_column) if c is not None])
     out = pd.DataFrame({"text": _texts(frame[text_column], source, text_column)})
     if text_pair_column is not None:
         out["text_pair"] = _texts(frame[text_pair_column], source, text_pair_column)
@@ -208,9 +214,29 @@ def _frame_to_dataset(frame: pd.DataFrame, source: str, text_column: str, text_p
     return TextDataset(out, tuple(names), source)
 
 
+def _empty_mask(column: pd.Series) -> pd.Series:
+    values = column.astype("string")
+    return values.isna() | (values.str.strip() == "")
+
+
+def _drop_empty_texts(frame: pd.DataFrame, source: str, columns: list[str]) -> pd.DataFrame:
+    """``frame`` without rows whose text columns are empty; one warning with the count and the first rows."""
+    empty = pd.Series(False, index=frame.index)
+    for column in columns:
+        empty |= _empty_mask(frame[column])
+    if not bool(empty.any()):
+        return frame
+    rows = [int(i) for i in frame.index[empty.to_numpy()][:5]]
+    logger.warning("%s: dropped %d row(s) with an empty text, e.g. rows %s (row numbers count from 0)",
+                   source, int(empty.sum()), rows)
+    if bool(empty.all()):
+        raise DataError(f"{source}: every row has an empty text")
+    return frame.loc[~empty.to_numpy()].reset_index(drop=True)
+
+
 def _texts(column: pd.Series, source: str, name: str) -> list[str]:
     values = column.astype("string")
-    empty = values.isna() | (values.str.strip() == "")
+    empty = _empty_mask(column)
     if bool(empty.any()):
         rows = [int(i) for i in empty[empty].index[:5]]
         raise DataError(f"{source}: column {name!r} has {int(empty.sum())} empty text(s), e.g. at rows {rows} "
