@@ -232,3 +232,20 @@ def test_tune_drops_exit_heads_no_calibration_row_leaves_at(tmp_path, tiny_backb
     with_fewer, with_all = predict_encoded(tuned, encoded), predict_encoded(every_head, encoded)
     assert (with_fewer.predictions == with_all.predictions).all() and (with_fewer.exit_layer == with_all.exit_layer).all()
     assert sorted(set(with_all.exit_layer.tolist())) == chosen["exit_layers_used"]
+
+
+def test_tune_for_batch_throughput_ranks_by_rows_per_second(tmp_path, tiny_backbone):
+    """batch_size > 1: every finalist gets a measured calibration throughput and the winner has the highest."""
+    from eat.bench import tune
+
+    folder = tmp_path / "ckpt"
+    tiny_model(seed=3, exit_layers="all").save_pretrained(folder)
+    result = tune(str(folder), _encoded(40), max_drop=100.0, keep_grid=(1.0, [0.9, 0.6]), tau_grid=[0.34, 0.9],
+                  timing_rows=16, warmup=1, policies=("confidence",), batch_size=8)
+    speeds = [c["calibration_rows_per_s"] for c in result.candidates]
+    assert len(speeds) >= 2 and all(s > 0 for s in speeds)
+    assert "highest batch-8 throughput" in result.criterion
+    best = max(result.candidates, key=lambda c: c["calibration_rows_per_s"])
+    assert result.calibration_accuracy == best["accuracy"]
+    with pytest.raises(ValueError, match="needs max_drop"):
+        tune(str(folder), _encoded(8), latency_budget_ms=5.0, batch_size=8)

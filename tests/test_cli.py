@@ -100,6 +100,28 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
     assert measured.exit_code == 0, measured.output
     rows = [json.loads(line) for line in (short / "results.jsonl").read_text().splitlines()]
     assert sorted(r["point"] for r in rows) == ["eat:exit", "eat:none", "eat:prune+exit", "eat:tuned"]
+    # a point tuned for batch throughput (`eat tune --batch-size N` writes tuned_sst2_bN.json) joins the short table
+    (short / "tuned_sst2_b8.json").write_text(json.dumps({"knobs": {
+        "keep_ratio": [0.9, 0.7], "exit_layers": "all", "exit_policy": "confidence", "exit_threshold": 0.9}}))
+    again = _invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "5 point(s) measured in this run" in again.output  # a new point: the whole table is re-timed
+    rows = [json.loads(line) for line in (short / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point"] for r in rows) == ["eat:exit", "eat:none", "eat:prune+exit", "eat:tuned", "eat:tuned-b8"]
+
+
+def test_tune_for_a_batch_size_writes_its_own_point(trained_tiny, tmp_path):
+    results = tmp_path / "r"
+    result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100",
+                     "--batch-size", "4", "--rows", "8", "--results", str(results))
+    assert result.exit_code == 0, result.output
+    assert "highest batch-4 throughput" in result.output and "rows/s" in result.output
+    tuned = json.loads((results / "tuned_sst2_b4.json").read_text())
+    assert all(c["calibration_rows_per_s"] > 0 for c in tuned["candidates"])
+    assert not (results / "tuned_sst2.json").exists()  # the batch-1 choice is not overwritten
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point"] for r in rows) == ["eat:none", "eat:tuned-b4"]
+    assert {r["batch_size_throughput"] for r in rows} == {4}
 
 
 def test_readme_quickstart_smallest_form(tmp_path, data_dir):

@@ -72,3 +72,20 @@ def test_sst2_batched_target_is_judged_on_the_tuned_point(tmp_path, monkeypatch,
     assert "2.22x static" in t1 and t1.endswith("MET (needs >= 2.0x and <= 0.5 points below)")
     assert "1.40x static" in t3 and "-> MISSED" in t3  # the tuned point, not the 1.90x ablation row
     assert "reference only, picked on dev: eat:prune+exit 1.90x" in printed
+
+
+def test_sst2_batched_target_prefers_the_point_tuned_for_that_batch_size(tmp_path, monkeypatch, capsys):
+    """`eat tune --batch-size 32` writes eat:tuned-b32: T3 is judged on it, T1 still on the batch-1 tuned point."""
+    log = ResultsLog(tmp_path)
+    rows = [_row("static", "baseline", 89.0, 10.0, 100, task="sst2"),
+            _row("half-depth", "baseline", 88.0, 5.0, 200, task="sst2"),
+            _row("eat:tuned", "tuned", 88.7, 4.5, 140, task="sst2"),  # exits only
+            {**_row("eat:tuned-b32", "tuned", 88.6, 6.0, 160, task="sst2"), "mech_prune": True}]
+    for row in rows:
+        log.append(row)
+    printed = _targets(tmp_path, "sst2", monkeypatch, capsys)
+    t3 = [x for x in printed.splitlines() if x.startswith("T3")][0]
+    assert "eat:tuned-b32 (tuned for batch 32" in t3 and "1.60x static" in t3 and t3.endswith(
+        "MET (needs >= 1.5x and <= 0.5 points below)")
+    t1 = [x for x in printed.splitlines() if x.startswith("T1")][0]
+    assert "2.22x static" in t1

@@ -448,7 +448,9 @@ def bench(
     unknown = wanted - {"ablation", "sweeps", "tuned"}
     if unknown:
         raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
-    if "tuned" in wanted and not (results / f"tuned_{task}.json").is_file():
+    batch_tuned = {int(path.stem.rsplit("_b", 1)[1]): path for path in sorted(results.glob(f"tuned_{task}_b*.json"))
+                   if path.stem.rsplit("_b", 1)[1].isdigit()}  # `eat tune --batch-size N` points
+    if "tuned" in wanted and not ((results / f"tuned_{task}.json").is_file() or batch_tuned):
         raise ValueError(f"--points tuned: no {results / f'tuned_{task}.json'}; run `eat tune --results {results}` first")
     from .ner_data import encode_tagged, is_token_task, load_tagged
 
@@ -478,6 +480,9 @@ def bench(
             chosen += grid if "ablation" in wanted else [point for point in grid if point.name in short]
             if tuned is not None:
                 chosen.append(OperatingPoint("eat:tuned", str(model_dir), tuned, "tuned"))
+            for size, path in batch_tuned.items():
+                chosen.append(OperatingPoint(_tuned_point_name(size), str(model_dir),
+                                             json.loads(path.read_text())["knobs"], "tuned"))
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
         with _progress() as bar:
@@ -513,6 +518,9 @@ def tune_command(
     reference: Annotated[Optional[Path], typer.Option(
         help="measure --max-drop against this run (e.g. the family's static model, trained with the same "
              "calibration slice held out) instead of the EAT checkpoint with everything off")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="1: fastest batch-1 median; N > 1: highest throughput at batch N (saved as "
+                             "tuned_<task>_bN.json, point eat:tuned-bN)")] = 1,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -550,14 +558,17 @@ def tune_command(
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
-                  reference_checkpoint=None if reference_dir is None else str(reference_dir))
-    save_json(results / f"tuned_{task}.json", dataclasses.asdict(result))
+                  reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size)
+    save_json(results / (f"tuned_{task}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}.json"),
+              dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
     out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
-    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows)
+    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows,
+                                      **({"batch_size": batch_size} if batch_size > 1 else {}))
+    name = _tuned_point_name(batch_size)
     points = [OperatingPoint("eat:none", str(model_dir), EVERYTHING_OFF, "ablation"),
-              OperatingPoint("eat:tuned", str(model_dir), result.knobs, "tuned")]
+              OperatingPoint(name, str(model_dir), result.knobs, "tuned")]
     spec = task_spec(task)
     for split in spec.eval_splits:
         data = load_glue(task, split).subset(rows, seed=config.seed)
@@ -566,9 +577,17 @@ def tune_command(
                               dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
                               pad_id=pad_id)
         by_name = {row["point"]: row for row in measured}
-        off, tuned = by_name["eat:none"], by_name["eat:tuned"]
+        off, tuned = by_name["eat:none"], by_name[name]
         out.print(f"{task} {split}: tuned accuracy {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; batch-1 p50 "
-                  f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x)")
+                  f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); "
+                  f"batch {config.batch_size} {tuned['throughput_rows_per_s']:.0f} vs "
+                  f"{off['throughput_rows_per_s']:.0f} rows/s "
+                  f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x)")
+
+
+def _tuned_point_name(batch_size: int) -> str:
+    """The results-log name of a tuned point: eat:tuned (batch-1 objective) or eat:tuned-bN (throughput at N)."""
+    return "eat:tuned" if batch_size == 1 else f"eat:tuned-b{batch_size}"
 
 
 def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, train_config, max_drop: float,
