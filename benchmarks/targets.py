@@ -86,14 +86,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     rows = [r for r in ResultsLog(args.results).rows() if r["task"] == args.task]
-    static_rows = [r for r in rows if r["point"] == "static"]
-    if static_rows and static_rows[-1].get("run_id"):
-        # ratios only between points timed side by side in one interleaved run: the static row's run
-        run_id = static_rows[-1]["run_id"]
-        rows = [r for r in rows if r.get("run_id") == run_id]
     lines = []
     for split in sorted({r["split"] for r in rows}):
-        by_point = {r["point"]: r for r in rows if r["split"] == split}
+        split_rows = [r for r in rows if r["split"] == split]
+        static_rows = [r for r in split_rows if r["point"] == "static"]
+        if static_rows and static_rows[-1].get("run_id"):
+            # ratios only between points timed side by side in one interleaved run: this split's static row's run
+            # (each split of a task, e.g. MNLI matched and mismatched, is timed in its own run)
+            run_id = static_rows[-1]["run_id"]
+            split_rows = [r for r in split_rows if r.get("run_id") == run_id]
+        by_point = {r["point"]: r for r in split_rows}
         static, half = by_point.get("static"), by_point.get("half-depth")
         if static is not None and static.get("metric") == "entity_f1":
             lines += token_task_targets(args, static, by_point)

@@ -89,3 +89,15 @@ def test_sst2_batched_target_prefers_the_point_tuned_for_that_batch_size(tmp_pat
         "MET (needs >= 1.5x and <= 0.5 points below)")
     t1 = [x for x in printed.splitlines() if x.startswith("T1")][0]
     assert "2.22x static" in t1
+
+
+def test_every_split_is_judged_on_its_own_interleaved_run(tmp_path, monkeypatch, capsys):
+    """MNLI matched and mismatched are timed in separate runs: both splits are reported, each from its own run."""
+    log = ResultsLog(tmp_path)
+    for split, run, static_ms in (("validation_matched", "run-a", 12.0), ("validation_mismatched", "run-b", 10.0)):
+        for row in (_row("static", "baseline", 70.0, static_ms, 100, split=split, task="mnli"),
+                    _row("eat:tuned", "tuned", 69.5, 5.0, 200, split=split, task="mnli")):
+            log.append({**row, "run_id": run, "config_hash": f"{row['config_hash']}-{run}"})
+    printed = _targets(tmp_path, "mnli", monkeypatch, capsys)
+    t6 = [x for x in printed.splitlines() if x.startswith("T6")]
+    assert len(t6) == 2 and "2.40x static" in t6[0] and "2.00x static" in t6[1]
