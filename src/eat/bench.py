@@ -436,10 +436,10 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     for i, cand in enumerate(candidates):
         models[str(i)] = load_classifier(checkpoint, knobs=_tuned_knobs(cand)).to(device)
     if batch_size > 1:
-        _time_throughput(models, calibration, candidates, batch_size, max(timing_rows, 8 * batch_size), device, pad_id)
+        _time_throughput(models, _first_rows(calibration, max(timing_rows, 8 * batch_size)), candidates, batch_size,
+                         device, pad_id)
     else:
-        timing_set = EncodedDataset(calibration.input_ids[:timing_rows], calibration.token_type_ids[:timing_rows],
-                                    calibration.labels[:timing_rows], 0, calibration.lengths[:timing_rows])
+        timing_set = _first_rows(calibration, timing_rows)
         singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
         calls = {name: (lambda b, m=m: m(b["input_ids"].to(device), None, b["token_type_ids"].to(device)))
                  for name, m in models.items()}
@@ -467,20 +467,23 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
                       criterion)
 
 
-def _time_throughput(models: dict[str, Any], calibration: EncodedDataset, candidates: list[dict[str, Any]],
-                     batch_size: int, timing_rows: int, device: str, pad_id: int) -> None:
-    """Rows/s of every finalist on the same batches of calibration rows (best of 3 passes, taken in turns so drift
+def _first_rows(encoded: EncodedDataset, rows: int) -> EncodedDataset:
+    """The first ``rows`` rows of ``encoded`` (all of it when shorter)."""
+    return EncodedDataset(encoded.input_ids[:rows], encoded.token_type_ids[:rows], encoded.labels[:rows], 0,
+                          encoded.lengths[:rows])
+
+
+def _time_throughput(models: dict[str, Any], timing_set: EncodedDataset, candidates: list[dict[str, Any]],
+                     batch_size: int, device: str, pad_id: int) -> None:
+    """Rows/s of every finalist on the same batches of ``timing_set`` (best of 3 passes, taken in turns so drift
     favours nobody); stored as ``calibration_rows_per_s`` in each candidate."""
-    rows = min(timing_rows, len(calibration))
-    timing_set = EncodedDataset(calibration.input_ids[:rows], calibration.token_type_ids[:rows],
-                                calibration.labels[:rows], 0, calibration.lengths[:rows])
     batched = [{k: v.to(device) for k, v in b.items()}
                for b in batches(timing_set, batch_size, bucket=False, pad_id=pad_id)]
     best = {name: 0.0 for name in models}
     for _ in range(3):
         for name, model in models.items():
             call = lambda b, m=model: m(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # noqa: E731
-            rows_per_s, _ = throughput(call, batched, rows, warmup=1, device=device)
+            rows_per_s, _ = throughput(call, batched, len(timing_set), warmup=1, device=device)
             best[name] = max(best[name], rows_per_s)
     for i, cand in enumerate(candidates):
         cand["calibration_rows_per_s"] = best[str(i)]

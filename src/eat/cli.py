@@ -448,8 +448,9 @@ def bench(
     unknown = wanted - {"ablation", "sweeps", "tuned"}
     if unknown:
         raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
-    batch_tuned = {int(path.stem.rsplit("_b", 1)[1]): path for path in sorted(results.glob(f"tuned_{task}_b*.json"))
-                   if path.stem.rsplit("_b", 1)[1].isdigit()}  # `eat tune --batch-size N` points
+    batch_tuned = {int(size): results / f"tuned_{task}_b{size}.json"  # `eat tune --batch-size N` points
+                   for size in (path.stem.rsplit("_b", 1)[1] for path in sorted(results.glob(f"tuned_{task}_b*.json")))
+                   if size.isdigit()}
     if "tuned" in wanted and not ((results / f"tuned_{task}.json").is_file() or batch_tuned):
         raise ValueError(f"--points tuned: no {results / f'tuned_{task}.json'}; run `eat tune --results {results}` first")
     from .ner_data import encode_tagged, is_token_task, load_tagged
