@@ -448,11 +448,11 @@ def bench(
     unknown = wanted - {"ablation", "sweeps", "tuned"}
     if unknown:
         raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
-    batch_tuned = {int(size): results / f"tuned_{task}_b{size}.json"  # `eat tune --batch-size N` points
+    batch_tuned = {int(size): _tuned_file(results, task, int(size))  # `eat tune --batch-size N` points
                    for size in (path.stem.rsplit("_b", 1)[1] for path in sorted(results.glob(f"tuned_{task}_b*.json")))
                    if size.isdigit()}
-    if "tuned" in wanted and not ((results / f"tuned_{task}.json").is_file() or batch_tuned):
-        raise ValueError(f"--points tuned: no {results / f'tuned_{task}.json'}; run `eat tune --results {results}` first")
+    if "tuned" in wanted and not (_tuned_file(results, task).is_file() or batch_tuned):
+        raise ValueError(f"--points tuned: no {_tuned_file(results, task)}; run `eat tune --results {results}` first")
     from .ner_data import encode_tagged, is_token_task, load_tagged
 
     token_level = is_token_task(task)
@@ -466,7 +466,7 @@ def bench(
             encoded = encode(data, tokenizer, max_length)
         split_config = dataclasses.replace(config, split=split)
         chosen = []
-        tuned_file = results / f"tuned_{task}.json"
+        tuned_file = _tuned_file(results, task)
         tuned = json.loads(tuned_file.read_text())["knobs"] if tuned_file.is_file() else None
         if wanted & {"ablation", "tuned"}:
             # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
@@ -560,8 +560,7 @@ def tune_command(
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
                   reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size)
-    save_json(results / (f"tuned_{task}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}.json"),
-              dataclasses.asdict(result))
+    save_json(_tuned_file(results, task, batch_size), dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
     out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
@@ -586,6 +585,11 @@ def tune_command(
                   f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x)")
 
 
+def _tuned_file(results: Path, task: str, batch_size: int = 1) -> Path:
+    """Where `eat tune` saves its choice: tuned_<task>.json (batch-1 objective) or tuned_<task>_bN.json."""
+    return results / (f"tuned_{task}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}.json")
+
+
 def _tuned_point_name(batch_size: int) -> str:
     """The results-log name of a tuned point: eat:tuned (batch-1 objective) or eat:tuned-bN (throughput at N)."""
     return "eat:tuned" if batch_size == 1 else f"eat:tuned-b{batch_size}"
@@ -606,7 +610,7 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     result = tune_token_exits(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
                               max_drop=max_drop, max_work=max_work, device=device, pad_id=pad_id)
     knobs = result["knobs"]
-    save_json(results / f"tuned_{task}.json", result)
+    save_json(_tuned_file(results, task), result)
     out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): {knobs}")
     out.print(f"calibration F1 {result['calibration_f1']:.2f} (exits off: {result['reference_f1']:.2f}), token-layer "
               f"fraction {result['token_layer_ratio']:.3f}, {result['mean_sentence_layers']:.2f} layers per sentence")
