@@ -166,3 +166,27 @@ def test_tune_refuses_a_reference_with_another_calibration_slice(trained_tiny, t
     result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "1",
                      "--reference", str(other), "--results", str(tmp_path / "r"))
     assert result.exit_code == 2 and "calibration slice differs" in result.output and "seed: 42 vs 7" in result.output
+
+
+def test_sentence_calibration_and_bf16_from_the_command_line(tiny_backbone, data_dir, tmp_path, monkeypatch):
+    """`--calibration-unit sentence` holds out whole SST-2 sentences (and their phrases), and `eat tune` tunes on
+    exactly those; `--bf16 on` trains under bf16 autocast on CPU. Bad values are one clear line."""
+    from eat.data import carve_sentence_calibration, load_glue
+
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    out = tmp_path / "by-sentence"
+    result = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", "--train-limit", "32",
+                     "--calibration-unit", "sentence", "--bf16", "on", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["calibration_unit"] == "sentence" and saved["bf16"] == "on"
+    tuned = _invoke("tune", "--checkpoint", str(out), "--task", "sst2", "--max-drop", "1",
+                    "--results", str(tmp_path / "r"))
+    assert tuned.exit_code == 0, tuned.output
+    _, sentences = carve_sentence_calibration(load_glue("sst2", "train", data_dir), saved["calibration_rows"],
+                                              seed=saved["seed"])
+    assert f"chosen on {len(sentences)} calibration rows" in tuned.output
+    for option, value in (("--calibration-unit", "paragraph"), ("--bf16", "maybe")):
+        bad = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", option, value,
+                      "--out", str(tmp_path / "bad"))
+        assert bad.exit_code == 2 and option.strip("-").replace("-", "_") in bad.output

@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from eat.data import (DataError, batches, carve_calibration, encode, load_glue, load_table, resolve_glue_file)
+from eat.data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
+                      load_table, resolve_glue_file)
 
 
 def test_sst2_tsv_and_parquet_layouts_agree(data_dir, tmp_path):
@@ -124,6 +125,35 @@ def test_batches_are_bucketed_padded_and_cover_every_row(data_dir, backbone_path
     assert sorted(seen) == list(range(300))
     unbucketed = sum(int((1 - b["attention_mask"]).sum()) for b in batches(encoded, 32, bucket=False))
     assert padded < unbucketed / 2
+
+
+def test_sentence_calibration_holds_out_whole_sentences_and_their_phrases(data_dir):
+    """SST-2 train rows are parse-tree phrases: calibration by sentence takes rows no longer row contains, and
+    no training row may be a piece of a calibration sentence (that would leak its label into training)."""
+    full = load_glue("sst2", "train", data_dir)
+    # a real slice: the first 40 rows that are whole sentences, plus every row that is a phrase of one of them
+    texts = full.frame["text"].str.strip()
+    whole = [t for t in texts.iloc[:3000] if len(t.split()) >= 6][:40]
+    blob = "\n".join(whole)
+    frame = full.frame[texts.map(lambda t: t in blob)].reset_index(drop=True)
+    data = TextDataset(frame, full.label_names, full.source)
+    train, calibration = carve_sentence_calibration(data, sentences=5, seed=3)
+    assert len(calibration) == 5
+    train_texts = train.frame["text"].str.strip().tolist()
+    for sentence in calibration.frame["text"].str.strip():
+        assert not any(sentence in other for other in train_texts)  # not a phrase of a training row
+        assert not any(phrase in sentence for phrase in train_texts)  # none of its phrases trained on
+        others = [t for t in frame["text"].str.strip() if t != sentence]
+        assert not any(sentence in other for other in others)  # a whole sentence, not a phrase
+    assert len(train) + len(calibration) < len(data) and len(train) > len(data) // 2
+    again_train, again = carve_sentence_calibration(data, sentences=5, seed=3)
+    assert again.frame.equals(calibration.frame) and again_train.frame.equals(train.frame)
+    assert calibration.frame["text"].str.split().str.len().mean() > frame["text"].str.split().str.len().mean()
+    with pytest.raises(DataError, match="found only"):
+        carve_sentence_calibration(data, sentences=10_000, seed=3)
+    pairs = load_glue("mnli", "validation_matched", data_dir).subset(50)
+    with pytest.raises(DataError, match="text pairs"):
+        carve_sentence_calibration(pairs, sentences=5)
 
 
 def test_calibration_split_is_disjoint_and_seeded(data_dir):

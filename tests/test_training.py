@@ -105,3 +105,14 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
     assert result.dev_accuracy == static_summary["dev_accuracy"]  # exits off: the same model
     with pytest.raises(ValueError, match="freeze_backbone"):
         train_config_from_preset("smoke", freeze_backbone=True)
+    # starting from a run that held out another calibration slice would tune on rows it trained on: refused
+    from eat.training import build_model
+
+    for other in (dict(calibration_rows=16), dict(seed=7), dict(calibration_unit="sentence")):
+        moved = train_config_from_preset("smoke", model=tiny_backbone, variant="eat", init_from=str(tmp_path / "static"),
+                                         **other)
+        with pytest.raises(ValueError, match="another calibration slice"):
+            build_model(moved, ("negative", "positive"))
+    # ... while a backbone folder (no train_config.json: it never saw this task) is fine
+    assert build_model(train_config_from_preset("smoke", variant="eat", init_from=tiny_backbone),
+                       ("negative", "positive")).exit_heads

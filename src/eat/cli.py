@@ -115,6 +115,8 @@ def train(
     eval_limit: Annotated[Optional[int], typer.Option()] = None,
     calibration_rows: Annotated[Optional[int], typer.Option(
         help="training rows held out for `eat tune` (0: train on every row, e.g. for a baseline)")] = None,
+    calibration_unit: Annotated[Optional[str], typer.Option(
+        help="row (random rows) or sentence (whole sentences, their phrases held out too: SST-2)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
     train_keep_ratio: Annotated[Optional[str], typer.Option(
@@ -134,6 +136,8 @@ def train(
     label_column: Annotated[str, typer.Option()] = "label",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    bf16: Annotated[Optional[str], typer.Option(
+        help="bf16 autocast in training: auto (CUDA only), on (CPU too; faster with native bf16), off")] = None,
     force: Annotated[bool, typer.Option(help="replace a finished run in --out")] = False,
 ) -> None:
     """Fine-tune an EAT model (or a static baseline) and print its dev accuracy. Resumes interrupted runs."""
@@ -144,10 +148,11 @@ def train(
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
-        calibration_rows=calibration_rows, distill_weight=distill_weight, train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
+        calibration_rows=calibration_rows, calibration_unit=calibration_unit, distill_weight=distill_weight,
+        train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
         init_from=init_from, freeze_backbone=freeze_backbone or None,
         exit_layers=_layer_list(exit_layers), exit_loss_weights=_weight_list(exit_loss_weights),
-        data_file=data_file, eval_file=eval_file,
+        data_file=data_file, eval_file=eval_file, bf16=bf16,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"
     with _progress() as bar:
@@ -181,13 +186,13 @@ def _layer_list(text: str | None):
 
 def _check_same_calibration(checkpoint: Path, trained: dict, reference: Path, reference_trained: dict) -> None:
     """A tuning reference must have held out the very calibration slice the EAT run holds out."""
+    from .training import calibration_differences
+
     if not reference_trained:
         raise ValueError(f"{reference}: no train_config.json, so its calibration slice is unknown")
-    fields = ("task", "seed", "calibration_rows", "data_file")
-    differ = [f for f in fields if trained.get(f) != reference_trained.get(f)]
+    differ = calibration_differences(trained, reference_trained)
     if differ or not reference_trained.get("calibration_rows"):
-        details = ", ".join(f"{f}: {trained.get(f)} vs {reference_trained.get(f)}" for f in differ) or \
-            "calibration_rows: 0 (it trained on every row)"
+        details = ", ".join(differ) or "calibration_rows: 0 (it trained on every row)"
         raise ValueError(f"--reference {reference}: its calibration slice differs from {checkpoint}'s ({details}); "
                          "the reference must hold out the same rows")
 

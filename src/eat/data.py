@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -367,6 +368,48 @@ def carve_calibration(dataset: TextDataset, fraction: float = 0.1, seed: int = 0
     return train, calibration
 
 
+def carve_sentence_calibration(dataset: TextDataset, sentences: int, seed: int = 0) -> tuple[TextDataset, TextDataset]:
+    """Split a training set whose rows include phrases of other rows (SST-2: every parse-tree phrase of a
+    sentence is its own row) into (train, calibration) by whole sentences.
+
+    Calibration: ``sentences`` seeded-random rows that are whole sentences, i.e. whose text is not part of any
+    longer row. Train: every row except those sentences and every row whose text occurs inside one of them (their
+    phrases, plus the odd short phrase such as "the film" that also occurs there by chance: a few rows more held
+    out, never leaked). Why: dev sentences are whole sentences, about twice as long as the average phrase, and a
+    calibration slice of random phrases (whose parent sentences were trained on) is easier and shorter than dev,
+    so operating points tuned on it exit too late or too early for dev."""
+    if "text_pair" in dataset.frame.columns:
+        raise DataError(f"{dataset.source}: sentence calibration is for single-text tasks whose rows include "
+                        "phrases of other rows (SST-2); this one has text pairs, use row calibration")
+    texts = dataset.frame["text"].astype(str).str.strip()
+    # one string with a separator no text contains, so a match never spans two rows
+    every_text = "\n" + "\n".join(texts) + "\n"
+    copies = texts.value_counts()
+    order = np.random.default_rng(seed).permutation(len(texts))
+    chosen: list[int] = []
+    for row in order:
+        text = texts.iloc[row]
+        # a whole sentence occurs only as itself (and its exact duplicates), never inside a longer row
+        if text and every_text.count(text) == copies[text]:
+            chosen.append(int(row))
+            if len(chosen) == sentences:
+                break
+    if len(chosen) < sentences:
+        raise DataError(f"{dataset.source}: asked for {sentences} calibration sentences, found only {len(chosen)} "
+                        "rows that are not part of a longer row")
+    chosen_texts = "\n".join(texts.iloc[chosen])
+    chosen_set = set(chosen)
+    held_out = np.array([i in chosen_set or text in chosen_texts for i, text in enumerate(texts)])
+    frame = dataset.frame
+    calibration = TextDataset(frame.iloc[chosen].reset_index(drop=True), dataset.label_names, dataset.source,
+                              f"calibration slice ({sentences} whole sentences, seed {seed}) of {dataset.source}")
+    held = f"{int(held_out.sum())} rows held out (calibration sentences and their phrases)"
+    note = (dataset.note + "; " + held).strip("; ")
+    train = TextDataset(frame[~held_out].sample(frac=1.0, random_state=seed).reset_index(drop=True),
+                        dataset.label_names, dataset.source, note)
+    return train, calibration
+
+
 __all__ = ["DataError", "TaskSpec", "TASKS", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
            "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "batch_order", "collate",
-           "carve_calibration"]
+           "carve_calibration", "carve_sentence_calibration"]

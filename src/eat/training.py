@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import load_classifier
-from .data import (DataError, TextDataset, batches, carve_calibration, encode, load_glue, load_table, task_spec)
+from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
+                   load_table, task_spec)
 from .modeling_eat import EATForSequenceClassification, EATForTokenClassification, half_depth_layers, keep_layers
 from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
 
@@ -55,6 +56,9 @@ class TrainConfig:
     train_limit: int | None = None  # seeded subset of the training rows (demo sizes)
     eval_limit: int | None = None
     calibration_rows: int = 2000  # held out of train for `eat tune` (never trained on); 0 = train on every row
+    # "row": calibration_rows random rows; "sentence": that many whole sentences, their phrases held out of
+    # training too (SST-2, whose rows are parse-tree phrases and whose dev set is whole sentences)
+    calibration_unit: str = "row"
     exit_layers: list[int] | str | None = "all"
     exit_loss_weights: str | list[float] = "depth"  # "depth" (proportional to layer), "uniform", or a list
     distill_weight: float = 1.0  # self-distillation of every exit from the final head (0 = off)
@@ -87,6 +91,10 @@ class TrainConfig:
             raise ValueError("freeze_backbone: needs --init-from (a fine-tuned run) and --variant eat")
         if self.calibration_rows < 0:
             raise ValueError(f"calibration_rows: must be >= 0, got {self.calibration_rows}")
+        if self.calibration_unit not in ("row", "sentence"):
+            raise ValueError(f"calibration_unit: expected row or sentence, got {self.calibration_unit!r}")
+        if self.calibration_unit == "sentence" and is_token_task(self.task):
+            raise ValueError(f"calibration_unit sentence: {self.task} rows are sentences already; use row")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16: expected auto, on or off, got {self.bf16!r}")
 
@@ -136,12 +144,39 @@ def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[s
     if config.calibration_rows == 0:
         # a baseline that is never tuned may train on every row (the split then is empty, and tuning refuses it)
         train, calibration = full, full.subset(0, seed=config.seed)
+    elif config.calibration_unit == "sentence":
+        train, calibration = carve_sentence_calibration(full, config.calibration_rows, seed=config.seed)
     else:
         train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
                                                fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
     train = train.subset(config.train_limit, seed=config.seed)
     evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
     return train, calibration, evals
+
+
+# the settings that decide which training rows are held out as the calibration slice
+CALIBRATION_FIELDS = ("task", "seed", "calibration_rows", "calibration_unit", "data_file")
+
+
+def calibration_differences(config: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The calibration settings (as "name: a vs b") in which two saved training configs differ; [] = same slice."""
+    def value(saved: dict[str, Any], name: str) -> Any:
+        return saved.get(name, "row" if name == "calibration_unit" else None)  # runs saved before units: rows
+
+    return [f"{name}: {value(config, name)} vs {value(other, name)}" for name in CALIBRATION_FIELDS
+            if value(config, name) != value(other, name)]
+
+
+def _check_init_calibration(config: TrainConfig, start: Path) -> None:
+    """A run started from another run (``init_from``) may only hold out a calibration slice that run held out
+    too: otherwise the slice was trained on and tuning on it would flatter the model."""
+    saved = start.parent / "train_config.json" if start.name == "model" else start / "train_config.json"
+    if config.calibration_rows == 0 or not saved.is_file():
+        return  # nothing to tune on, or a plain model folder (a backbone: it never saw this task's rows)
+    differ = calibration_differences(dataclasses.asdict(config), json.loads(saved.read_text()))
+    if differ:
+        raise ValueError(f"--init-from {start}: it held out another calibration slice ({', '.join(differ)}), so "
+                         "it trained on rows this run would tune on; train both with the same calibration settings")
 
 
 def _tagged_training_data(config: TrainConfig):
@@ -171,6 +206,7 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
         if config.init_from is not None:
             start = Path(config.init_from)
             start = start / "model" if (start / "model" / "config.json").is_file() else start
+            _check_init_calibration(config, start)
             return load_classifier(str(start), id2label=id2label, knobs=knobs, token_level=token_level)
         return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
     model = load_classifier(config.model, id2label=id2label, token_level=token_level)
