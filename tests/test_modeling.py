@@ -10,6 +10,7 @@ from transformers import (BertConfig, BertForSequenceClassification, BertModel, 
                           DistilBertForSequenceClassification)
 
 from eat import EATConfig, EATForSequenceClassification, EATModel, KnobError, keep_layers
+from eat import modeling_eat
 from eat.checkpoints import CheckpointError, distilbert_to_bert_state_dict, load_classifier
 from eat.modeling_eat import (bipartite_merge_plan, compaction_index, dense_attention, exit_decision,
                               sliding_window_attention)
@@ -35,6 +36,33 @@ def test_parity_with_hf_bert_sequence_classification():
         expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=token_types).logits
         got = eat(ids, mask, token_types).logits
     assert (expected - got).abs().max() < 1e-5
+
+
+def test_parity_with_hf_bert_with_a_chunked_feed_forward():
+    """Hugging Face's `chunk_size_feed_forward` (the feed-forward a few tokens at a time, for long inputs): the
+    same outputs as Hugging Face, and as unchunked also when the length is no multiple of the chunk (which HF
+    refuses), at inference and in training (gradients too)."""
+    torch.manual_seed(2)
+    hf = BertForSequenceClassification(_bert_config(chunk_size_feed_forward=5, hidden_dropout_prob=0.0,
+                                                    attention_probs_dropout_prob=0.0)).eval()
+    eat = EATForSequenceClassification(EATConfig(**hf.config.to_dict())).eval()
+    eat.load_state_dict(hf.state_dict(), strict=True)
+    assert eat.bert.encoder.layer[0].chunk_size_feed_forward == 5
+    ids, mask = mixed_batch(lengths=(20, 7, 13))
+    with torch.no_grad():
+        assert (hf(input_ids=ids, attention_mask=mask).logits - eat(ids, mask).logits).abs().max() < 1e-5
+    whole = EATForSequenceClassification(EATConfig(**{**hf.config.to_dict(), "chunk_size_feed_forward": 0})).eval()
+    whole.load_state_dict(hf.state_dict(), strict=True)
+    for layer in eat.bert.encoder.layer:
+        layer.chunk_size_feed_forward = 8  # 20 tokens: chunks of 8, 8 and 4
+    with torch.no_grad():
+        assert (whole(ids, mask).logits - eat(ids, mask).logits).abs().max() < 1e-6
+    for model in (eat, whole):
+        model.train()
+        model(ids, mask).logits.square().sum().backward()
+    chunked_grad = eat.bert.encoder.layer[1].intermediate.dense.weight.grad
+    assert chunked_grad.abs().sum() > 0
+    assert (chunked_grad - whole.bert.encoder.layer[1].intermediate.dense.weight.grad).abs().max() < 1e-5
 
 
 def test_parity_with_hf_distilbert_sequence_classification(tmp_path):
@@ -272,16 +300,53 @@ def _window_reference_mask(n, radius, g, key_mask):
     return allowed[None, None] & key_mask[:, None, None, :]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 12000])
+@pytest.mark.parametrize("layout", ["heads", "tokens"])
 @pytest.mark.parametrize("n,radius,block,g", [(37, 4, None, 1), (64, 8, 4, 2), (20, 3, 7, 1), (9, 1, None, 1)])
-def test_sliding_window_equals_dense_with_equivalent_mask(n, radius, block, g):
+def test_sliding_window_equals_dense_with_equivalent_mask(n, radius, block, g, layout, chunk_bytes, monkeypatch):
+    """Both layouts the model produces (contiguous (B, H, n, dh), and a linear's (B, n, H, dh) output viewed per
+    head), with the query blocks in one SDPA call, one block per call, or a few per call (long inputs)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(modeling_eat, "WINDOW_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(n)
-    q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
+    if layout == "heads":
+        q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(2, n, 3, 8).transpose(1, 2) for _ in range(3))
+        assert not k.is_contiguous()
     key_mask = torch.ones(2, n, dtype=torch.bool)
     key_mask[1, n - 5:] = False
     got, scores = sliding_window_attention(q, k, v, radius, g, block, key_mask)
     expected = dense_attention(q, k, v, _window_reference_mask(n, radius, g, key_mask))
     assert (got - expected)[:, :, :].abs().max() < 1e-5
+    single, _ = sliding_window_attention(q[:1], k[:1], v[:1], radius, g, block, key_mask[:1])  # batch 1: views
+    assert (single - expected[:1]).abs().max() < 1e-5
     assert scores < 2 * n * n or n < 4 * radius
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 2000])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_sliding_window_gradients_equal_dense_with_equivalent_mask(dropout_p, chunk_bytes, monkeypatch):
+    """Training through the window kernel (windowed training): the same gradients as dense attention under the
+    window mask, in one SDPA call or several; with dropout (another SDPA path) it must at least run backward."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(modeling_eat, "WINDOW_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    n, radius = 23, 3
+    inputs = [torch.randn(2, 2, n, 4, requires_grad=True) for _ in range(3)]
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    key_mask[0, n - 4:] = False
+    got, _ = sliding_window_attention(*inputs, radius, 1, None, key_mask, dropout_p=dropout_p)
+    got.square().sum().backward()
+    if dropout_p:
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in inputs)
+        return
+    window_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    dense_attention(*inputs, _window_reference_mask(n, radius, 1, key_mask)).square().sum().backward()
+    for window_grad, t in zip(window_grads, inputs):
+        assert (window_grad - t.grad).abs().max() < 1e-4
 
 
 def test_sliding_window_work_grows_linearly():

@@ -95,6 +95,12 @@ def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, bloc
     return mask.reshape(B * num_blocks, 1, block, g + width)
 
 
+# Bytes of gathered keys (and as many of values) per SDPA call of the window kernel. Long inputs are cut into
+# groups of query blocks so these buffers stay cache-sized and below glibc's 32 MiB mmap threshold: a larger
+# buffer is mapped fresh on every call and its page faults cost ~10 ms per 38 MiB (8,192 tokens, 12 heads).
+WINDOW_CHUNK_BYTES = 8 * 2**20
+
+
 def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
                              key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None, index=None):
     """Sliding-window attention with global leading tokens, computed block by block.
@@ -102,39 +108,53 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
     first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
     never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
-    band plus the global keys (gathered by one `index_select`), in one batched SDPA call.
+    band plus the global keys (gathered by `index_select`), in batched SDPA calls of up to
+    ``WINDOW_CHUNK_BYTES`` of keys each.
 
     q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
     every score of that key (log token sizes after merging) or None. mask: the result of
     :func:`window_attention_mask` for these arguments and index the result of :func:`window_key_index`, when
     the caller has them already (the model builds both once per batch).
-    Returns ((B, H, n, dh), scores computed).
+    Returns ((B, H, n, dh) as a view of a token-major (B, n, H, dh) tensor, scores computed).
     """
     B, H, n, dh = q.shape
     g, block, num_blocks, n_pad, width = _window_geometry(n, radius, num_global, block)
+    slots = g + width  # keys per query block
     if mask is None:
         mask = window_attention_mask(B, n, radius, num_global, block, key_mask, key_bias, q.device)
     if index is None:
         index = window_key_index(n, radius, num_global, block, q.device)
-
-    # Keys of block i: the global ones, then positions [i * block - radius, i * block + block + radius).
-    keys = k.index_select(2, index).view(B, H, num_blocks, g + width, dh).transpose(1, 2)  # (B, nb, H, g+W, dh)
-    values = v.index_select(2, index).view(B, H, num_blocks, g + width, dh).transpose(1, 2)
+    block_masks = mask.view(B, num_blocks, 1, block, slots)
     padded_q = F.pad(q, (0, 0, 0, n_pad - n)) if n_pad != n else q
-    queries = padded_q.view(B, H, num_blocks, block, dh).transpose(1, 2)  # (B, nb, H, block, dh)
-    if B == 1:  # batch 1 (the long-input case): strided views, no copy; SDPA reads them as they are
-        keys, values, queries = keys[0], values[0], queries[0]
-    else:
-        keys, values, queries = (t.reshape(B * num_blocks, H, -1, dh) for t in (keys, values, queries))
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=dropout_p)
-    out = out.view(B, num_blocks, H, block, dh).transpose(1, 2).reshape(B, H, n_pad, dh)[:, :, :n]
+    block_queries = padded_q.view(B, H, num_blocks, block, dh)
+    # Token-major output (B, n_pad, H, dh), the order the output projection reads: the caller's
+    # `transpose(1, 2).reshape(B, n, H * dh)` is then a view. Each group's SDPA result is copied in once.
+    out = q.new_empty(B, n_pad, H, dh)
+    out_blocks = out.view(B, num_blocks, block, H, dh)
+    per_call = max(1, WINDOW_CHUNK_BYTES // (B * H * slots * dh * k.element_size()))
+    for first in range(0, num_blocks, per_call):
+        last = min(first + per_call, num_blocks)
+        count = last - first
+        # Keys of block i: the global ones, then positions [i * block - radius, i * block + block + radius).
+        group_index = index[first * slots:last * slots]
+        keys, values = (t.index_select(2, group_index).view(B, H, count, slots, dh).transpose(1, 2)
+                        for t in (k, v))  # (B, count, H, slots, dh)
+        queries = block_queries[:, :, first:last].transpose(1, 2)  # (B, count, H, block, dh)
+        group_mask = block_masks[:, first:last]
+        if B == 1:  # batch 1 (the long-input case): strided views, no copy; SDPA reads them as they are
+            keys, values, queries, group_mask = keys[0], values[0], queries[0], group_mask[0]
+        else:
+            keys, values, queries = (t.reshape(B * count, H, -1, dh) for t in (keys, values, queries))
+            group_mask = group_mask.reshape(B * count, 1, block, slots)
+        group_out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group_mask, dropout_p=dropout_p)
+        out_blocks[:, first:last] = group_out.view(B, count, H, block, dh).transpose(2, 3)
 
-    # Global queries see every key.
+    # Global queries see every key; their rows replace the band's (in our own buffer: autograd-safe).
     glob_mask = _dense_mask(key_mask, key_bias)
     out_glob = F.scaled_dot_product_attention(q[:, :, :g], k, v, attn_mask=glob_mask, dropout_p=dropout_p)
-    out = torch.cat([out_glob, out[:, :, g:]], dim=2)
-    scores = B * (num_blocks * block * (g + width) + g * n)
-    return out, scores
+    out[:, :g] = out_glob.transpose(1, 2)
+    scores = B * (num_blocks * block * slots + g * n)
+    return out[:, :n].transpose(1, 2), scores
 
 
 _FLEX_COMPILED = None
@@ -423,25 +443,40 @@ class EATLayer(nn.Module):
         self.attention = EATAttention(config)
         self.intermediate = EATIntermediate(config)
         self.output = EATOutput(config)
+        # Hugging Face's setting: the feed-forward runs on this many tokens at a time (0 = all at once). Same
+        # result; for long inputs its (n, 4d) intermediate stays cache-sized instead of 50 MB at 8,192 tokens.
+        self.chunk_size_feed_forward = config.chunk_size_feed_forward
 
     def forward(self, hidden, ctx: "_AttentionContext"):
         """hidden (B, n, d) -> (B, n, d), plus q, k (B, H, n, dh) and the number of attention scores computed."""
         context, q, k, scores = self.attention.self.forward(hidden, ctx)
+        chunk = self.chunk_size_feed_forward
         if self.training:
             hidden = self.attention.output(context, hidden)
-            hidden = self.output(self.intermediate(hidden), hidden)
-            return hidden, q, k, scores
+            if chunk and hidden.shape[1] > chunk:
+                return torch.cat([self.output(self.intermediate(part), part) for part in hidden.split(chunk, 1)],
+                                 dim=1), q, k, scores
+            return self.output(self.intermediate(hidden), hidden), q, k, scores
         # Inference: the same function without dropout and without a module call per linear (at batch 1 on CPU
         # the per-call overhead of ~8 submodule calls per layer is a few percent of the layer).
-        attn_out, ffn_in, ffn_out = self.attention.output, self.intermediate, self.output
+        attn_out = self.attention.output
         hidden = F.layer_norm(F.linear(context, attn_out.dense.weight, attn_out.dense.bias) + hidden,
                               attn_out.LayerNorm.normalized_shape, attn_out.LayerNorm.weight, attn_out.LayerNorm.bias,
                               attn_out.LayerNorm.eps)
+        if not chunk or hidden.shape[1] <= chunk:
+            return self._feed_forward(hidden), q, k, scores
+        out = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[1], chunk):
+            out[:, start:start + chunk] = self._feed_forward(hidden[:, start:start + chunk])
+        return out, q, k, scores
+
+    def _feed_forward(self, hidden):
+        """Inference feed-forward with its residual and LayerNorm: (B, m, d) -> (B, m, d)."""
+        ffn_in, ffn_out = self.intermediate, self.output
         inner = ffn_in.intermediate_act_fn(F.linear(hidden, ffn_in.dense.weight, ffn_in.dense.bias))
-        hidden = F.layer_norm(F.linear(inner, ffn_out.dense.weight, ffn_out.dense.bias) + hidden,
-                              ffn_out.LayerNorm.normalized_shape, ffn_out.LayerNorm.weight, ffn_out.LayerNorm.bias,
-                              ffn_out.LayerNorm.eps)
-        return hidden, q, k, scores
+        return F.layer_norm(F.linear(inner, ffn_out.dense.weight, ffn_out.dense.bias) + hidden,
+                            ffn_out.LayerNorm.normalized_shape, ffn_out.LayerNorm.weight, ffn_out.LayerNorm.bias,
+                            ffn_out.LayerNorm.eps)
 
     def forward_queries(self, queries, keys_values, mask=None):
         """The same layer for a subset of tokens: only ``queries`` (B, m, d) are updated, attending to
