@@ -116,3 +116,25 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
     # ... while a backbone folder (no train_config.json: it never saw this task) is fine
     assert build_model(train_config_from_preset("smoke", variant="eat", init_from=tiny_backbone),
                        ("negative", "positive")).exit_heads
+
+
+def test_exit_heads_can_train_at_their_own_learning_rate(tiny_backbone):
+    """--head-lr: the exit heads get their own AdamW groups at that rate (decay rules kept); without it the
+    optimizer has the two groups interrupted runs saved, so they still resume."""
+    from eat.training import build_model, parameter_groups
+
+    config = train_config_from_preset("smoke", model=tiny_backbone, variant="eat", learning_rate=2e-5,
+                                      head_learning_rate=4e-4)
+    model = build_model(config, ("negative", "positive"))
+    groups = parameter_groups(model, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        heads = {names[id(p)].startswith("exit_heads.") for p in group["params"]}
+        assert len(heads) == 1 and group["lr"] == (4e-4 if heads.pop() else 2e-5)
+        assert all(names[id(p)].endswith(("bias", "LayerNorm.weight")) == (group["weight_decay"] == 0.0)
+                   for p in group["params"])
+    assert len(groups) == 4 and sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = train_config_from_preset("smoke", model=tiny_backbone, variant="eat")
+    assert len(parameter_groups(model, plain)) == 2
+    with pytest.raises(ValueError, match="head_learning_rate"):
+        train_config_from_preset("smoke", head_learning_rate=0.0)

@@ -110,6 +110,8 @@ def train(
     epochs: Annotated[Optional[float], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--lr")] = None,
+    head_learning_rate: Annotated[Optional[float], typer.Option(
+        "--head-lr", help="learning rate of the intermediate exit heads (default: --lr)")] = None,
     max_length: Annotated[Optional[int], typer.Option()] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="seeded subset of training rows")] = None,
     eval_limit: Annotated[Optional[int], typer.Option()] = None,
@@ -147,7 +149,7 @@ def train(
     _set_threads(threads)
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+        learning_rate=learning_rate, head_learning_rate=head_learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, calibration_unit=calibration_unit, distill_weight=distill_weight,
         train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
         init_from=init_from, freeze_backbone=freeze_backbone or None,

@@ -48,6 +48,9 @@ class TrainConfig:
     epochs: float = 2.0
     batch_size: int = 32
     learning_rate: float = 8e-5
+    # exit heads' own learning rate (None: learning_rate). Starting from a fine-tuned static model, a low
+    # learning_rate keeps its final layer, but early heads copied from the final head then stay at chance
+    head_learning_rate: float | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
@@ -82,7 +85,8 @@ class TrainConfig:
             raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.data_file is None and not is_token_task(self.task):
             task_spec(self.task)
-        for name in ("epochs", "learning_rate"):
+        rates = ("learning_rate",) + (("head_learning_rate",) if self.head_learning_rate is not None else ())
+        for name in ("epochs",) + rates:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_length < 4:
@@ -215,6 +219,23 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
     return model
 
 
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights; the intermediate exit heads
+    (``exit_heads.*``) at ``head_learning_rate`` when it is set, everything else at ``learning_rate``."""
+    no_decay = ("bias", "LayerNorm.weight")
+    # without a head rate: the two groups runs have always had (so their saved optimizer state still resumes)
+    parts = (False, True) if config.head_learning_rate else (None,)
+    groups = []
+    for is_head in parts:
+        for decays in (True, False):
+            params = [p for n, p in model.named_parameters()
+                      if (is_head is None or n.startswith("exit_heads.") == is_head) and n.endswith(no_decay) != decays]
+            if params:
+                groups.append({"params": params, "weight_decay": config.weight_decay if decays else 0.0,
+                               "lr": config.head_learning_rate if is_head else config.learning_rate})
+    return groups
+
+
 def exit_weights(spec: str | list[float], exit_layers: tuple[int, ...]) -> torch.Tensor:
     """Loss weight per exit head, summing to 1: "depth" (proportional to the layer), "uniform", or a list."""
     if spec == "depth":
@@ -339,13 +360,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": config.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate)
     warmup = int(total_steps * config.warmup_ratio)
 
     def schedule(step: int) -> float:
