@@ -149,7 +149,8 @@ def train(
     _set_threads(threads)
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, head_learning_rate=head_learning_rate, max_length=max_length, train_limit=train_limit, eval_limit=eval_limit, seed=seed,
+        learning_rate=learning_rate, head_learning_rate=head_learning_rate, max_length=max_length,
+        train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, calibration_unit=calibration_unit, distill_weight=distill_weight,
         train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
         init_from=init_from, freeze_backbone=freeze_backbone or None,
