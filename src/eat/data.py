@@ -398,8 +398,7 @@ def carve_sentence_calibration(dataset: TextDataset, sentences: int, seed: int =
         raise DataError(f"{dataset.source}: asked for {sentences} calibration sentences, found only {len(chosen)} "
                         "rows that are not part of a longer row")
     chosen_texts = "\n".join(texts.iloc[chosen])
-    chosen_set = set(chosen)
-    held_out = np.array([i in chosen_set or text in chosen_texts for i, text in enumerate(texts)])
+    held_out = texts.map(lambda text: text in chosen_texts).to_numpy()  # the sentences themselves, and their phrases
     frame = dataset.frame
     calibration = TextDataset(frame.iloc[chosen].reset_index(drop=True), dataset.label_names, dataset.source,
                               f"calibration slice ({sentences} whole sentences, seed {seed}) of {dataset.source}")
