@@ -138,3 +138,21 @@ def test_exit_heads_can_train_at_their_own_learning_rate(tiny_backbone):
     assert len(parameter_groups(model, plain)) == 2
     with pytest.raises(ValueError, match="head_learning_rate"):
         train_config_from_preset("smoke", head_learning_rate=0.0)
+
+
+def test_optimizer_schedule_settings_are_checked_and_clipping_can_be_turned_off(tmp_path, tiny_backbone, data_dir,
+                                                                                 monkeypatch):
+    """--warmup-ratio, --weight-decay, --max-grad-norm (0 = no clipping: a plain fine-tuning script's schedule)."""
+    for bad in (dict(warmup_ratio=1.0), dict(warmup_ratio=-0.1), dict(weight_decay=-1.0), dict(max_grad_norm=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            train_config_from_preset("smoke", **bad)
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1) or clip(*a, **k))
+    for norm, expected_calls in ((0.0, 0), (1.0, 4)):
+        clipped.clear()
+        config = train_config_from_preset("smoke", model=tiny_backbone, variant="static", train_limit=64,
+                                          batch_size=16, warmup_ratio=0.0, max_grad_norm=norm)
+        summary = train(config, tmp_path / f"norm{norm}")
+        assert summary.steps == 4 and len(clipped) == expected_calls

@@ -112,6 +112,11 @@ def train(
     learning_rate: Annotated[Optional[float], typer.Option("--lr")] = None,
     head_learning_rate: Annotated[Optional[float], typer.Option(
         "--head-lr", help="learning rate of the intermediate exit heads (default: --lr)")] = None,
+    warmup_ratio: Annotated[Optional[float], typer.Option(
+        help="share of steps with a linear learning-rate warm-up (default 0.06)")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (default 0.01)")] = None,
+    max_grad_norm: Annotated[Optional[float], typer.Option(
+        help="gradient clipping norm (default 1.0; 0 = no clipping)")] = None,
     max_length: Annotated[Optional[int], typer.Option()] = None,
     train_limit: Annotated[Optional[int], typer.Option(help="seeded subset of training rows")] = None,
     eval_limit: Annotated[Optional[int], typer.Option()] = None,
@@ -149,7 +154,8 @@ def train(
     _set_threads(threads)
     config = train_config_from_preset(
         preset, task=task, model=model, variant=variant, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, head_learning_rate=head_learning_rate, max_length=max_length,
+        learning_rate=learning_rate, head_learning_rate=head_learning_rate, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
         train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, calibration_unit=calibration_unit, distill_weight=distill_weight,
         train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,

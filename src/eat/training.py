@@ -101,6 +101,11 @@ class TrainConfig:
             raise ValueError(f"calibration_unit sentence: {self.task} rows are sentences already; use row")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16: expected auto, on or off, got {self.bf16!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -396,7 +401,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
             loss = loss_function(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            if config.max_grad_norm > 0:  # 0 = no clipping
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
