@@ -324,6 +324,70 @@ def test_sliding_window_equals_dense_with_equivalent_mask(n, radius, block, g, l
     assert scores < 2 * n * n or n < 4 * radius
 
 
+def _count_band_calls(monkeypatch) -> list[int]:
+    """Wrap the kernel's direct flash-attention call (the band-view path) with a call counter."""
+    calls = []
+    flash = modeling_eat._FLASH_CPU
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])  # interior blocks in this call
+        return flash(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_eat, "_FLASH_CPU", counted)
+    return calls
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("layout", ["heads", "tokens"])
+@pytest.mark.parametrize("n,radius,block,g", [(37, 4, None, 1), (64, 8, 4, 2), (300, 10, 7, 3), (9, 1, None, 1)])
+def test_sliding_window_band_views_equal_dense_with_equivalent_mask(n, radius, block, g, layout, with_bias,
+                                                                    monkeypatch):
+    """Inference without padding reads interior blocks' keys as overlapping views and merges the global keys by
+    log-sum-exp: the same function as dense attention under the window mask (with a merge-mode key bias too),
+    and the interior really went through that path (one call per batch row, covering every interior block)."""
+    calls = _count_band_calls(monkeypatch)
+    torch.manual_seed(n)
+    if layout == "heads":
+        q, k, v = (torch.randn(2, 3, n, 8) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(2, n, 3, 8).transpose(1, 2) for _ in range(3))
+    key_bias = torch.rand(2, n) if with_bias else None
+    with torch.no_grad():
+        got, _ = sliding_window_attention(q, k, v, radius, g, block, key_bias=key_bias)
+    reference_mask = _window_reference_mask(n, radius, g, torch.ones(2, n, dtype=torch.bool)).float().log()
+    if with_bias:
+        reference_mask = reference_mask + key_bias[:, None, None, :]
+    expected = dense_attention(q, k, v, reference_mask)
+    assert (got - expected).abs().max() < 1e-5
+    block = block or radius
+    interior = max(0, (n - block - radius) // block + 1 - -(-radius // block))
+    assert calls == ([interior] * 2 if interior else [])
+    if n > 4 * (block + radius):
+        assert interior > 0
+
+
+def test_sliding_window_training_and_padding_take_the_gathering_path(monkeypatch):
+    """The band path's log-sum-exp has no gradient and padded bands could be empty: with inputs that need
+    gradients, or with padding, the kernel gathers keys instead, and still equals dense attention."""
+    calls = _count_band_calls(monkeypatch)
+    torch.manual_seed(1)
+    n, radius = 64, 4
+    inputs = [torch.randn(1, 2, n, 4, requires_grad=True) for _ in range(3)]
+    got, _ = sliding_window_attention(*inputs, radius)
+    got.square().sum().backward()
+    window_grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    reference_mask = _window_reference_mask(n, radius, 1, torch.ones(1, n, dtype=torch.bool))
+    dense_attention(*inputs, reference_mask).square().sum().backward()
+    assert all((w - t.grad).abs().max() < 1e-4 for w, t in zip(window_grads, inputs))
+    key_mask = torch.ones(1, n, dtype=torch.bool)
+    key_mask[0, -3:] = False
+    with torch.no_grad():
+        sliding_window_attention(*inputs, radius, key_mask=key_mask)
+    assert calls == []
+
+
 @pytest.mark.parametrize("chunk_bytes", [None, 2000])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_sliding_window_gradients_equal_dense_with_equivalent_mask(dropout_p, chunk_bytes, monkeypatch):

@@ -101,6 +101,29 @@ def window_attention_mask(B: int, n: int, radius: int, num_global: int = 1, bloc
 WINDOW_CHUNK_BYTES = 8 * 2**20
 
 
+# The CPU flash-attention kernel behind SDPA, called directly because it also returns each query's log-sum-exp
+# (needed to merge the band's softmax with the global keys'); None where this torch build lacks it.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _blocks_view(t, batch_row: int, first_token: int, count: int, step: int, rows: int):
+    """(count, H, rows, dh) view of t (B, H, n, dh) whose i-th entry is t[batch_row, :, first_token + i * step :
+    first_token + i * step + rows]. The windows of neighbouring blocks overlap in memory; nothing is copied.
+    Needs unit stride on the last dimension (both layouts the model produces have it)."""
+    s_batch, s_head, s_token, _ = t.stride()
+    return t.as_strided((count, t.shape[1], rows, t.shape[3]), (step * s_token, s_head, s_token, 1),
+                        t.storage_offset() + batch_row * s_batch + first_token * s_token)
+
+
+def _band_views_apply(q, k, v, key_mask, dropout_p: float) -> bool:
+    """Whether :func:`sliding_window_attention` may read interior blocks' keys as overlapping views (inference on
+    CPU without padding): the flash kernel's log-sum-exp has no gradient, and padded rows could leave a band with
+    no real key (a NaN row), so training, dropout and padded batches take the gathering path."""
+    return (_FLASH_CPU is not None and q.device.type == "cpu" and key_mask is None and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
 def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
                              key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None, index=None):
     """Sliding-window attention with global leading tokens, computed block by block.
@@ -108,8 +131,15 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     Token ``p`` attends to tokens ``j`` with ``|p - j| <= radius`` and to the first ``num_global`` tokens; the
     first ``num_global`` tokens attend to everything. Work is ``n * (block + 2 * radius + num_global)`` scores,
     never ``n * n``: queries are cut into blocks of ``block`` tokens and each block meets only the keys of its
-    band plus the global keys (gathered by `index_select`), in batched SDPA calls of up to
-    ``WINDOW_CHUNK_BYTES`` of keys each.
+    band plus the global keys.
+
+    Two ways to give a block its keys:
+
+    - interior blocks (band wholly inside the sequence) at inference without padding: the band is a contiguous
+      run of key rows, so all of them are one overlapping strided view of ``k`` (no copy); SDPA runs on the band
+      alone and the global keys join afterwards through the log-sum-exp (two softmaxes merged exactly);
+    - otherwise (the two edge blocks, training, padded batches): the global keys and the band are gathered by
+      `index_select` into one key list per block, in batched SDPA calls of up to ``WINDOW_CHUNK_BYTES`` each.
 
     q, k, v: (B, H, n, dh). key_mask: (B, n) bool (True = real token) or None. key_bias: (B, n) float added to
     every score of that key (log token sizes after merging) or None. mask: the result of
@@ -125,15 +155,44 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     if index is None:
         index = window_key_index(n, radius, num_global, block, q.device)
     block_masks = mask.view(B, num_blocks, 1, block, slots)
-    padded_q = F.pad(q, (0, 0, 0, n_pad - n)) if n_pad != n else q
-    block_queries = padded_q.view(B, H, num_blocks, block, dh)
     # Token-major output (B, n_pad, H, dh), the order the output projection reads: the caller's
-    # `transpose(1, 2).reshape(B, n, H * dh)` is then a view. Each group's SDPA result is copied in once.
+    # `transpose(1, 2).reshape(B, n, H * dh)` is then a view. Each block's result is copied in once.
     out = q.new_empty(B, n_pad, H, dh)
     out_blocks = out.view(B, num_blocks, block, H, dh)
+
+    # Interior blocks i in [first_inner, end_inner): band [i * block - radius, i * block + block + radius) in [0, n).
+    first_inner, end_inner = 0, 0
+    if _band_views_apply(q, k, v, key_mask, dropout_p):
+        first_inner = -(-radius // block)
+        end_inner = max(first_inner, (n - block - radius) // block + 1)
+    if end_inner > first_inner:
+        count = end_inner - first_inner
+        scale = 1.0 / math.sqrt(dh)
+        for row in range(B):
+            queries = _blocks_view(q, row, first_inner * block, count, block, block)  # (count, H, block, dh)
+            keys, values = (_blocks_view(t, row, first_inner * block - radius, count, block, width) for t in (k, v))
+            band_mask = block_masks[row, first_inner:end_inner, :, :, g:]  # (count, 1, block, W)
+            band_out, band_lse = _FLASH_CPU(queries, keys, values, attn_mask=band_mask)  # lse: (count, H, block)
+            # The global keys' own softmax: scores (count, H, block, g), then both merged by their log-sum-exps.
+            glob_scores = torch.matmul(queries, k[row, :, :g].transpose(-1, -2)) * scale
+            if key_bias is not None:
+                glob_scores = glob_scores + key_bias[row, :g]
+            if g == 1:  # one global key (`[CLS]`): its softmax is 1, its output its value row
+                glob_lse, glob_out = glob_scores[..., 0], v[row, :, :1]  # (count, H, block), (H, 1, dh)
+            else:
+                glob_lse = glob_scores.logsumexp(-1)
+                glob_out = torch.matmul(torch.softmax(glob_scores, -1), v[row, :, :g])  # (count, H, block, dh)
+            band_share = torch.sigmoid(band_lse - glob_lse).unsqueeze(-1)  # softmax mass on the band
+            merged = torch.lerp(glob_out, band_out.to(glob_out.dtype), band_share)
+            out_blocks[row, first_inner:end_inner] = merged.transpose(1, 2)
+
+    # Edge blocks (or every block): gathered keys, query blocks grouped so the gathered buffers stay small.
+    padded_q = F.pad(q, (0, 0, 0, n_pad - n)) if n_pad != n else q
+    block_queries = padded_q.view(B, H, num_blocks, block, dh)
     per_call = max(1, WINDOW_CHUNK_BYTES // (B * H * slots * dh * k.element_size()))
-    for first in range(0, num_blocks, per_call):
-        last = min(first + per_call, num_blocks)
+    edges = ((0, first_inner), (end_inner, num_blocks))  # without interior: (0, 0) and every block
+    gathered = [(start, min(start + per_call, stop)) for lo, stop in edges for start in range(lo, stop, per_call)]
+    for first, last in gathered:
         count = last - first
         # Keys of block i: the global ones, then positions [i * block - radius, i * block + block + radius).
         group_index = index[first * slots:last * slots]
