@@ -366,6 +366,23 @@ def test_sliding_window_band_views_equal_dense_with_equivalent_mask(n, radius, b
         assert interior > 0
 
 
+@pytest.mark.parametrize("band_views", [True, False])
+def test_sliding_window_runs_in_bf16(band_views, monkeypatch):
+    """A bf16 model (e.g. bf16 inference on a CPU with native bf16): the flash kernel's log-sum-exp comes back
+    in float32 and must not leak into the bf16 merge; both paths stay within bf16 rounding of fp32 dense."""
+    calls = _count_band_calls(monkeypatch)
+    if not band_views:
+        monkeypatch.setattr(modeling_eat, "_FLASH_CPU", None)
+    torch.manual_seed(2)
+    n, radius = 300, 10
+    q, k, v = (torch.randn(1, n, 3, 8).transpose(1, 2) for _ in range(3))
+    with torch.no_grad():
+        got, _ = sliding_window_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), radius)
+    expected = dense_attention(q, k, v, _window_reference_mask(n, radius, 1, torch.ones(1, n, dtype=torch.bool)))
+    assert got.dtype == torch.bfloat16 and (got.float() - expected).abs().max() < 0.05
+    assert (len(calls) == 1) == band_views
+
+
 def test_sliding_window_training_and_padding_take_the_gathering_path(monkeypatch):
     """The band path's log-sum-exp has no gradient and padded bands could be empty: with inputs that need
     gradients, or with padding, the kernel gathers keys instead, and still equals dense attention."""

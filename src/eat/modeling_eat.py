@@ -182,8 +182,9 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
             else:
                 glob_lse = glob_scores.logsumexp(-1)
                 glob_out = torch.matmul(torch.softmax(glob_scores, -1), v[row, :, :g])  # (count, H, block, dh)
-            band_share = torch.sigmoid(band_lse - glob_lse).unsqueeze(-1)  # softmax mass on the band
-            merged = torch.lerp(glob_out, band_out.to(glob_out.dtype), band_share)
+            # softmax mass on the band; the kernel's lse is float32 whatever the inputs' dtype
+            band_share = torch.sigmoid(band_lse - glob_lse.float()).unsqueeze(-1).to(band_out.dtype)
+            merged = torch.lerp(glob_out, band_out, band_share)
             out_blocks[row, first_inner:end_inner] = merged.transpose(1, 2)
 
     # Edge blocks (or every block): gathered keys, query blocks grouped so the gathered buffers stay small.
