@@ -163,8 +163,9 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     # Interior blocks i in [first_inner, end_inner): band [i * block - radius, i * block + block + radius) in [0, n).
     first_inner, end_inner = 0, 0
     if _band_views_apply(q, k, v, key_mask, dropout_p):
-        first_inner = -(-radius // block)
-        end_inner = max(first_inner, (n - block - radius) // block + 1)
+        first_inner, end_inner = -(-radius // block), (n - block - radius) // block + 1
+        if end_inner <= first_inner:  # no interior block (short input): every block in the gathering pass
+            first_inner, end_inner = 0, 0
     if end_inner > first_inner:
         count = end_inner - first_inner
         scale = 1.0 / math.sqrt(dh)
