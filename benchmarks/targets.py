@@ -53,11 +53,14 @@ PAIR_TASKS = ("qqp", "mnli")
 
 
 def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
-    """Target 6 on QQP / MNLI: the tuned point (chosen on calibration) at least 1.6x faster than static at batch 1
-    with at most 1.0 point lower accuracy (MNLI: each of matched and mismatched is its own split here)."""
+    """Target 6 on QQP / MNLI: a tuned point (chosen on calibration) at least 1.6x faster than static with at most
+    1.0 point lower accuracy (MNLI: each of matched and mismatched is its own split here). The issue does not name a
+    batch size, so both are judged and printed apart: the batch-1 tuned point on the batch-1 median, the point tuned
+    for batch N (`eat tune --batch-size N`), when measured, on throughput at batch N."""
     lines = [f"# {args.task} {split}: T6 from {args.results} ({static['rows']} rows, {static['cpu']}, "
              f"{static['device']}, {static['threads']} threads, commit {static['git_commit']})"]
-    for name in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned"):
+    size = static["batch_size_throughput"]
+    for name in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned", f"eat:tuned-b{size}"):
         row = by_point.get(name)
         if row is None:
             continue
@@ -68,14 +71,19 @@ def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[st
                 f"{row['batch_size_throughput']} ({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), "
                 f"mean exit layer {row['mean_exit_layer']:.2f}")
         lines.append(line)
-    tuned = by_point.get("eat:tuned")
-    if tuned is None:
+    judged = [("batch 1, tuned point", by_point.get("eat:tuned"), "b1_p50_ms", True),
+              (f"batch {size}, point tuned for batch {size}", by_point.get(f"eat:tuned-b{size}"),
+               "throughput_rows_per_s", False)]
+    if all(point is None for _, point, _, _ in judged):
         return lines + ["T6: no tuned point measured -> MISSED", ""]
-    speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
-    drop = static["accuracy"] - tuned["accuracy"]
-    met = speed >= 1.6 and drop <= 1.0
-    lines.append(f"T6 batch 1, tuned point (chosen on calibration): {speed:.2f}x static, accuracy {tuned['accuracy']:.2f} "
-                 f"({-drop:+.2f} points) -> {'MET' if met else 'MISSED'} (needs >= 1.6x and <= 1.0 point below)")
+    for label, point, metric, lower_is_faster in judged:
+        if point is None:
+            continue
+        speed = static[metric] / point[metric] if lower_is_faster else point[metric] / static[metric]
+        drop = static["accuracy"] - point["accuracy"]
+        met = speed >= 1.6 and drop <= 1.0
+        lines.append(f"T6 {label} (chosen on calibration): {speed:.2f}x static, accuracy {point['accuracy']:.2f} "
+                     f"({-drop:+.2f} points) -> {'MET' if met else 'MISSED'} (needs >= 1.6x and <= 1.0 point below)")
     return lines + [""]
 
 

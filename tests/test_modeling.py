@@ -102,7 +102,7 @@ def test_auto_classes_and_save_round_trip_every_knob(tmp_path):
     knobs = dict(keep_ratio=[0.9, 0.8, 0.7, 1.0], prune_importance="norm", prune_mode="merge", keep_sep=False,
                  attention_window=8, num_global_tokens=2, attention_block_size=4, exit_layers=[1, 3],
                  exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
-                 classifier_activation="relu", attention_backend="blocked", token_exit_window=1,
+                 classifier_activation="relu", exit_pooling="mean", attention_backend="blocked", token_exit_window=1,
                  token_exit_kv="drop")
     model = tiny_model(**knobs)
     model.save_pretrained(tmp_path)
@@ -455,10 +455,10 @@ def test_window_model_matches_dense_model_with_mask_and_counts_fewer_scores():
 # --------------------------------------------------------------------------------------- batch vs one-at-a-time
 
 
-@pytest.mark.parametrize("mode", ["drop", "merge"])
-def test_batched_equals_one_at_a_time_with_everything_on(mode):
+@pytest.mark.parametrize("mode, pooling", [("drop", "cls"), ("merge", "cls"), ("drop", "mean"), ("merge", "mean")])
+def test_batched_equals_one_at_a_time_with_everything_on(mode, pooling):
     knobs = dict(keep_ratio=[0.8, 0.7, 0.6], attention_window=6, exit_layers="all", exit_policy="confidence",
-                 prune_mode=mode)
+                 prune_mode=mode, exit_pooling=pooling)
     model = tiny_model(seed=7, **knobs)
     lengths = (17, 9, 30, 4, 12, 23, 2)
     ids, mask = mixed_batch(seed=8, lengths=lengths)
@@ -473,6 +473,40 @@ def test_batched_equals_one_at_a_time_with_everything_on(mode):
         assert torch.allclose(batched.logits[i], single.logits[0], atol=1e-4)
         assert batched.exit_layer[i] == single.exit_layer[0]
         assert batched.tokens_per_layer[i].tolist() == single.tokens_per_layer[0].tolist()
+
+
+def test_mean_pooled_exit_heads_read_the_mean_of_the_real_tokens():
+    """exit_pooling "mean": an exit head reads the mean of its row's real tokens (padding excluded; merged tokens
+    weighted by size), the final head still BERT's pooled `[CLS]`; "cls" reads the `[CLS]` vector."""
+    from eat.modeling_eat import exit_head_input
+
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)  # (B=2, n=3, d=2)
+    key_mask = torch.tensor([[True, True, True], [True, True, False]])
+    sizes = torch.tensor([[2.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    assert torch.equal(exit_head_input(hidden, "cls"), hidden[:, 0])
+    assert torch.allclose(exit_head_input(hidden, "mean"), hidden.mean(1))
+    assert torch.allclose(exit_head_input(hidden, "mean", key_mask)[1], hidden[1, :2].mean(0))
+    weighted = exit_head_input(hidden, "mean", key_mask, sizes)
+    assert torch.allclose(weighted[0], (2 * hidden[0, 0] + hidden[0, 1] + hidden[0, 2]) / 4)
+    assert torch.allclose(weighted[1], hidden[1, :2].mean(0))
+
+    model = tiny_model(seed=3, exit_layers="all", exit_pooling="mean")
+    ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30))
+    captured = {}
+    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: captured.__setitem__(1, out[0]))
+    with torch.no_grad():
+        out = model(ids, mask, output_exit_logits=True, disable_exit=True)
+        real = mask.bool()[..., None]
+        expected = model.exit_heads["1"]((captured[1] * real).sum(1) / real.sum(1))
+        model.config.set_knobs(exit_pooling="cls")
+        cls_out = model(ids, mask, output_exit_logits=True, disable_exit=True)
+        cls_expected = model.exit_heads["1"](captured[1][:, 0])
+    assert torch.allclose(out.exit_logits[:, 0], expected, atol=1e-6)
+    assert torch.allclose(cls_out.exit_logits[:, 0], cls_expected, atol=1e-6)
+    assert not torch.allclose(out.exit_logits[:, 0], cls_out.exit_logits[:, 0])
+    assert torch.allclose(out.logits, cls_out.logits, atol=1e-6)  # the final head is the same either way
+    with pytest.raises(KnobError, match="exit_pooling"):
+        model.config.set_knobs(exit_pooling="max")
 
 
 # ---------------------------------------------------------------------------------------------- helpers, errors

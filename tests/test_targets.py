@@ -49,6 +49,19 @@ def test_pair_task_target_six(tmp_path, monkeypatch, capsys, tuned_accuracy, tun
     assert f"-> {verdict}" in line
 
 
+def test_pair_task_target_six_judges_the_batch_tuned_point_on_throughput(tmp_path, monkeypatch, capsys):
+    """With an eat:tuned-b32 row, T6 gets a second line judged on batch-32 throughput; the batch-1 line stays."""
+    log = ResultsLog(tmp_path)
+    log.append(_row("static", "baseline", 85.0, 12.0, 100))
+    log.append(_row("eat:tuned", "tuned", 84.8, 9.0, 140))  # 1.33x at batch 1
+    log.append(_row("eat:tuned-b32", "tuned", 84.3, 9.5, 170))  # 1.70x at batch 32, -0.7 points
+    lines = [x for x in _targets(tmp_path, "qqp", monkeypatch, capsys).splitlines() if x.startswith("T6")]
+    assert len(lines) == 2
+    assert lines[0].startswith("T6 batch 1, tuned point") and "1.33x" in lines[0] and "-> MISSED" in lines[0]
+    assert lines[1].startswith("T6 batch 32, point tuned for batch 32") and "1.70x" in lines[1]
+    assert "(-0.70 points) -> MET" in lines[1]
+
+
 def test_targets_refuse_rows_measured_with_other_threads(tmp_path, monkeypatch, capsys):
     log = ResultsLog(tmp_path)
     log.append(_row("static", "baseline", 85.0, 12.0, 100, threads=2))

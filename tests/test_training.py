@@ -36,6 +36,10 @@ def test_presets_and_bad_settings():
         train_config_from_preset("smoke", variant="tiny")
     with pytest.raises(ValueError, match="unknown training setting"):
         train_config_from_preset("smoke", learning_rat=1e-3)
+    with pytest.raises(ValueError, match="exit_pooling: expected"):
+        train_config_from_preset("smoke", exit_pooling="max")
+    with pytest.raises(ValueError, match="exit_pooling: only EAT"):
+        train_config_from_preset("smoke", variant="static", exit_pooling="mean")
 
 
 def test_interrupted_run_resumes_and_finished_run_is_kept(tmp_path, tiny_backbone, data_dir, monkeypatch):
@@ -84,9 +88,11 @@ def test_half_variant_is_half_depth(tmp_path, backbone_path, data_dir, monkeypat
     assert model.config.num_hidden_layers == 3 and len(model.exit_heads) == 0
 
 
-def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_dir, monkeypatch):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_dir, monkeypatch, pooling):
     """--init-from a static run + --freeze-backbone: the backbone and final head stay bit-identical, the exit
-    heads learn (their loss falls), and an EAT with exits off is exactly the static model."""
+    heads learn (their loss falls), and an EAT with exits off is exactly the static model. With mean-pooled heads
+    the features computed once are the mean of the real tokens: the trained heads score the same rows alike."""
     from safetensors.torch import load_file
 
     monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
@@ -94,7 +100,8 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
     train(static, tmp_path / "static")
     losses = []
     heads = train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="eat", epochs=20.0,
-                                     learning_rate=3e-3, init_from=str(tmp_path / "static"), freeze_backbone=True)
+                                     learning_rate=3e-3, init_from=str(tmp_path / "static"), freeze_backbone=True,
+                                     exit_pooling=pooling)
     result = train(heads, tmp_path / "heads", progress=lambda p: losses.append(p["loss"]))
     before = load_file(tmp_path / "static" / "model" / "model.safetensors")
     after = load_file(tmp_path / "heads" / "model" / "model.safetensors")
@@ -103,6 +110,26 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     static_summary = json.loads((tmp_path / "static" / "train_summary.json").read_text())
     assert result.dev_accuracy == static_summary["dev_accuracy"]  # exits off: the same model
+    # the features the heads were fitted on are what the model's own heads read at inference (padded batch)
+    from transformers import AutoTokenizer
+
+    from eat.checkpoints import load_classifier
+    from eat.data import batches, encode
+    from eat.training import _frozen_features, training_data
+
+    model = load_classifier(str(tmp_path / "heads" / "model"))
+    assert model.config.exit_pooling == pooling
+    rows, _, _ = training_data(heads)
+    encoded = encode(rows.subset(8), AutoTokenizer.from_pretrained(tiny_backbone), 48)
+    features, _, _, layers = _frozen_features(model, encoded, batches, False, "cpu", 0)
+    batch = next(iter(batches(encoded, 64, bucket=True)))  # one batch: the features' row order
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_exit_logits=True,
+                    disable_exit=True)
+        from_features = torch.stack([model.exit_heads[str(layer)](features[:, slot])
+                                     for slot, layer in enumerate(layers)], dim=1)
+    assert len(features) == len(batch["index"]) == 8
+    assert torch.allclose(out.exit_logits[:, :len(layers)], from_features, atol=1e-5)
     with pytest.raises(ValueError, match="freeze_backbone"):
         train_config_from_preset("smoke", freeze_backbone=True)
     # starting from a run that held out another calibration slice would tune on rows it trained on: refused
@@ -113,6 +140,12 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
                                          **other)
         with pytest.raises(ValueError, match="another calibration slice"):
             build_model(moved, ("negative", "positive"))
+    # heads trained on one pooling are not continued with another
+    other_pooling = "cls" if pooling == "mean" else "mean"
+    with pytest.raises(ValueError, match=f"exit heads read '{pooling}'"):
+        build_model(train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="eat",
+                                             init_from=str(tmp_path / "heads"), exit_pooling=other_pooling),
+                    ("negative", "positive"))
     # ... while a backbone folder (no train_config.json: it never saw this task) is fine
     assert build_model(train_config_from_preset("smoke", variant="eat", init_from=tiny_backbone),
                        ("negative", "positive")).exit_heads
@@ -156,3 +189,66 @@ def test_optimizer_schedule_settings_are_checked_and_clipping_can_be_turned_off(
                                           batch_size=16, warmup_ratio=0.0, max_grad_norm=norm)
         summary = train(config, tmp_path / f"norm{norm}")
         assert summary.steps == 4 and len(clipped) == expected_calls
+
+
+def test_distillation_from_a_fixed_teacher_reaches_the_last_exit_too():
+    """With teacher_logits every exit, the last one included, is pulled toward the teacher; without, the last
+    head is the (detached) teacher of the earlier ones and gets no distillation gradient."""
+    labels = torch.tensor([0])
+    weights = torch.tensor([0.5, 0.5])
+    logits = torch.tensor([[[2.0, 0.0], [3.0, 0.0]]], requires_grad=True)  # (B=1, E=2, C=2)
+    ce_only = multi_exit_loss(logits, labels, weights, 0.0, 2.0)
+    ce_grad = torch.autograd.grad(ce_only, logits)[0]
+    self_kd = torch.autograd.grad(multi_exit_loss(logits, labels, weights, 1.0, 2.0), logits)[0]
+    assert torch.equal(self_kd[:, 1], ce_grad[:, 1]) and not torch.equal(self_kd[:, 0], ce_grad[:, 0])
+    teacher = torch.tensor([[0.0, 1.0]])  # disagrees with both exits
+    with_teacher = multi_exit_loss(logits, labels, weights, 1.0, 2.0, teacher_logits=teacher)
+    grad = torch.autograd.grad(with_teacher, logits)[0]
+    assert with_teacher > ce_only and not torch.equal(grad[:, 1], ce_grad[:, 1])
+    assert bool((grad[..., 1] < ce_grad[..., 1]).all())  # descent raises class 1, the teacher's choice, everywhere
+    same = torch.tensor([[[3.0, 0.0], [3.0, 0.0]]])  # a teacher equal to both exits' logits adds nothing
+    assert torch.isclose(multi_exit_loss(same, labels, weights, 1.0, 2.0, teacher_logits=same[:, 1]),
+                         multi_exit_loss(same, labels, weights, 0.0, 2.0), atol=1e-6)
+
+
+def test_training_with_a_teacher_run(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    """--teacher RUN: the fixed teacher runs once per batch, in eval mode, without gradients, and stays unchanged;
+    a teacher that held out another calibration slice, a non-EAT variant or a missing run are refused."""
+    from safetensors.torch import load_file
+
+    import eat.training as training
+
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    static = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, batch_size=16, variant="static")
+    train(static, tmp_path / "static")
+    teacher_bytes = (tmp_path / "static" / "model" / "model.safetensors").read_bytes()
+    calls = []
+    load_teacher = training.load_teacher
+
+    def counting_teacher(*args, **kwargs):
+        teacher = load_teacher(*args, **kwargs)
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+        teacher.register_forward_hook(lambda module, inputs, output: calls.append(torch.is_grad_enabled()))
+        return teacher
+
+    monkeypatch.setattr(training, "load_teacher", counting_teacher)
+    config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, batch_size=16, variant="eat",
+                                      init_from=str(tmp_path / "static"), teacher=str(tmp_path / "static"))
+    result = train(config, tmp_path / "eat")
+    assert result.steps == 4 and calls == [False] * 4
+    assert json.loads((tmp_path / "eat" / "train_config.json").read_text())["teacher"] == str(tmp_path / "static")
+    before = load_file(tmp_path / "static" / "model" / "model.safetensors")
+    after = load_file(tmp_path / "eat" / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the student moved, the teacher did not
+    assert (tmp_path / "static" / "model" / "model.safetensors").read_bytes() == teacher_bytes
+    with pytest.raises(ValueError, match="teacher"):
+        train_config_from_preset("smoke", variant="static", teacher=str(tmp_path / "static"))
+    with pytest.raises(ValueError, match="teacher"):
+        train_config_from_preset("smoke", teacher=str(tmp_path / "static"), distill_weight=0.0)
+    moved = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, calibration_rows=16,
+                                     teacher=str(tmp_path / "static"))
+    with pytest.raises(ValueError, match="--teacher .*another calibration slice"):
+        train(moved, tmp_path / "moved")
+    missing = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, teacher=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="no model there"):
+        train(missing, tmp_path / "missing")

@@ -126,11 +126,15 @@ def train(
         help="row (random rows) or sentence (whole sentences, their phrases held out too: SST-2)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     distill_weight: Annotated[Optional[float], typer.Option(help="self-distillation weight (0 = off)")] = None,
+    teacher: Annotated[Optional[str], typer.Option(
+        help="distil every exit (the last too) from this finished run's logits instead of the own last head")] = None,
     train_keep_ratio: Annotated[Optional[str], typer.Option(
         help="pruning-aware training: keep ratio while training, one number or 'first,last' (e.g. 0.9,0.6)")] = None,
     length_bucketing: Annotated[Optional[bool], typer.Option("--length-bucketing/--no-length-bucketing",
                                                              help="train on batches of similar length")] = None,
     exit_layers: Annotated[Optional[str], typer.Option(help="layers with exit heads: 'all' or a comma list")] = None,
+    exit_pooling: Annotated[Optional[str], typer.Option(
+        help="what the exit heads read: cls (the [CLS] vector) or mean (the mean of the real tokens)")] = None,
     exit_loss_weights: Annotated[Optional[str], typer.Option(
         help="joint loss weights: depth, uniform, or a comma list (one per exit layer)")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="start from this fine-tuned run instead of the backbone")] = None,
@@ -158,9 +162,9 @@ def train(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, max_length=max_length,
         train_limit=train_limit, eval_limit=eval_limit, seed=seed,
         calibration_rows=calibration_rows, calibration_unit=calibration_unit, distill_weight=distill_weight,
-        train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
-        init_from=init_from, freeze_backbone=freeze_backbone or None,
-        exit_layers=_layer_list(exit_layers), exit_loss_weights=_weight_list(exit_loss_weights),
+        teacher=teacher, train_keep_ratio=_keep_ratio(train_keep_ratio), length_bucketing=length_bucketing,
+        init_from=init_from, freeze_backbone=freeze_backbone or None, exit_layers=_layer_list(exit_layers),
+        exit_pooling=exit_pooling, exit_loss_weights=_weight_list(exit_loss_weights),
         data_file=data_file, eval_file=eval_file, bf16=bf16,
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
     target = out_dir or Path("runs") / f"{task}-{variant}"

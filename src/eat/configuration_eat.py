@@ -20,6 +20,9 @@ exit_threshold         (any)                      `tau`: exit when max softmax p
 entropy_threshold      (any)                      exit when prediction entropy (nats) <= threshold
 exit_patience          (any)                      PABEE: exit after this many consecutive agreeing heads
 classifier_activation  "tanh"                     pooler activation ("relu" for DistilBERT checkpoints)
+exit_pooling           (any)                      what an intermediate exit head reads: "cls" (the `[CLS]`
+                                                  vector) or "mean" (the mean of the real tokens); part of
+                                                  the trained heads: set it before training them
 token_exit_window      (any)                      token tasks: a token exits only when every real token within
                                                   this many positions is confident too (0 = itself only)
 token_exit_kv          (any)                      token tasks: "keep" exited tokens as keys/values (frozen
@@ -44,6 +47,7 @@ PRUNE_MODES = ("drop", "merge")
 ATTENTION_BACKENDS = ("blocked", "flex")
 EXIT_POLICIES = ("none", "confidence", "entropy", "patience", "agreement")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
+EXIT_POOLINGS = ("cls", "mean")
 TOKEN_EXIT_KV = ("keep", "drop")
 
 # The adaptive knobs and their defaults (every mechanism off). Anything else passed to `set_knobs` is an error.
@@ -62,6 +66,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "entropy_threshold": 0.1,
     "exit_patience": 2,
     "classifier_activation": "tanh",
+    "exit_pooling": "cls",
     "token_exit_window": 0,
     "token_exit_kv": "keep",
 }
@@ -152,6 +157,7 @@ def validate_knobs(config: "EATConfig") -> None:
     _choice("prune_mode", config.prune_mode, PRUNE_MODES)
     _choice("exit_policy", config.exit_policy, EXIT_POLICIES)
     _choice("classifier_activation", config.classifier_activation, CLASSIFIER_ACTIVATIONS)
+    _choice("exit_pooling", config.exit_pooling, EXIT_POOLINGS)
     _choice("attention_backend", config.attention_backend, ATTENTION_BACKENDS)
     if config.attention_backend == "flex":
         try:
@@ -209,6 +215,7 @@ class EATConfig(BertConfig):
     entropy_threshold: float = 0.1
     exit_patience: int = 2
     classifier_activation: str = "tanh"
+    exit_pooling: str = "cls"
     token_exit_window: int = 0
     token_exit_kv: str = "keep"
 

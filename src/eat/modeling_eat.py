@@ -591,6 +591,21 @@ class EATExitHead(nn.Module):
         return self.classifier(self.dropout(self.activation(self.dense(cls_hidden))))
 
 
+def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None):
+    """What an intermediate exit head reads. hidden (B, n, d) -> (B, d): the `[CLS]` vector ("cls"), or the mean
+    over the real tokens ("mean"; key_mask (B, n) bool marks them, None = all real), each token weighted by its
+    size (B, n) when tokens were merged, so a merged token counts for the tokens it stands for. Early layers'
+    `[CLS]` has gathered little yet; the mean of the tokens is what a shallow head can read best."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if key_mask is None and sizes is None:
+        return hidden.mean(1)
+    weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
+    if sizes is not None:
+        weight = weight * sizes.to(hidden.dtype)
+    return (hidden * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)  # (B, d)
+
+
 def _classifier_dropout(config: EATConfig) -> float:
     return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
 
@@ -1011,11 +1026,12 @@ class EATForSequenceClassification(EATPreTrainedModel):
                 head.classifier.load_state_dict(self.classifier.state_dict())
 
     def _head(self, layer: int, hidden, state):
-        """Logits (B, C) of the head after ``layer`` from the `[CLS]` vectors of hidden (B, n, d)."""
-        cls_hidden = hidden[:, 0]
+        """Logits (B, C) of the head after ``layer`` from hidden (B, n, d): the final head reads the `[CLS]`
+        vectors (as BERT's), an exit head what ``config.exit_pooling`` names (see :func:`exit_head_input`)."""
         if layer == self.config.num_hidden_layers:
-            return self.classifier(self.dropout(self.bert.pooler(cls_hidden)))
-        return self.exit_heads[str(layer)](cls_hidden)
+            return self.classifier(self.dropout(self.bert.pooler(hidden[:, 0])))
+        pooled = exit_head_input(hidden, self.config.exit_pooling, state.key_mask, state.sizes)
+        return self.exit_heads[str(layer)](pooled)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
                 output_exit_logits: bool = False, disable_exit: bool = False, **unused):
@@ -1371,4 +1387,4 @@ __all__ = ["EATModel", "EATForSequenceClassification", "EATForTokenClassificatio
            "token_exit_decision", "token_exit_owner", "EATPreTrainedModel", "EATEncoderOutput",
            "EATSequenceClassifierOutput", "WorkCounters", "keep_layers", "half_depth_layers",
            "sliding_window_attention", "dense_attention", "bipartite_merge_plan", "compaction_index",
-           "exit_decision", "cls_attention_importance", "mean_attention_importance"]
+           "exit_decision", "exit_head_input", "cls_attention_importance", "mean_attention_importance"]

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .checkpoints import load_classifier
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
                    load_table, task_spec)
-from .modeling_eat import EATForSequenceClassification, EATForTokenClassification, half_depth_layers, keep_layers
+from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
+                          keep_layers)
 from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
 
 VARIANTS = ("eat", "static", "half")
@@ -63,9 +64,13 @@ class TrainConfig:
     # training too (SST-2, whose rows are parse-tree phrases and whose dev set is whole sentences)
     calibration_unit: str = "row"
     exit_layers: list[int] | str | None = "all"
+    exit_pooling: str = "cls"  # what the exit heads read: "cls" or "mean" (of the real tokens; sequence tasks)
     exit_loss_weights: str | list[float] = "depth"  # "depth" (proportional to layer), "uniform", or a list
     distill_weight: float = 1.0  # self-distillation of every exit from the final head (0 = off)
     distill_temperature: float = 2.0
+    # a finished run (same calibration slice) whose logits every exit, the last one too, is distilled from
+    # instead of this model's own final head; keeps a joint stage started from a good static model near it
+    teacher: str | None = None
     train_keep_ratio: float | list[float] = 1.0  # pruning-aware training (keep ratio active while training)
     train_attention_window: int | None = None
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA only; "on"; "off"
@@ -93,6 +98,15 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1 and max_length >= 4")
         if self.freeze_backbone and (self.init_from is None or self.variant != "eat"):
             raise ValueError("freeze_backbone: needs --init-from (a fine-tuned run) and --variant eat")
+        if self.teacher is not None and (self.variant != "eat" or self.freeze_backbone or self.distill_weight <= 0
+                                         or is_token_task(self.task)):
+            raise ValueError("teacher: needs --variant eat, a distill weight > 0, a sequence task and no "
+                             "--freeze-backbone (which distills from its frozen final head already)")
+        if self.exit_pooling not in ("cls", "mean"):
+            raise ValueError(f"exit_pooling: expected cls or mean, got {self.exit_pooling!r}")
+        if self.exit_pooling != "cls" and (self.variant != "eat" or is_token_task(self.task)):
+            raise ValueError("exit_pooling: only EAT sequence classifiers have pooled exit heads (token tasks' heads "
+                             "read every token)")
         if self.calibration_rows < 0:
             raise ValueError(f"calibration_rows: must be >= 0, got {self.calibration_rows}")
         if self.calibration_unit not in ("row", "sentence"):
@@ -176,7 +190,7 @@ def calibration_differences(config: dict[str, Any], other: dict[str, Any]) -> li
             if value(config, name) != value(other, name)]
 
 
-def _check_init_calibration(config: TrainConfig, start: Path) -> None:
+def _check_init_calibration(config: TrainConfig, start: Path, flag: str = "--init-from") -> None:
     """A run started from another run (``init_from``) may only hold out a calibration slice that run held out
     too: otherwise the slice was trained on and tuning on it would flatter the model."""
     saved = start.parent / "train_config.json" if start.name == "model" else start / "train_config.json"
@@ -184,7 +198,7 @@ def _check_init_calibration(config: TrainConfig, start: Path) -> None:
         return  # nothing to tune on, or a plain model folder (a backbone: it never saw this task's rows)
     differ = calibration_differences(dataclasses.asdict(config), json.loads(saved.read_text()))
     if differ:
-        raise ValueError(f"--init-from {start}: it held out another calibration slice ({', '.join(differ)}), so "
+        raise ValueError(f"{flag} {start}: it held out another calibration slice ({', '.join(differ)}), so "
                          "it trained on rows this run would tune on; train both with the same calibration settings")
 
 
@@ -212,16 +226,40 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
     if config.variant == "eat":
         knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
                      attention_window=config.train_attention_window)
+        if not token_level:
+            knobs["exit_pooling"] = config.exit_pooling
         if config.init_from is not None:
             start = Path(config.init_from)
             start = start / "model" if (start / "model" / "config.json").is_file() else start
             _check_init_calibration(config, start)
+            saved = json.loads((start / "config.json").read_text()) if (start / "config.json").is_file() else {}
+            if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
+                raise ValueError(f"--init-from {start}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
+                                 f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
             return load_classifier(str(start), id2label=id2label, knobs=knobs, token_level=token_level)
         return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
     model = load_classifier(config.model, id2label=id2label, token_level=token_level)
     if config.variant == "half":
         model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
     return model
+
+
+def load_teacher(config: TrainConfig, label_names: tuple[str, ...], device: str):
+    """The fixed distillation teacher (``config.teacher``): a finished run that held out the same calibration
+    slice and has the same labels, in eval mode with every mechanism off and no gradients."""
+    start = Path(config.teacher)
+    start = start / "model" if (start / "model" / "config.json").is_file() else start
+    if not (start / "config.json").is_file():
+        raise ValueError(f"--teacher {config.teacher}: no model there (expected RUN/model/config.json)")
+    _check_init_calibration(config, start, flag="--teacher")
+    teacher = load_classifier(str(start), knobs=dict(exit_policy="none", keep_ratio=1.0, attention_window=None))
+    names = tuple(teacher.config.id2label[i] for i in range(len(teacher.config.id2label)))
+    if names != tuple(label_names):
+        raise ValueError(f"--teacher {config.teacher}: its labels {names} are not this task's {tuple(label_names)}")
+    teacher.to(device).eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
 
 
 def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -255,15 +293,21 @@ def exit_weights(spec: str | list[float], exit_layers: tuple[int, ...]) -> torch
 
 
 def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                    distill_weight: float, temperature: float) -> torch.Tensor:
-    """Joint loss over exits: weighted cross-entropy of every head, plus self-distillation of every earlier head
-    from the final head (KL at ``temperature``, the teacher detached). exit_logits: (B, E, C)."""
+                    distill_weight: float, temperature: float,
+                    teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Joint loss over exits: weighted cross-entropy of every head, plus distillation (KL at ``temperature``,
+    the teacher detached) of every earlier head from the final head, or, with ``teacher_logits`` (B, C) from
+    another model, of every head including the final one from those. exit_logits: (B, E, C)."""
     B, E, C = exit_logits.shape
     ce = F.cross_entropy(exit_logits.reshape(B * E, C), labels.repeat_interleave(E), reduction="none").view(B, E)
     loss = (ce.mean(0) * weights.to(ce.device)).sum()
-    if distill_weight > 0 and E > 1:
-        teacher = (exit_logits[:, -1:].detach() / temperature).softmax(-1)  # (B, 1, C)
-        student = (exit_logits[:, :-1] / temperature).log_softmax(-1)  # (B, E-1, C)
+    if distill_weight > 0 and (E > 1 or teacher_logits is not None):
+        if teacher_logits is None:
+            target, student_logits = exit_logits[:, -1:].detach(), exit_logits[:, :-1]  # (B, 1, C), (B, E-1, C)
+        else:
+            target, student_logits = teacher_logits.detach()[:, None], exit_logits  # (B, 1, C), (B, E, C)
+        teacher = (target.float() / temperature).softmax(-1)
+        student = (student_logits / temperature).log_softmax(-1)
         kd = F.kl_div(student, teacher.expand_as(student), reduction="none").sum(-1).mean()
         loss = loss + distill_weight * kd * temperature**2
     return loss
@@ -382,6 +426,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     exit_layers = model.config.exit_layer_list if config.variant == "eat" else (model.config.num_hidden_layers,)
     weights = exit_weights(config.exit_loss_weights, exit_layers)
+    teacher = load_teacher(config, train_data.label_names, device) if config.teacher is not None else None
     use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and device.startswith("cuda"))
     started = time.perf_counter()
     step = resumed_step
@@ -398,7 +443,14 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
                 extra = {"word_mask": batch["word_mask"]} if token_level else {}
                 output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
             logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
-            loss = loss_function(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature)
+            extra_loss = {}
+            if teacher is not None:  # (B, C): the fixed teacher, eval mode, every mechanism off
+                with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                                                     enabled=use_bf16):
+                    extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
+                                                           batch["token_type_ids"]).logits.float()
+            loss = loss_function(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature,
+                                 **extra_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.max_grad_norm > 0:  # 0 = no clipping
@@ -463,7 +515,7 @@ def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_d
 @torch.no_grad()
 def _frozen_features(model, encoded, make_batches, token_level: bool, device: str, pad_id: int):
     """One pass of the frozen model (eval mode, every mechanism off) over the training rows: the input of every
-    exit head ((N, E-1, d): `[CLS]` vectors, or labelled tokens' vectors for token tasks), the final head's
+    exit head ((N, E-1, d): `[CLS]` or mean-pooled vectors, or labelled tokens' vectors for token tasks), the final head's
     logits (N, C) as the distillation teacher, and the labels (N,)."""
     model.eval()
     exit_layers = [layer for layer in model.config.exit_layer_list if layer != model.config.num_hidden_layers]
@@ -484,7 +536,9 @@ def _frozen_features(model, encoded, make_batches, token_level: bool, device: st
                 teacher.append(output.logits[keep])
                 labels.append(batch["labels"][keep])
             else:
-                features.append(torch.stack([captured[layer][:, 0] for layer in exit_layers], dim=1))
+                key_mask = batch["attention_mask"].bool()
+                features.append(torch.stack([exit_head_input(captured[layer], model.config.exit_pooling, key_mask)
+                                             for layer in exit_layers], dim=1))
                 teacher.append(output.logits)
                 labels.append(batch["labels"])
     finally:
