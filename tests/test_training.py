@@ -36,7 +36,7 @@ def test_presets_and_bad_settings():
         train_config_from_preset("smoke", variant="tiny")
     with pytest.raises(ValueError, match="unknown training setting"):
         train_config_from_preset("smoke", learning_rat=1e-3)
-    with pytest.raises(ValueError, match="exit_pooling: expected"):
+    with pytest.raises(ValueError, match="exit_pooling: expected one of cls, mean"):
         train_config_from_preset("smoke", exit_pooling="max")
     with pytest.raises(ValueError, match="exit_pooling: only EAT"):
         train_config_from_preset("smoke", variant="static", exit_pooling="mean")

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_classifier
+from .checkpoints import load_classifier, read_config_dict
+from .configuration_eat import EXIT_POOLINGS
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
                    load_table, task_spec)
 from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
@@ -102,8 +103,8 @@ class TrainConfig:
                                          or is_token_task(self.task)):
             raise ValueError("teacher: needs --variant eat, a distill weight > 0, a sequence task and no "
                              "--freeze-backbone (which distills from its frozen final head already)")
-        if self.exit_pooling not in ("cls", "mean"):
-            raise ValueError(f"exit_pooling: expected cls or mean, got {self.exit_pooling!r}")
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise ValueError(f"exit_pooling: expected one of {', '.join(EXIT_POOLINGS)}, got {self.exit_pooling!r}")
         if self.exit_pooling != "cls" and (self.variant != "eat" or is_token_task(self.task)):
             raise ValueError("exit_pooling: only EAT sequence classifiers have pooled exit heads (token tasks' heads "
                              "read every token)")
@@ -232,7 +233,7 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
             start = Path(config.init_from)
             start = start / "model" if (start / "model" / "config.json").is_file() else start
             _check_init_calibration(config, start)
-            saved = json.loads((start / "config.json").read_text()) if (start / "config.json").is_file() else {}
+            saved = read_config_dict(str(start))
             if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
                 raise ValueError(f"--init-from {start}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
                                  f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
