@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from transformers import AutoTokenizer
 
 from eat.checkpoints import load_classifier
+from eat.configuration_eat import MECHANISMS_OFF
 from eat.data import batches, encode, load_glue
 from eat.modeling_eat import exit_head_input
 from eat.timing import environment
@@ -62,8 +63,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_classifier(f"{args.run}/model", knobs=dict(exit_policy="none", keep_ratio=1.0,
-                                                            attention_window=None)).eval()
+    model = load_classifier(f"{args.run}/model", knobs=MECHANISMS_OFF).eval()
     tokenizer = AutoTokenizer.from_pretrained(f"{args.run}/model")
     train = load_glue("sst2", "train").subset(args.train_rows, seed=args.seed)
     dev = load_glue("sst2", "validation")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import load_classifier
+from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification, WorkCounters
@@ -408,7 +409,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
     def everything_off_accuracy(path: str) -> tuple[float, int]:
         model = load_classifier(path).to(device)
-        model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+        model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
         return classification_metrics(off.labels, off.predictions)["accuracy"], model.config.num_hidden_layers
 

@@ -71,6 +71,10 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "token_exit_kv": "keep",
 }
 
+# The knobs that switch every mechanism off while keeping the model's shape knobs (exit heads, pooling, activation):
+# what a reference pass (a teacher, frozen features, an everything-off accuracy) runs with.
+MECHANISMS_OFF: dict[str, Any] = {"exit_policy": "none", "keep_ratio": 1.0, "attention_window": None}
+
 
 class KnobError(ValueError):
     """An adaptive knob has an unknown name or an impossible value; the message names the field."""
@@ -266,5 +270,5 @@ class EATConfig(BertConfig):
         return normalize_exit_layers(self.exit_layers, self.num_hidden_layers)
 
 
-__all__ = ["EATConfig", "KnobError", "KNOB_DEFAULTS", "normalize_keep_schedule", "normalize_exit_layers",
+__all__ = ["EATConfig", "KnobError", "KNOB_DEFAULTS", "MECHANISMS_OFF", "normalize_keep_schedule", "normalize_exit_layers",
            "validate_knobs"]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import load_classifier, read_config_dict
-from .configuration_eat import EXIT_POOLINGS
+from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
                    load_table, task_spec)
 from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
@@ -253,7 +253,7 @@ def load_teacher(config: TrainConfig, label_names: tuple[str, ...], device: str)
     if not (start / "config.json").is_file():
         raise ValueError(f"--teacher {config.teacher}: no model there (expected RUN/model/config.json)")
     _check_init_calibration(config, start, flag="--teacher")
-    teacher = load_classifier(str(start), knobs=dict(exit_policy="none", keep_ratio=1.0, attention_window=None))
+    teacher = load_classifier(str(start), knobs=MECHANISMS_OFF)
     names = tuple(teacher.config.id2label[i] for i in range(len(teacher.config.id2label)))
     if names != tuple(label_names):
         raise ValueError(f"--teacher {config.teacher}: its labels {names} are not this task's {tuple(label_names)}")
@@ -526,7 +526,7 @@ def _frozen_features(model, encoded, make_batches, token_level: bool, device: st
     features, teacher, labels = [], [], []
     saved_knobs = model.config.knobs()
     try:
-        model.config.set_knobs(exit_policy="none", keep_ratio=1.0, attention_window=None)
+        model.config.set_knobs(**MECHANISMS_OFF)
         for batch in make_batches(encoded, 64, bucket=True, pad_id=pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             extra = {"word_mask": batch["word_mask"]} if token_level else {}
