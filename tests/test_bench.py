@@ -249,3 +249,87 @@ def test_tune_for_batch_throughput_ranks_by_rows_per_second(tmp_path, tiny_backb
     assert result.calibration_accuracy == best["accuracy"]
     with pytest.raises(ValueError, match="needs max_drop"):
         tune(str(folder), _encoded(8), latency_budget_ms=5.0, batch_size=8)
+
+
+def test_drop_upper_bound_on_known_counts():
+    """Exact paired bound: 0 with no discordant row; all discordant rows worse -> p = 1; otherwise the p at which
+    seeing so few worse rows has probability 1 - confidence (the Clopper-Pearson definition)."""
+    from scipy.stats import binom
+
+    from eat.bench import drop_upper_bound
+
+    assert drop_upper_bound(0, 0, 500, 0.9) == 0.0
+    assert drop_upper_bound(10, 0, 100, 0.9) == pytest.approx(10.0)  # p <= 1: drop <= 10 of 100 rows
+    bound = drop_upper_bound(60, 40, 2000, 0.9)
+    p_upper = (bound / 100.0 * 2000 / 100 + 1.0) / 2.0
+    assert binom.cdf(60, 100, p_upper) == pytest.approx(0.1, abs=1e-6)
+    assert bound > 100.0 * (60 - 40) / 2000  # above the point estimate (1.0 point)
+    assert drop_upper_bound(60, 40, 2000, 0.99) > bound  # more confidence, wider
+    assert drop_upper_bound(600, 400, 20000, 0.9) < bound  # same rates, 10x the rows: tighter
+    with pytest.raises(ValueError, match="strictly between"):
+        drop_upper_bound(1, 1, 10, 1.0)
+
+
+def test_drop_upper_bound_covers_the_true_drop():
+    """Simulated calibration sets whose true drop is exactly 1 point (5.5% rows worse, 4.5% better): the bound
+    certifies "drop <= 1" in at most ~10% of them at 90% confidence, while the point estimate does in about half."""
+    from eat.bench import drop_upper_bound
+
+    rng = np.random.default_rng(0)
+    rows, trials = 2000, 2000
+    counts = rng.multinomial(rows, [0.055, 0.045, 0.90], size=trials)
+    certified = [drop_upper_bound(int(w), int(b), rows, 0.9) <= 1.0 for w, b, _ in counts]
+    point_estimate = [100.0 * (w - b) / rows <= 1.0 for w, b, _ in counts]
+    assert np.mean(certified) <= 0.10 + 3 * np.sqrt(0.1 * 0.9 / trials)
+    assert np.mean(point_estimate) > 0.4
+
+
+def test_certified_prefix_stops_at_the_first_threshold_that_fails():
+    """Fixed-sequence: a looser threshold that happens to look fine after a failing one is not certified."""
+    from eat.bench import certified_prefix
+
+    sweep = [{"tau": 0.6, "rows_worse": 5, "rows_better": 5},      # a lucky dip below the failure
+             {"tau": 0.7, "rows_worse": 60, "rows_better": 10},    # fails: ~2.5 points worse
+             {"tau": 0.8, "rows_worse": 12, "rows_better": 10},
+             {"tau": 0.9, "rows_worse": 2, "rows_better": 1}]
+    kept = certified_prefix(sweep, max_drop=1.0, rows=2000, confidence=0.9)
+    assert [row["tau"] for row in kept] == [0.9, 0.8]
+    assert all(row["drop_upper_bound"] <= 1.0 for row in kept)
+    assert sweep[1]["drop_upper_bound"] > 1.0 and "drop_upper_bound" not in sweep[0]
+
+
+def test_tune_with_certify_only_keeps_points_it_can_bound(tmp_path, tiny_backbone):
+    """Every row leaving at layer 1 (tau 0): with room to spare the tuner certifies that point and records its
+    bound; with max_drop 0 against the checkpoint itself it cannot (the exit turns right rows wrong), so it falls
+    back to exits off, whose bound is 0."""
+    from eat.bench import tune
+
+    model = tiny_model(seed=3, exit_layers="all")
+    with torch.no_grad():  # the layer-1 head always says class 0: rows of other classes the model got right turn wrong
+        model.exit_heads["1"].classifier.weight.zero_()
+        model.exit_heads["1"].classifier.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    encoded = _encoded(40)
+    common = dict(keep_grid=(1.0,), tau_grid=[0.0], timing_rows=4, warmup=1, policies=("confidence",), certify=0.9)
+    loose = tune(str(folder), encoded, max_drop=100.0, **common)
+    exit_point = next(c for c in loose.candidates if c["exit_policy"] == "confidence")
+    assert exit_point["mean_exit_layer"] == 1.0 and exit_point["rows_worse"] > 0
+    assert 0.0 < exit_point["drop_upper_bound"] <= 100.0
+    strict = tune(str(folder), encoded, max_drop=0.0, **common)
+    assert strict.knobs["exit_policy"] == "none" and strict.certify == 0.9
+    assert [c["exit_policy"] for c in strict.candidates] == ["none"]
+    assert strict.drop_upper_bound == 0.0 and "certified at 90% confidence" in strict.criterion
+    # a reference that even exits-off falls short of (it always says the most common label, EAT another one):
+    # a clear error, not a silent choice
+    common_label = int(np.bincount(encoded.labels).argmax())
+    for name, label in (("reference", common_label), ("eat", (common_label + 1) % 3)):
+        constant = tiny_model(seed=3, exit_layers="all")
+        with torch.no_grad():
+            constant.classifier.weight.zero_()
+            constant.classifier.bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(label), 3).float())
+        constant.save_pretrained(tmp_path / name)
+    with pytest.raises(ValueError, match="every mechanism off can be certified"):
+        tune(str(tmp_path / "eat"), encoded, max_drop=0.0, reference_checkpoint=str(tmp_path / "reference"), **common)
+    with pytest.raises(ValueError, match="needs max_drop"):
+        tune(str(folder), encoded, latency_budget_ms=5.0, certify=0.9)

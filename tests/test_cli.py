@@ -124,6 +124,20 @@ def test_tune_for_a_batch_size_writes_its_own_point(trained_tiny, tmp_path):
     assert {r["batch_size_throughput"] for r in rows} == {4}
 
 
+def test_tune_certify_from_the_command_line(trained_tiny, tmp_path):
+    """`--certify`: the choice carries its bound in the JSON and the output; without --max-drop it is refused."""
+    results = tmp_path / "r"
+    result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100",
+                     "--certify", "0.9", "--rows", "8", "--results", str(results))
+    assert result.exit_code == 0, result.output
+    tuned = json.loads((results / "tuned_sst2.json").read_text())
+    assert tuned["certify"] == 0.9 and "certified at 90% confidence" in tuned["criterion"]
+    assert 0.0 <= tuned["drop_upper_bound"] <= 100.0 and "certified: the drop is at most" in result.output
+    bad = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--latency-budget", "5",
+                  "--certify", "0.9", "--results", str(tmp_path / "bad"))
+    assert bad.exit_code == 2 and "needs max_drop" in bad.output
+
+
 def test_readme_quickstart_smallest_form(tmp_path, data_dir):
     """The README's first command runs `eat run --preset demo`; here the same job at the smoke preset."""
     readme = (REPO / "README.md").read_text()

@@ -354,21 +354,67 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
 
 
 def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus: Sequence[float], *,
-              policy: str = "confidence", device: str = "cpu", pad_id: int = 0, f1: bool = False) -> list[dict]:
-    """Accuracy and mean exit layer at every threshold from ONE cached pass (every head evaluated, no exits)."""
+              policy: str = "confidence", device: str = "cpu", pad_id: int = 0, f1: bool = False,
+              reference_correct: np.ndarray | None = None) -> list[dict]:
+    """Accuracy and mean exit layer at every threshold from ONE cached pass (every head evaluated, no exits).
+
+    ``reference_correct`` (N,) bool, whether a reference model got each row right: each row then also counts the
+    discordant rows, ``rows_worse`` (reference right, this threshold wrong) and ``rows_better`` (the reverse), from
+    which :func:`drop_upper_bound` bounds the accuracy drop.
+    """
     cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id)
     labels = cached.labels
     rows = []
     lengths = cached.input_length
     for tau in taus:
         chosen, layers = exits_at_threshold(cached.exit_logits, cached.exit_layers, policy, tau)
+        predictions = chosen.argmax(-1)
         # token-layers this threshold would cost, from the cached per-layer token counts
         ran = np.arange(1, cached.tokens_per_layer.shape[1] + 1)[None, :] <= layers[:, None]
         token_layers = float((cached.tokens_per_layer * ran).sum() / (lengths.sum() * ran.shape[1]))
-        rows.append({"tau": float(tau), **classification_metrics(labels, chosen.argmax(-1), f1),
-                     "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
-                     "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))})
+        row = {"tau": float(tau), **classification_metrics(labels, predictions, f1),
+               "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
+               "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))}
+        if reference_correct is not None:
+            correct = predictions == labels
+            row["rows_worse"] = int((reference_correct & ~correct).sum())
+            row["rows_better"] = int((~reference_correct & correct).sum())
+        rows.append(row)
     return rows
+
+
+def drop_upper_bound(rows_worse: int, rows_better: int, rows: int, confidence: float) -> float:
+    """One-sided upper confidence bound, in accuracy points, on how far a model falls below a reference on rows
+    drawn like these, from paired counts (exact McNemar-style bound).
+
+    Only discordant rows move the difference: of ``m = rows_worse + rows_better`` of them, each is a "worse" row
+    with some probability p, and the drop is ``(2p - 1) * m / rows``. p gets its one-sided Clopper-Pearson upper
+    bound at ``confidence`` (conditional on m, as McNemar's exact test). No discordant row: the bound is 0.
+    """
+    from scipy.stats import beta  # scipy comes with scikit-learn
+
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    discordant = rows_worse + rows_better
+    if discordant == 0:
+        return 0.0
+    p_upper = 1.0 if rows_worse == discordant else float(beta.ppf(confidence, rows_worse + 1, rows_better))
+    return 100.0 * (2.0 * p_upper - 1.0) * discordant / rows
+
+
+def certified_prefix(sweep: list[dict], max_drop: float, rows: int, confidence: float) -> list[dict]:
+    """Fixed-sequence testing over one threshold sweep (Learn-then-Test, as in CALM): walk the thresholds from the
+    strictest (highest tau, closest to the reference) to the loosest and keep each while its drop's upper bound is
+    at most ``max_drop``; stop at the first that fails. Every kept threshold then meets ``max_drop`` with
+    probability >= ``confidence`` jointly, without paying for the many thresholds looked at. Each row gets its
+    ``drop_upper_bound``."""
+    certified = []
+    for row in sorted(sweep, key=lambda r: -r["tau"]):
+        row["drop_upper_bound"] = drop_upper_bound(row["rows_worse"], row["rows_better"], rows, confidence)
+        if row["drop_upper_bound"] > max_drop:
+            break
+        certified.append(row)
+    return certified
 
 
 @dataclass
@@ -381,13 +427,15 @@ class TuneResult:
     calibration_p50_ms: float | None
     candidates: list[dict[str, Any]]
     criterion: str
+    certify: float | None = None  # the joint confidence of the drop bound, when the tuner certified its choice
+    drop_upper_bound: float | None = None  # the chosen point's certified bound on the drop (accuracy points)
 
 
 def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
          latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5]),
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
          warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement"),
-         reference_checkpoint: str | None = None, batch_size: int = 1) -> TuneResult:
+         reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None) -> TuneResult:
     """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
     and a keep schedule on the calibration split.
 
@@ -400,30 +448,47 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     ``batch_size`` > 1 (with ``max_drop``): "fastest" means the highest throughput on batches of that many
     calibration rows (at least 8 batches, arrival order, the same batches for every finalist, best of 3 passes
     taken in turns) instead of the batch-1 median: the operating point for batched serving, where pruning pays.
+
+    ``certify`` (e.g. 0.9, with ``max_drop``): a threshold qualifies only if the drop is at most ``max_drop`` with
+    that probability for rows drawn like the calibration rows, not merely on them: the exact paired bound of
+    :func:`drop_upper_bound`, fixed-sequence over each sweep's thresholds (:func:`certified_prefix`), the error
+    split evenly (Bonferroni) over the ``len(keep_grid) * len(policies)`` sweeps. Without it the smallest
+    qualifying tau is picked on the point estimate, which on a few thousand rows is often a lucky dip.
     """
     if (max_drop is None) == (latency_budget_ms is None):
         raise ValueError("give exactly one of max_drop or latency_budget_ms")
     if batch_size < 1 or (batch_size > 1 and latency_budget_ms is not None):
         raise ValueError("batch_size > 1 ranks by throughput and needs max_drop (a latency budget is for batch 1)")
+    if certify is not None and (max_drop is None or not 0.0 < certify < 1.0):
+        raise ValueError("certify is a confidence strictly between 0 and 1 and needs max_drop")
     tau_grid = list(tau_grid) if tau_grid is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
 
-    def everything_off_accuracy(path: str) -> tuple[float, int]:
+    def everything_off(path: str) -> tuple[np.ndarray, int]:
+        """(N,) whether the model with every mechanism off gets each calibration row right; its depth."""
         model = load_classifier(path).to(device)
         model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
-        return classification_metrics(off.labels, off.predictions)["accuracy"], model.config.num_hidden_layers
+        return off.predictions == off.labels, model.config.num_hidden_layers
 
-    off_accuracy, num_layers = everything_off_accuracy(checkpoint)  # also the exits-off candidate below
-    reference_accuracy = everything_off_accuracy(reference_checkpoint)[0] if reference_checkpoint else off_accuracy
+    off_correct, num_layers = everything_off(checkpoint)  # also the exits-off candidate below
+    reference_correct = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_correct
+    off_accuracy, reference_accuracy = 100.0 * float(off_correct.mean()), 100.0 * float(reference_correct.mean())
+    rows = len(reference_correct)
+    # the confidence each sweep is certified at, so that all of them hold together with probability >= certify
+    per_sweep = None if certify is None else 1.0 - (1.0 - certify) / (len(keep_grid) * len(policies))
     candidates = []
     for keep in keep_grid:
         model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
         for policy in policies:
-            sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id)
+            sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id,
+                              reference_correct=reference_correct)
             for row in sweep:
                 row["keep_ratio"], row["exit_policy"] = keep, policy
             if max_drop is not None:
-                ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
+                if per_sweep is not None:
+                    ok = certified_prefix(sweep, max_drop, rows, per_sweep)
+                else:
+                    ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
                 if ok:
                     candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
             else:
@@ -431,8 +496,19 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     # A threshold no calibration row meets still pays for evaluating every head (~10% at batch 1): such a point is
     # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
-    candidates.append({"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
-                       "mean_exit_layer": float(num_layers), "exit_policy": "none"})
+    exits_off = {"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
+                 "mean_exit_layer": float(num_layers), "exit_policy": "none",
+                 "rows_worse": int((reference_correct & ~off_correct).sum()),
+                 "rows_better": int((~reference_correct & off_correct).sum())}
+    if per_sweep is not None:
+        exits_off["drop_upper_bound"] = drop_upper_bound(exits_off["rows_worse"], exits_off["rows_better"], rows,
+                                                         per_sweep)
+        if exits_off["drop_upper_bound"] > max_drop:
+            raise ValueError(f"not even the EAT model with every mechanism off can be certified within {max_drop} "
+                             f"points of the reference at {certify:.0%} confidence on {rows} calibration rows "
+                             f"(bound {exits_off['drop_upper_bound']:.2f}): allow a larger drop, a lower confidence, "
+                             "or a larger calibration split")
+    candidates.append(exits_off)
     models = {}
     for i, cand in enumerate(candidates):
         models[str(i)] = load_classifier(checkpoint, knobs=_tuned_knobs(cand)).to(device)
@@ -449,13 +525,18 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
             cand["calibration_p50_ms"] = latency[str(i)].p50_ms
     if max_drop is not None:
         drop_from = "reference run" if reference_checkpoint else "reference"
+        if certify is None:
+            condition = f"calibration accuracy >= {drop_from} - {max_drop}"
+        else:
+            condition = (f"accuracy >= {drop_from} - {max_drop} certified at {certify:.0%} confidence (exact paired "
+                         f"bound on {rows} calibration rows, fixed-sequence over tau, Bonferroni over "
+                         f"{len(keep_grid) * len(policies)} sweeps)")
         if batch_size > 1:
             best = max(candidates, key=lambda c: c["calibration_rows_per_s"])
-            criterion = (f"highest batch-{batch_size} throughput with calibration accuracy >= {drop_from} - "
-                         f"{max_drop}")
+            criterion = f"highest batch-{batch_size} throughput with {condition}"
         else:
             best = min(candidates, key=lambda c: c["calibration_p50_ms"])
-            criterion = f"fastest with calibration accuracy >= {drop_from} - {max_drop}"
+            criterion = f"fastest with {condition}"
     else:
         fitting = [c for c in candidates if c["calibration_p50_ms"] <= latency_budget_ms]
         if not fitting:
@@ -465,7 +546,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         criterion = f"most accurate with calibration p50 <= {latency_budget_ms} ms"
     knobs = _tuned_knobs(best)
     return TuneResult(knobs, best["accuracy"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
-                      criterion)
+                      criterion, certify, best.get("drop_upper_bound"))
 
 
 def _first_rows(encoded: EncodedDataset, rows: int) -> EncodedDataset:
@@ -516,5 +597,6 @@ def save_json(path: Path, data: Any) -> None:
 
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
-           "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "tune", "TuneResult", "MECHANISMS",
+           "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
+           "certified_prefix", "tune", "TuneResult", "MECHANISMS",
            "encode", "save_json", "LatencyStats"]

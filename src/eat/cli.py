@@ -186,8 +186,13 @@ def train(
                   f"model in {result.model_dir})")
 
 
-# the knobs of the "eat:none" row `eat tune` reports beside its point (explicit: a checkpoint's saved knobs may prune)
-EVERYTHING_OFF = {"keep_ratio": 1.0, "attention_window": None, "exit_policy": "none", "exit_layers": None}
+def _everything_off() -> dict[str, Any]:
+    """The knobs of the "eat:none" row `eat tune` reports beside its point (explicit: a checkpoint's saved knobs
+    may prune): every mechanism off and no exit head loaded. Imported here, not at module level, so `eat --help`
+    does not load transformers."""
+    from .configuration_eat import MECHANISMS_OFF
+
+    return {**MECHANISMS_OFF, "exit_layers": None}
 
 
 def _layer_list(text: str | None):
@@ -540,6 +545,9 @@ def tune_command(
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="1: fastest batch-1 median; N > 1: highest throughput at batch N (saved as "
                              "tuned_<task>_bN.json, point eat:tuned-bN)")] = 1,
+    certify: Annotated[Optional[float], typer.Option(
+        help="e.g. 0.9: only points whose drop is at most --max-drop with this confidence for rows like the "
+             "calibration rows (exact paired bound, fixed-sequence over tau), not just on the point estimate")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -566,6 +574,9 @@ def tune_command(
     from .ner_data import is_token_task
 
     if is_token_task(task):
+        if certify is not None:
+            raise ValueError("--certify bounds a sentence-level accuracy drop; token tasks are tuned on entity F1 "
+                             "without it")
         if max_drop is None:
             raise ValueError("token tasks are tuned by --max-drop (entity F1 points)")
         _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows,
@@ -577,15 +588,19 @@ def tune_command(
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
-                  reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size)
+                  reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size,
+                  certify=certify)
     save_json(_tuned_file(results, task, batch_size), dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
     out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
+    if result.drop_upper_bound is not None:
+        out.print(f"certified: the drop is at most {result.drop_upper_bound:.2f} points with {certify:.0%} confidence "
+                  f"(the bound of the chosen point, at its share of the error)")
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows,
                                       **({"batch_size": batch_size} if batch_size > 1 else {}))
     name = _tuned_point_name(batch_size)
-    points = [OperatingPoint("eat:none", str(model_dir), EVERYTHING_OFF, "ablation"),
+    points = [OperatingPoint("eat:none", str(model_dir), _everything_off(), "ablation"),
               OperatingPoint(name, str(model_dir), result.knobs, "tuned")]
     spec = task_spec(task)
     for split in spec.eval_splits:
@@ -635,7 +650,7 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
                                       split="validation", rows=rows)
     data = load_tagged(task, "validation").subset(rows, seed=config.seed)
-    points = [OperatingPoint("eat:none", str(model_dir), EVERYTHING_OFF, "ablation"),
+    points = [OperatingPoint("eat:none", str(model_dir), _everything_off(), "ablation"),
               OperatingPoint("eat:tuned", str(model_dir), knobs, "tuned")]
     rows = measure_token_points(points, encode_tagged(data, tokenizer, train_config.max_length), data, config,
                                 ResultsLog(results), dataset_source=f"{data.source} {data.note}".strip(), force=True,
