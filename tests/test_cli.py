@@ -136,6 +136,17 @@ def test_tune_certify_from_the_command_line(trained_tiny, tmp_path):
     bad = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--latency-budget", "5",
                   "--certify", "0.9", "--results", str(tmp_path / "bad"))
     assert bad.exit_code == 2 and "needs max_drop" in bad.output
+    # `eat eval --tuned` evaluates exactly that point (here on 8 rows; by default on the whole split)
+    evaluated = _invoke("eval", "--checkpoint", str(trained_tiny), "--task", "sst2", "--tuned",
+                        str(results / "tuned_sst2.json"), "--limit", "8")
+    assert evaluated.exit_code == 0, evaluated.output
+    reports = sorted(trained_tiny.glob("eval-*.json"), key=lambda path: path.stat().st_mtime)
+    knobs = json.loads(reports[-1].read_text())["knobs"]
+    assert all(knobs[name] == value for name, value in tuned["knobs"].items()), (knobs, tuned["knobs"])
+    (tmp_path / "not-tuned.json").write_text(json.dumps({"accuracy": 90}))
+    for path, message in ((tmp_path / "missing.json", "no such file"), (tmp_path / "not-tuned.json", "no 'knobs'")):
+        refused = _invoke("eval", "--checkpoint", str(trained_tiny), "--task", "sst2", "--tuned", str(path))
+        assert refused.exit_code == 2 and message in refused.output
 
 
 def test_readme_quickstart_smallest_form(tmp_path, data_dir):

@@ -86,9 +86,22 @@ def parse_knobs(items: list[str] | None) -> dict[str, Any]:
     return knobs
 
 
-def knobs_from_options(knob: list[str] | None, tau: float | None) -> dict[str, Any]:
-    """Knobs from repeated ``--knob NAME=VALUE``; ``--tau`` is shorthand for the confidence exit policy."""
-    knobs = parse_knobs(knob)
+def knobs_from_options(knob: list[str] | None, tau: float | None, tuned: Path | None = None) -> dict[str, Any]:
+    """Knobs from a point `eat tune` saved (``tuned``: its ``tuned_<task>.json``), then repeated ``--knob
+    NAME=VALUE`` over them; ``--tau`` is shorthand for the confidence exit policy."""
+    knobs: dict[str, Any] = {}
+    if tuned is not None:
+        try:
+            saved = json.loads(tuned.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--tuned {tuned}: no such file (eat tune writes tuned_<task>.json into its "
+                                    "--results folder)") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--tuned {tuned}: not valid JSON ({error})") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("knobs"), dict):
+            raise ValueError(f"--tuned {tuned}: no 'knobs' object; expected a file written by eat tune")
+        knobs.update(saved["knobs"])
+    knobs.update(parse_knobs(knob))
     if tau is not None:
         knobs.update(exit_policy="confidence", exit_threshold=tau)
     return knobs
@@ -273,6 +286,8 @@ def evaluate_command(
     task: Annotated[str, typer.Option()] = "sst2",
     tau: Annotated[Optional[float], typer.Option(help="confidence threshold (sets exit_policy=confidence)")] = None,
     knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE (repeatable)")] = None,
+    tuned: Annotated[Optional[Path], typer.Option(
+        help="the knobs of a point eat tune chose (its tuned_<task>.json); --knob / --tau override them")] = None,
     eval_file: Annotated[Optional[str], typer.Option(help="evaluate on your own table instead of GLUE dev")] = None,
     text_column: Annotated[str, typer.Option()] = "text",
     text_pair_column: Annotated[Optional[str], typer.Option()] = None,
@@ -291,7 +306,7 @@ def evaluate_command(
     from .ner_data import is_token_task
 
     _set_threads(threads)
-    knobs = knobs_from_options(knob, tau)
+    knobs = knobs_from_options(knob, tau, tuned)
     if is_token_task(task):
         _evaluate_token_task(checkpoint, task, knobs, eval_file, max_length, batch_size, limit, device)
         return
