@@ -320,6 +320,10 @@ def test_tune_with_certify_only_keeps_points_it_can_bound(tmp_path, tiny_backbon
     assert strict.knobs["exit_policy"] == "none" and strict.certify == 0.9
     assert [c["exit_policy"] for c in strict.candidates] == ["none"]
     assert strict.drop_upper_bound == 0.0 and "certified at 90% confidence" in strict.criterion
+    assert "Bonferroni over 1 test)" in strict.criterion  # one sweep; exits off against itself is exact
+    # against a reference run, exits off is one more test sharing the error
+    referenced = tune(str(folder), encoded, max_drop=100.0, reference_checkpoint=str(folder), **common)
+    assert "Bonferroni over 2 tests)" in referenced.criterion
     # a reference that even exits-off falls short of (it always says the most common label, EAT another one):
     # a clear error, not a silent choice
     common_label = int(np.bincount(encoded.labels).argmax())

@@ -452,7 +452,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     ``certify`` (e.g. 0.9, with ``max_drop``): a threshold qualifies only if the drop is at most ``max_drop`` with
     that probability for rows drawn like the calibration rows, not merely on them: the exact paired bound of
     :func:`drop_upper_bound`, fixed-sequence over each sweep's thresholds (:func:`certified_prefix`), the error
-    split evenly (Bonferroni) over the ``len(keep_grid) * len(policies)`` sweeps. Without it the smallest
+    split evenly (Bonferroni) over the ``len(keep_grid) * len(policies)`` sweeps and, with a reference run, the
+    exits-off point (which must itself be certified, or there is nothing to choose). Without it the smallest
     qualifying tau is picked on the point estimate, which on a few thousand rows is often a lucky dip.
     """
     if (max_drop is None) == (latency_budget_ms is None):
@@ -474,8 +475,10 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     reference_correct = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_correct
     off_accuracy, reference_accuracy = 100.0 * float(off_correct.mean()), 100.0 * float(reference_correct.mean())
     rows = len(reference_correct)
-    # the confidence each sweep is certified at, so that all of them hold together with probability >= certify
-    per_sweep = None if certify is None else 1.0 - (1.0 - certify) / (len(keep_grid) * len(policies))
+    # The confidence each test is made at, so that all of them hold together with probability >= certify: one
+    # fixed-sequence test per sweep, plus exits off against another reference run (against itself it is exact).
+    tests = len(keep_grid) * len(policies) + (1 if reference_checkpoint else 0)
+    per_sweep = None if certify is None else 1.0 - (1.0 - certify) / tests
     candidates = []
     for keep in keep_grid:
         model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
@@ -530,7 +533,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         else:
             condition = (f"accuracy >= {drop_from} - {max_drop} certified at {certify:.0%} confidence (exact paired "
                          f"bound on {rows} calibration rows, fixed-sequence over tau, Bonferroni over "
-                         f"{len(keep_grid) * len(policies)} sweeps)")
+                         f"{tests} test{'s' if tests != 1 else ''})")
         if batch_size > 1:
             best = max(candidates, key=lambda c: c["calibration_rows_per_s"])
             criterion = f"highest batch-{batch_size} throughput with {condition}"
