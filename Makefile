@@ -28,8 +28,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the committed results/paper section (joint recipe, random-row calibration: how it was made)
 paper: setup
-	$(BIN)/eat run --preset paper --task sst2 --threads 2 --results results/paper
+	$(BIN)/eat run --preset paper --task sst2 --recipe joint --calibration-unit row --threads 2 --results results/paper
 
 clean:
 	rm -rf $(VENV) runs

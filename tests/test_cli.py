@@ -69,6 +69,8 @@ def test_cli_bad_input_is_one_clear_line(trained_tiny, tmp_path):
     assert result.exit_code == 2 and "no column 'text'" in result.output
     result = _invoke("run", "--preset", "enormous")
     assert result.exit_code == 2 and "unknown preset" in result.output
+    result = _invoke("run", "--preset", "smoke", "--recipe", "three-stage", "--runs", str(tmp_path / "never"))
+    assert result.exit_code == 2 and "unknown recipe 'three-stage'" in result.output and not (tmp_path / "never").exists()
     result = _invoke("report", "--results", str(tmp_path / "empty"))
     assert result.exit_code == 2 and "no results" in result.output
     empty_input = tmp_path / "blank.txt"
@@ -166,6 +168,14 @@ def test_readme_quickstart_smallest_form(tmp_path, data_dir):
     assert report.is_file() and (tmp_path / "runs" / "results" / "plots" / "sst2_frontier.png").is_file()
     rows = [json.loads(line) for line in (tmp_path / "runs" / "results" / "results.jsonl").read_text().splitlines()]
     assert {"static", "half-depth", "eat:none", "eat:prune+sparse+exit", "eat:tuned"} <= {r["point"] for r in rows}
+    # the default two-stage recipe: exit heads on the frozen static model, so with exits off EAT *is* static
+    accuracy = {r["point"]: r["accuracy"] for r in rows}
+    assert accuracy["eat:none"] == accuracy["static"]
+    run_config = json.loads((tmp_path / "runs" / "results" / "run_config_sst2.json").read_text())
+    assert run_config["recipe"] == "two-stage"
+    eat_config = json.loads((tmp_path / "runs" / "sst2" / "eat" / "train_config.json").read_text())
+    assert eat_config["freeze_backbone"] and eat_config["exit_pooling"] == "mean"
+    assert eat_config["init_from"] == str(tmp_path / "runs" / "sst2" / "static")
 
 
 def test_pruning_aware_training_schedule_from_the_command_line(tiny_backbone, data_dir, tmp_path, monkeypatch):

@@ -252,3 +252,20 @@ def test_training_with_a_teacher_run(tmp_path, tiny_backbone, data_dir, monkeypa
     missing = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, teacher=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="no model there"):
         train(missing, tmp_path / "missing")
+
+
+def test_a_calibration_slice_capped_at_a_tenth_says_so(tmp_path, caplog):
+    """--calibration-rows asks for more than 10% of a table: the slice is 10% and a warning gives both numbers."""
+    from eat.training import TrainConfig, training_data
+
+    table = tmp_path / "rows.csv"
+    table.write_text("text,label\n" + "".join(f"sentence number {i},{i % 2}\n" for i in range(200)))
+    config = TrainConfig(task="mine", data_file=str(table), eval_file=str(table), calibration_rows=50)
+    with caplog.at_level("WARNING", logger="eat.training"):
+        train_rows, calibration, _ = training_data(config)
+    assert (len(train_rows), len(calibration)) == (180, 20)
+    assert "held out 20 calibration rows, not 50: at most 10% of the 200 training rows" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="eat.training"):
+        training_data(TrainConfig(task="mine", data_file=str(table), eval_file=str(table), calibration_rows=20))
+    assert "calibration rows" not in caplog.text

@@ -134,7 +134,8 @@ def train(
     train_limit: Annotated[Optional[int], typer.Option(help="seeded subset of training rows")] = None,
     eval_limit: Annotated[Optional[int], typer.Option()] = None,
     calibration_rows: Annotated[Optional[int], typer.Option(
-        help="training rows held out for `eat tune` (0: train on every row, e.g. for a baseline)")] = None,
+        help="training rows held out for `eat tune`, at most 10% of them (0: train on every row, e.g. for a "
+             "baseline)")] = None,
     calibration_unit: Annotated[Optional[str], typer.Option(
         help="row (random rows) or sentence (whole sentences, their phrases held out too: SST-2)")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -699,11 +700,19 @@ def run(
     train_limit: Annotated[Optional[int], typer.Option(help="override the preset's training rows")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="override the preset's epochs (e.g. 1 for QQP/MNLI)")] = None,
     max_drop: Annotated[Optional[float], typer.Option(
-        help="accuracy points the tuned point may lose on the calibration split (default: the preset's)")] = None,
+        help="accuracy points the tuned point may lose against static on the calibration split (default: the "
+             "preset's)")] = None,
+    recipe: Annotated[str, typer.Option(
+        help="two-stage (static model, then mean-pooled exit heads on it, frozen) or joint (EAT trained from the "
+             "backbone with the multi-exit loss)")] = "two-stage",
+    certify: Annotated[Optional[float], typer.Option(
+        help="confidence (e.g. 0.9) at which the tuner must certify --max-drop (see eat tune --certify)")] = None,
+    calibration_unit: Annotated[Optional[str], typer.Option(
+        help="row or sentence (default: sentence for SST-2, whose dev set is whole sentences; row otherwise)")] = None,
 ) -> None:
-    """The main job end to end: train EAT + static + half-depth, tune, sweep, ablate, time, report. Resumable."""
+    """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable."""
     from .bench import BENCH_PRESETS
-    from .pipeline import RUN_TASKS, run_task, summary_lines
+    from .pipeline import RUN_RECIPES, RUN_TASKS, run_task, summary_lines
     from .training import TRAIN_PRESETS
 
     _set_threads(threads)
@@ -713,15 +722,18 @@ def run(
     for name in tasks:
         if name not in RUN_TASKS:
             raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)} or all")
+    if recipe not in RUN_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; recipes: {', '.join(RUN_RECIPES)}")
     runs_dir = runs_dir or Path("runs") / preset
     results = results or runs_dir / "results"
     for name in tasks:
         with _progress() as bar:
             summary = run_task(name, preset, runs_dir, results, device=device,
-                               train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs))
+                               train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),
+                                                                  ("calibration_unit", calibration_unit))
                                                 if v is not None} or None,
                                log=lambda message: console.print(message), progress=_bench_progress(bar),
-                               max_drop=max_drop)
+                               max_drop=max_drop, recipe=recipe, certify=certify)
         for line in summary_lines(results, name):
             out.print(line)
         out.print(f"report: {summary['report']}")

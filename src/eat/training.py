@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +33,8 @@ from .data import (DataError, TextDataset, batches, carve_calibration, carve_sen
 from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
                           keep_layers)
 from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = ("eat", "static", "half")
 
@@ -173,6 +176,9 @@ def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[s
     else:
         train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
                                                fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
+        if len(calibration) < config.calibration_rows:  # the slice never takes more than 10% of the training rows
+            logger.warning("%s: held out %d calibration rows, not %d: at most 10%% of the %d training rows are "
+                           "held out", full.source, len(calibration), config.calibration_rows, len(full))
     train = train.subset(config.train_limit, seed=config.seed)
     evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
     return train, calibration, evals

@@ -1,0 +1,58 @@
+"""The main job's recipes and its refusal to mix runs made with other settings (no training here: configs only)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from eat.pipeline import HEAD_STAGE, RunConfig, _train_variant, run_task, training_configs
+
+
+def test_two_stage_recipe_fits_heads_on_the_frozen_static_run(tmp_path):
+    configs = training_configs(RunConfig("sst2", "demo"), tmp_path, {"epochs": 2.0, "train_limit": 100})
+    assert list(configs) == ["static", "eat", "half"]  # static first: the head stage starts from it
+    eat, static = configs["eat"], configs["static"]
+    assert eat.init_from == str(tmp_path / "sst2" / "static") and eat.freeze_backbone
+    assert (eat.exit_pooling, eat.epochs, eat.learning_rate) == (HEAD_STAGE["exit_pooling"], HEAD_STAGE["epochs"],
+                                                                 HEAD_STAGE["learning_rate"])
+    assert static.epochs == 2.0 and static.train_limit == 100 and not static.freeze_backbone
+    # all three hold out the same calibration slice; SST-2 holds out whole sentences (dev is whole sentences)
+    assert {(c.calibration_unit, c.calibration_rows, c.seed) for c in configs.values()} == {("sentence", 500, 42)}
+    assert training_configs(RunConfig("qqp", "demo"), tmp_path)["eat"].calibration_unit == "row"
+
+
+def test_joint_recipe_trains_eat_from_the_backbone(tmp_path):
+    eat = training_configs(RunConfig("sst2", "demo", recipe="joint"), tmp_path)["eat"]
+    assert eat.init_from is None and not eat.freeze_backbone and eat.exit_pooling == "cls"
+
+
+@pytest.mark.parametrize("field, value, message", [("recipe", "cascade", "unknown recipe 'cascade'"),
+                                                   ("task", "cola", "unknown task 'cola'"),
+                                                   ("certify", 1.5, "certify: a confidence strictly between"),
+                                                   ("max_drop", -1.0, "max_drop: must be >= 0")])
+def test_run_config_names_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(RunConfig("sst2", "demo"), **{field: value}).validate()
+
+
+def test_a_finished_run_with_other_settings_is_refused_not_reused(tmp_path):
+    """Switching recipe (or preset settings) in the same runs folder must not silently reuse the old model."""
+    joint = training_configs(RunConfig("sst2", "demo", recipe="joint"), tmp_path)["eat"]
+    folder = tmp_path / "sst2" / "eat"
+    folder.mkdir(parents=True)
+    (folder / "train_config.json").write_text(json.dumps(dataclasses.asdict(joint)))
+    (folder / "train_summary.json").write_text("{}")
+    assert _train_variant(joint, folder, None) == folder / "model"  # same settings: reused
+    two_stage = training_configs(RunConfig("sst2", "demo"), tmp_path)["eat"]
+    with pytest.raises(ValueError, match="trained with other settings .*freeze_backbone: False there, True now"):
+        _train_variant(two_stage, folder, None)
+    assert json.loads((folder / "train_config.json").read_text()) == dataclasses.asdict(joint)  # untouched
+
+
+def test_results_of_another_run_are_refused(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "run_config_sst2.json").write_text(json.dumps(dataclasses.asdict(RunConfig("sst2", "demo", "joint"))))
+    with pytest.raises(ValueError, match="holds results of another run of sst2"):
+        run_task("sst2", "demo", tmp_path / "runs", results)
+    assert not (tmp_path / "runs").exists()  # refused before training anything
