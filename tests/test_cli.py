@@ -138,6 +138,19 @@ def test_tune_certify_from_the_command_line(trained_tiny, tmp_path):
     bad = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--latency-budget", "5",
                   "--certify", "0.9", "--results", str(tmp_path / "bad"))
     assert bad.exit_code == 2 and "needs max_drop" in bad.output
+    # --keep-grid: only those schedules are searched, and the error is split over fewer tests (2 policies x 1)
+    narrow = tmp_path / "narrow"
+    result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100",
+                     "--certify", "0.9", "--keep-grid", "1.0", "--rows", "8", "--results", str(narrow))
+    assert result.exit_code == 0, result.output
+    narrow_tuned = json.loads((narrow / "tuned_sst2.json").read_text())
+    assert narrow_tuned["keep_grid"] == [1.0] and narrow_tuned["knobs"]["keep_ratio"] == 1.0
+    assert "Bonferroni over 2 tests" in narrow_tuned["criterion"] and "over 10 tests" in tuned["criterion"]
+    assert {c["keep_ratio"] for c in narrow_tuned["candidates"]} == {1.0}
+    for grid, message in (("1.5", "keep ratios lie in (0, 1]"), ("0.9,x", "expected a number"), (";", "give at least one")):
+        refused = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "1",
+                          "--keep-grid", grid, "--results", str(tmp_path / "never"))
+        assert refused.exit_code == 2 and f"--keep-grid: {message}" in refused.output, refused.output
     # `eat eval --tuned` evaluates exactly that point (here on 8 rows; by default on the whole split)
     evaluated = _invoke("eval", "--checkpoint", str(trained_tiny), "--task", "sst2", "--tuned",
                         str(results / "tuned_sst2.json"), "--limit", "8")

@@ -417,6 +417,10 @@ def certified_prefix(sweep: list[dict], max_drop: float, rows: int, confidence: 
     return certified
 
 
+# the keep schedules `tune` searches by default: no pruning, then from mild to strong
+TUNE_KEEP_GRID: tuple[float | list[float], ...] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5])
+
+
 @dataclass
 class TuneResult:
     """The chosen operating point and how it was chosen (all on the calibration split)."""
@@ -429,10 +433,11 @@ class TuneResult:
     criterion: str
     certify: float | None = None  # the joint confidence of the drop bound, when the tuner certified its choice
     drop_upper_bound: float | None = None  # the chosen point's certified bound on the drop (accuracy points)
+    keep_grid: list[Any] | None = None  # the keep schedules searched
 
 
 def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
-         latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5]),
+         latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = TUNE_KEEP_GRID,
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
          warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement"),
          reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None) -> TuneResult:
@@ -462,6 +467,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         raise ValueError("batch_size > 1 ranks by throughput and needs max_drop (a latency budget is for batch 1)")
     if certify is not None and (max_drop is None or not 0.0 < certify < 1.0):
         raise ValueError("certify is a confidence strictly between 0 and 1 and needs max_drop")
+    if not keep_grid:
+        raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
     tau_grid = list(tau_grid) if tau_grid is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
 
     def everything_off(path: str) -> tuple[np.ndarray, int]:
@@ -549,7 +556,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         criterion = f"most accurate with calibration p50 <= {latency_budget_ms} ms"
     knobs = _tuned_knobs(best)
     return TuneResult(knobs, best["accuracy"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
-                      criterion, certify, best.get("drop_upper_bound"))
+                      criterion, certify, best.get("drop_upper_bound"), [list(k) if isinstance(k, (list, tuple)) else k
+                                                                        for k in keep_grid])
 
 
 def _first_rows(encoded: EncodedDataset, rows: int) -> EncodedDataset:

@@ -229,15 +229,27 @@ def _check_same_calibration(checkpoint: Path, trained: dict, reference: Path, re
                          "the reference must hold out the same rows")
 
 
-def _keep_ratio(text: str | None):
+def _keep_ratio(text: str | None, flag: str = "--train-keep-ratio"):
     """'0.7' -> 0.7, '0.9,0.6' -> [0.9, 0.6] (the knob's forms; None = the preset's)."""
     if text is None:
         return None
     try:
         parts = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--train-keep-ratio: expected a number or 'first,last', got {text!r}") from None
+        raise ValueError(f"{flag}: expected a number or 'first,last', got {text!r}") from None
+    if not parts or not all(0.0 < part <= 1.0 for part in parts):
+        raise ValueError(f"{flag}: keep ratios lie in (0, 1], got {text!r}")
     return parts[0] if len(parts) == 1 else parts
+
+
+def _keep_grid(text: str | None):
+    """'1.0;0.9,0.7' -> [1.0, [0.9, 0.7]]: the keep schedules `eat tune` searches (None = its default grid)."""
+    if text is None:
+        return None
+    grid = [_keep_ratio(part, "--keep-grid") for part in text.split(";") if part.strip()]
+    if not grid:
+        raise ValueError(f"--keep-grid: give at least one keep schedule (1.0 = no pruning), got {text!r}")
+    return grid
 
 
 def _weight_list(text: str | None):
@@ -564,6 +576,9 @@ def tune_command(
     certify: Annotated[Optional[float], typer.Option(
         help="e.g. 0.9: only points whose drop is at most --max-drop with this confidence for rows like the "
              "calibration rows (exact paired bound, fixed-sequence over tau), not just on the point estimate")] = None,
+    keep_grid: Annotated[Optional[str], typer.Option(
+        help="keep schedules to search, ';'-separated, each a number or 'first,last' (default "
+             "'1.0;1.0,0.8;0.9,0.7;0.9,0.6;0.8,0.5'); with --certify, fewer schedules leave more error to each")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
@@ -578,6 +593,7 @@ def tune_command(
     _set_threads(threads)
     if (max_drop is None) == (latency_budget is None):
         raise ValueError("give exactly one of --max-drop or --latency-budget")
+    grid = _keep_grid(keep_grid)  # a bad grid is refused before anything loads
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     if not trained:
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")
@@ -605,7 +621,7 @@ def tune_command(
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
                   reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size,
-                  certify=certify)
+                  certify=certify, **({"keep_grid": grid} if grid is not None else {}))
     save_json(_tuned_file(results, task, batch_size), dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
