@@ -185,7 +185,7 @@ def test_readme_quickstart_smallest_form(tmp_path, data_dir):
     accuracy = {r["point"]: r["accuracy"] for r in rows}
     assert accuracy["eat:none"] == accuracy["static"]
     run_config = json.loads((tmp_path / "runs" / "results" / "run_config_sst2.json").read_text())
-    assert run_config["recipe"] == "two-stage"
+    assert run_config["recipe"] == "two-stage" and "--recipe two-stage" in report.read_text()
     eat_config = json.loads((tmp_path / "runs" / "sst2" / "eat" / "train_config.json").read_text())
     assert eat_config["freeze_backbone"] and eat_config["exit_pooling"] == "mean"
     assert eat_config["init_from"] == str(tmp_path / "runs" / "sst2" / "static")

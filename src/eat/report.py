@@ -240,7 +240,14 @@ def build_report(folder: str | Path) -> Path:
             sections += [f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
                          f"`{json.dumps(tuned.get('knobs'))}`, calibration {metric_name(data)} "
                          f"{tuned.get('calibration_' + kind, float('nan')):.2f} vs reference "
-                         f"{tuned.get('reference_' + kind, float('nan')):.2f}.", ""]
+                         f"{tuned.get('reference_' + kind, float('nan')):.2f}"
+                         + (f"; certified bound on the drop {tuned['drop_upper_bound']:.2f} points"
+                            if tuned.get("drop_upper_bound") is not None else "") + ".", ""]
+        run_file = folder / f"run_config_{task.split(':')[0]}.json"
+        if run_file.is_file():  # written by `eat run`: how the models were built
+            run = json.loads(run_file.read_text())
+            sections += [f"Main job: `eat run --preset {run.get('preset')} --recipe {run.get('recipe')}` "
+                         f"(settings in `{run_file.name}`).", ""]
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(sections))
     return path
