@@ -114,3 +114,24 @@ def test_every_split_is_judged_on_its_own_interleaved_run(tmp_path, monkeypatch,
     printed = _targets(tmp_path, "mnli", monkeypatch, capsys)
     t6 = [x for x in printed.splitlines() if x.startswith("T6")]
     assert len(t6) == 2 and "2.40x static" in t6[0] and "2.00x static" in t6[1]
+
+
+@pytest.mark.parametrize("device, tuned_ms, tuned_accuracy, verdict", [
+    ("cuda", 2.0, 89.0, "-> MET"),  # 2.0x at no loss, on a GPU
+    ("cuda", 3.0, 89.0, "-> MISSED"),  # 1.67x
+    ("cuda", 2.0, 88.0, "-> MISSED"),  # fast, but 1.0 point below (T1's condition applied)
+    ("cpu", 2.0, 89.0, "-> MISSED"),  # the script's dry run on CPU never counts
+])
+def test_gpu_target_eight(tmp_path, monkeypatch, capsys, device, tuned_ms, tuned_accuracy, verdict):
+    """A CUDA run (benchmarks/gpu_t8.sh) is judged on T8 without a half-depth row; a CPU dry run says it is one."""
+    log = ResultsLog(tmp_path)
+    log.append({**_row("static", "baseline", 89.0, 4.0, 300, task="sst2"), "device": device, "b1_p90_ms": 5.0})
+    log.append({**_row("eat:tuned", "tuned", tuned_accuracy, tuned_ms, 500, task="sst2", exit_layer=2.5),
+                "device": device, "b1_p90_ms": 4.0})
+    spec = importlib.util.spec_from_file_location("targets_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(tmp_path), "--task", "sst2", "--t8"])
+    module.main()
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("T8")][0]
+    assert verdict in line and ("dry run" in line) == (device == "cpu")
