@@ -337,3 +337,26 @@ def test_tune_with_certify_only_keeps_points_it_can_bound(tmp_path, tiny_backbon
         tune(str(tmp_path / "eat"), encoded, max_drop=0.0, reference_checkpoint=str(tmp_path / "reference"), **common)
     with pytest.raises(ValueError, match="needs max_drop"):
         tune(str(folder), encoded, latency_budget_ms=5.0, certify=0.9)
+
+
+def test_certified_tuning_walks_a_finer_grid_near_one(tmp_path, monkeypatch):
+    """Without a tau_grid, --certify walks 0.001 steps above 0.9 (fixed-sequence testing pays nothing for them);
+    the point-estimate tuner keeps 0.01 steps (each extra threshold is one more chance of a lucky dip)."""
+    import eat.bench as bench_module
+
+    assert {0.99, 0.994, 0.999, 1.0} <= set(bench_module.CERTIFY_TAU_GRID) and 0.5 in bench_module.CERTIFY_TAU_GRID
+    assert 0.505 not in bench_module.CERTIFY_TAU_GRID and len(bench_module.CERTIFY_TAU_GRID) == 141
+    folder = tmp_path / "ckpt"
+    tiny_model(seed=3, exit_layers="all").save_pretrained(folder)
+    seen = []
+    real_sweep = bench_module.tau_sweep
+
+    def recording_sweep(model, encoded, taus, **kwargs):
+        seen.append(list(taus))
+        return real_sweep(model, encoded, taus, **kwargs)
+
+    monkeypatch.setattr(bench_module, "tau_sweep", recording_sweep)
+    common = dict(keep_grid=(1.0,), timing_rows=4, warmup=1, policies=("confidence",))
+    bench_module.tune(str(folder), _encoded(24), max_drop=100.0, certify=0.9, **common)
+    bench_module.tune(str(folder), _encoded(24), max_drop=100.0, **common)
+    assert seen[0] == list(bench_module.CERTIFY_TAU_GRID) and len(seen[1]) == 51 and 0.994 not in seen[1]
