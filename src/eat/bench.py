@@ -36,6 +36,10 @@ from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 MECHANISMS = ("prune", "sparse", "exit")
 
 
+# exit thresholds swept and tuned on by default (steps of 0.01); `tune --certify` walks CERTIFY_TAU_GRID
+TAU_GRID: tuple[float, ...] = tuple(round(x, 3) for x in np.linspace(0.5, 1.0, 51))
+
+
 @dataclass
 class BenchConfig:
     """How to measure (saved as JSON beside the results).
@@ -58,7 +62,7 @@ class BenchConfig:
     attention_window: int = 16
     tau: float = 0.9
     exit_policy: str = "confidence"
-    tau_grid: list[float] = dataclasses.field(default_factory=lambda: [round(x, 3) for x in np.linspace(0.5, 1.0, 51)])
+    tau_grid: list[float] = dataclasses.field(default_factory=lambda: list(TAU_GRID))
     tau_latency_points: list[float] = dataclasses.field(default_factory=lambda: [0.7, 0.8, 0.9, 0.95, 0.99])
     keep_sweep: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5])
     window_sweep: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
@@ -476,7 +480,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     if not keep_grid:
         raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
     if tau_grid is None:
-        tau_grid = CERTIFY_TAU_GRID if certify is not None else [round(x, 3) for x in np.linspace(0.5, 1.0, 51)]
+        tau_grid = CERTIFY_TAU_GRID if certify is not None else TAU_GRID
     tau_grid = list(tau_grid)
 
     def everything_off(path: str) -> tuple[np.ndarray, int]:
@@ -617,5 +621,5 @@ def save_json(path: Path, data: Any) -> None:
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
-           "certified_prefix", "tune", "TuneResult", "MECHANISMS", "CERTIFY_TAU_GRID", "TUNE_KEEP_GRID",
+           "certified_prefix", "tune", "TuneResult", "MECHANISMS", "TAU_GRID", "CERTIFY_TAU_GRID", "TUNE_KEEP_GRID",
            "encode", "save_json", "LatencyStats"]
