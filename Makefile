@@ -28,7 +28,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# the committed results/paper section (joint recipe, random-row calibration: how it was made)
+# the protocol of the committed results/paper section (joint recipe, random-row calibration; see README)
 paper: setup
 	$(BIN)/eat run --preset paper --task sst2 --recipe joint --calibration-unit row --threads 2 --results results/paper
 
