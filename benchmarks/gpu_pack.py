@@ -52,9 +52,15 @@ def main() -> None:
     dev = args.data_dir / "sst2" / "validation.parquet"
     if not dev.is_file():
         sys.exit(f"{dev}: SST-2 dev not found (set EAT_DATA_DIR or --data-dir)")
+    if not args.tuned.is_file():
+        sys.exit(f"{args.tuned}: no such file (expected a tuned_<task>.json from `eat tune`)")
     tuned_files = [args.tuned] + sorted(args.tuned.parent.glob(f"{args.tuned.stem}_b*.json"))
     for path in tuned_files:
-        if "knobs" not in json.loads(path.read_text()):
+        try:
+            knobs = json.loads(path.read_text()).get("knobs")
+        except (json.JSONDecodeError, AttributeError):
+            knobs = None
+        if not knobs:
             sys.exit(f"{path}: no 'knobs' (expected a tuned_<task>.json from `eat tune`)")
 
     shutil.rmtree(args.out, ignore_errors=True)

@@ -238,3 +238,37 @@ def test_sentence_calibration_and_bf16_from_the_command_line(tiny_backbone, data
         bad = _invoke("train", "--task", "sst2", "--model", tiny_backbone, "--preset", "smoke", option, value,
                       "--out", str(tmp_path / "bad"))
         assert bad.exit_code == 2 and option.strip("-").replace("-", "_") in bad.output
+
+
+def test_gpu_pack_for_target_eight(trained_tiny, tmp_path, data_dir):
+    """benchmarks/gpu_pack.py packs a two-stage run in fp16 with SST-2 dev and the tuned points; a jointly trained
+    run (its static model is another checkpoint), a missing or knob-less tuned file are refused with one line."""
+    import shutil
+    import sys
+
+    from safetensors import safe_open
+
+    script = REPO / "benchmarks" / "gpu_pack.py"
+    tuned = tmp_path / "tuned_sst2.json"
+    tuned.write_text(json.dumps({"knobs": {"exit_layers": "all", "exit_policy": "confidence", "exit_threshold": 0.9}}))
+    env = {**__import__("os").environ, "EAT_DATA_DIR": str(data_dir)}
+
+    def pack(run, tuned_file):
+        return subprocess.run([sys.executable, str(script), "--run", str(run), "--tuned", str(tuned_file), "--out",
+                               str(tmp_path / "pack")], capture_output=True, text=True, env=env, timeout=300)
+
+    refused = pack(trained_tiny, tuned)  # trained jointly: not a two-stage run
+    assert refused.returncode != 0 and "not a two-stage run" in refused.stderr
+    two_stage = tmp_path / "two-stage"
+    shutil.copytree(trained_tiny, two_stage)
+    config = json.loads((two_stage / "train_config.json").read_text())
+    (two_stage / "train_config.json").write_text(json.dumps({**config, "freeze_backbone": True}))
+    for tuned_file, message in ((tmp_path / "missing.json", "no such file"), (REPO / "README.md", "no 'knobs'")):
+        refused = pack(two_stage, tuned_file)
+        assert refused.returncode != 0 and message in refused.stderr
+    packed = pack(two_stage, tuned)
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    pack_dir = tmp_path / "pack"
+    assert (pack_dir / "glue" / "sst2" / "validation.parquet").is_file() and (pack_dir / "tuned_sst2.json").is_file()
+    with safe_open(str(pack_dir / "eat" / "model" / "model.safetensors"), "pt") as weights:
+        assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {"torch.float16"}
