@@ -380,11 +380,16 @@ def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus
                "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
                "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))}
         if reference_correct is not None:
-            correct = predictions == labels
-            row["rows_worse"] = int((reference_correct & ~correct).sum())
-            row["rows_better"] = int((~reference_correct & correct).sum())
+            row.update(discordant_rows(reference_correct, predictions == labels))
         rows.append(row)
     return rows
+
+
+def discordant_rows(reference_correct: np.ndarray, correct: np.ndarray) -> dict[str, int]:
+    """The paired counts :func:`drop_upper_bound` needs, from (N,) bools: ``rows_worse`` (the reference right,
+    this model wrong) and ``rows_better`` (the reverse)."""
+    return {"rows_worse": int((reference_correct & ~correct).sum()),
+            "rows_better": int((~reference_correct & correct).sum())}
 
 
 def drop_upper_bound(rows_worse: int, rows_better: int, rows: int, confidence: float) -> float:
@@ -520,8 +525,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
     exits_off = {"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
                  "mean_exit_layer": float(num_layers), "exit_policy": "none",
-                 "rows_worse": int((reference_correct & ~off_correct).sum()),
-                 "rows_better": int((~reference_correct & off_correct).sum())}
+                 **discordant_rows(reference_correct, off_correct)}
     if per_sweep is not None:
         exits_off["drop_upper_bound"] = drop_upper_bound(exits_off["rows_worse"], exits_off["rows_better"], rows,
                                                          per_sweep)

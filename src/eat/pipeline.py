@@ -99,12 +99,10 @@ def training_configs(run: RunConfig, runs_dir: Path, train_overrides: dict[str, 
     ``train_overrides`` (e.g. epochs, train_limit) apply to the models fine-tuned from the backbone; the
     two-stage head fitting keeps its own epochs and learning rate."""
     base = {**TASK_TRAINING.get(run.task, {}), **(train_overrides or {})}
-    configs = {variant: train_config_from_preset(run.preset, task=run.task, variant=variant, **base)
-               for variant in ("static", "eat", "half")}
-    if run.recipe == "two-stage":
-        configs["eat"] = train_config_from_preset(run.preset, task=run.task, variant="eat",
-                                                  **{**base, **HEAD_STAGE, "init_from": str(runs_dir / run.task / "static")})
-    return configs
+    stage = {"eat": {**HEAD_STAGE, "init_from": str(runs_dir / run.task / "static")}} if run.recipe == "two-stage" else {}
+    return {variant: train_config_from_preset(run.preset, task=run.task, variant=variant,
+                                              **{**base, **stage.get(variant, {})})
+            for variant in ("static", "eat", "half")}
 
 
 def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, device: str = "cpu",
