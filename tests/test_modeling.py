@@ -360,7 +360,7 @@ def test_sliding_window_band_views_equal_dense_with_equivalent_mask(n, radius, b
     expected = dense_attention(q, k, v, reference_mask)
     assert (got - expected).abs().max() < 1e-5
     block = block or radius
-    interior = max(0, (n - block - radius) // block + 1 - -(-radius // block))
+    interior = max(0, (n - block - radius) // block + 1 - -(-(radius + g) // block))  # bands inside [g, n)
     assert calls == ([interior] * 2 if interior else [])
     if n > 4 * (block + radius):
         assert interior > 0

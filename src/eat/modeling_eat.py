@@ -160,10 +160,11 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
     out = q.new_empty(B, n_pad, H, dh)
     out_blocks = out.view(B, num_blocks, block, H, dh)
 
-    # Interior blocks i in [first_inner, end_inner): band [i * block - radius, i * block + block + radius) in [0, n).
+    # Interior blocks i in [first_inner, end_inner): band [i * block - radius, i * block + block + radius) in
+    # [g, n), so no band holds a global key and, without padding, every interior block has the same mask.
     first_inner, end_inner = 0, 0
     if _band_views_apply(q, k, v, key_mask, dropout_p):
-        first_inner, end_inner = -(-radius // block), (n - block - radius) // block + 1
+        first_inner, end_inner = -(-(radius + g) // block), (n - block - radius) // block + 1
         if end_inner <= first_inner:  # no interior block (short input): every block in the gathering pass
             first_inner, end_inner = 0, 0
     if end_inner > first_inner:
@@ -172,7 +173,10 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
         for row in range(B):
             queries = _blocks_view(q, row, first_inner * block, count, block, block)  # (count, H, block, dh)
             keys, values = (_blocks_view(t, row, first_inner * block - radius, count, block, width) for t in (k, v))
-            band_mask = block_masks[row, first_inner:end_inner, :, :, g:]  # (count, 1, block, W)
+            if key_bias is None:  # one (1, 1, block, W) mask broadcast over the blocks: SDPA reads 1/count of it
+                band_mask = block_masks[row, first_inner:first_inner + 1, :, :, g:].expand(count, -1, -1, -1)
+            else:  # merge-mode key biases differ from block to block
+                band_mask = block_masks[row, first_inner:end_inner, :, :, g:]  # (count, 1, block, W)
             band_out, band_lse = _FLASH_CPU(queries, keys, values, attn_mask=band_mask)  # lse: (count, H, block)
             # The global keys' own softmax: scores (count, H, block, g), then both merged by their log-sum-exps.
             glob_scores = torch.matmul(queries, k[row, :, :g].transpose(-1, -2)) * scale
