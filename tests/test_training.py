@@ -149,6 +149,20 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
     # ... while a backbone folder (no train_config.json: it never saw this task) is fine
     assert build_model(train_config_from_preset("smoke", variant="eat", init_from=tiny_backbone),
                        ("negative", "positive")).exit_heads
+    # a static or half-depth model trained further starts from the static run's weights (it used to start from
+    # the backbone, silently); from an EAT run, or from another calibration slice, it is refused
+    for variant in ("static", "half"):
+        further = build_model(train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant=variant,
+                                                       init_from=str(tmp_path / "static")), ("negative", "positive"))
+        weights = further.state_dict()
+        kept = [k for k in before if k in weights]
+        assert "classifier.weight" in kept and all(torch.equal(before[k], weights[k]) for k in kept)
+        with pytest.raises(ValueError, match="an EAT run with exit heads"):
+            build_model(train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant=variant,
+                                                 init_from=str(tmp_path / "heads")), ("negative", "positive"))
+        with pytest.raises(ValueError, match="another calibration slice"):
+            build_model(train_config_from_preset("smoke", model=tiny_backbone, variant=variant, seed=7,
+                                                 init_from=str(tmp_path / "static")), ("negative", "positive"))
 
 
 def test_exit_heads_can_train_at_their_own_learning_rate(tiny_backbone):

@@ -244,7 +244,15 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
                                  f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
             return load_classifier(str(start), id2label=id2label, knobs=knobs, token_level=token_level)
         return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
-    model = load_classifier(config.model, id2label=id2label, token_level=token_level)
+    source = config.model
+    if config.init_from is not None:  # train a fine-tuned static run further (e.g. as long as an EAT run was)
+        start = model_folder(config.init_from)
+        _check_init_calibration(config, start)
+        if read_config_dict(str(start)).get("exit_layers"):
+            raise ValueError(f"--init-from {start}: an EAT run with exit heads; a {config.variant} model starts "
+                             "from a static run or the backbone")
+        source = str(start)
+    model = load_classifier(source, id2label=id2label, token_level=token_level)
     if config.variant == "half":
         model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
     return model
