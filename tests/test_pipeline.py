@@ -56,3 +56,29 @@ def test_results_of_another_run_are_refused(tmp_path):
     with pytest.raises(ValueError, match="holds results of another run of sst2"):
         run_task("sst2", "demo", tmp_path / "runs", results)
     assert not (tmp_path / "runs").exists()  # refused before training anything
+
+
+@pytest.mark.parametrize("flag, expected", [("--length-bucketing", True), ("--no-length-bucketing", False),
+                                            (None, None)])
+def test_eat_run_passes_length_bucketing_to_training(tmp_path, monkeypatch, flag, expected):
+    """`eat run --length-bucketing` reaches the training settings (so runs trained with bucketed batches can be
+    resumed by the main job); without the flag the preset decides."""
+    from typer.testing import CliRunner
+
+    import eat.pipeline
+    from eat.cli import app
+
+    seen = {}
+
+    def capture(task, preset, runs_dir, results_dir, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(eat.pipeline, "run_task", capture)
+    args = ["run", "--preset", "smoke", "--runs", str(tmp_path)] + ([flag] if flag else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["train_overrides"] or {}).get("length_bucketing") == expected
+    if expected is not None:
+        configs = training_configs(RunConfig("sst2", "demo"), tmp_path, seen["train_overrides"])
+        assert {c.length_bucketing for c in configs.values()} == {expected}

@@ -725,6 +725,10 @@ def run(
         help="confidence (e.g. 0.9) at which the tuner must certify --max-drop (see eat tune --certify)")] = None,
     calibration_unit: Annotated[Optional[str], typer.Option(
         help="row or sentence (default: sentence for SST-2, whose dev set is whole sentences; row otherwise)")] = None,
+    length_bucketing: Annotated[Optional[bool], typer.Option(
+        "--length-bucketing/--no-length-bucketing",
+        help="train on batches of similar length (default: the preset's); a runs folder trained either way is "
+             "only resumed the same way")] = None,
 ) -> None:
     """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable."""
     from .bench import BENCH_PRESETS
@@ -744,7 +748,8 @@ def run(
         with _progress() as bar:
             summary = run_task(name, preset, runs_dir, results, device=device,
                                train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),
-                                                                  ("calibration_unit", calibration_unit))
+                                                                  ("calibration_unit", calibration_unit),
+                                                                  ("length_bucketing", length_bucketing))
                                                 if v is not None} or None,
                                log=lambda message: console.print(message), progress=_bench_progress(bar),
                                max_drop=max_drop, recipe=recipe, certify=certify)
