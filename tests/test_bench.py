@@ -341,7 +341,8 @@ def test_tune_with_certify_only_keeps_points_it_can_bound(tmp_path, tiny_backbon
 
 def test_certified_tuning_walks_a_finer_grid_near_one(tmp_path, monkeypatch):
     """Without a tau_grid, --certify walks 0.001 steps above 0.9 (fixed-sequence testing pays nothing for them);
-    the point-estimate tuner keeps 0.01 steps (each extra threshold is one more chance of a lucky dip)."""
+    the point-estimate tuner keeps 0.01 steps (each extra threshold is one more chance of a lucky dip). Both start
+    just above chance: 0.5 for two classes, 0.34 for three."""
     import eat.bench as bench_module
 
     assert {0.99, 0.994, 0.999, 1.0} <= set(bench_module.CERTIFY_TAU_GRID) and 0.5 in bench_module.CERTIFY_TAU_GRID
@@ -357,6 +358,16 @@ def test_certified_tuning_walks_a_finer_grid_near_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_module, "tau_sweep", recording_sweep)
     common = dict(keep_grid=(1.0,), timing_rows=4, warmup=1, policies=("confidence",))
+    binary = tmp_path / "binary"
+    tiny_model(seed=3, exit_layers="all", num_labels=2).save_pretrained(binary)
+    binary_rows = _encoded(24)
+    binary_rows.labels = [label % 2 for label in binary_rows.labels]
+    bench_module.tune(str(binary), binary_rows, max_drop=100.0, certify=0.9, **common)
+    bench_module.tune(str(binary), binary_rows, max_drop=100.0, **common)
+    assert seen[0] == list(bench_module.CERTIFY_TAU_GRID) and len(seen[1]) == 51 and 0.994 not in seen[1]
+    # three classes: a head's top probability can be as low as 1/3, so both grids also cover 0.34-0.49
     bench_module.tune(str(folder), _encoded(24), max_drop=100.0, certify=0.9, **common)
     bench_module.tune(str(folder), _encoded(24), max_drop=100.0, **common)
-    assert seen[0] == list(bench_module.CERTIFY_TAU_GRID) and len(seen[1]) == 51 and 0.994 not in seen[1]
+    below_half = [k / 100 for k in range(34, 50)]
+    assert seen[2] == below_half + list(bench_module.CERTIFY_TAU_GRID)
+    assert seen[3] == below_half + list(bench_module.TAU_GRID)

@@ -432,6 +432,18 @@ def certified_prefix(sweep: list[dict], max_drop: float, rows: int, confidence: 
 # chance for a lucky dip.
 CERTIFY_TAU_GRID: tuple[float, ...] = tuple(sorted({round(x, 3) for x in np.linspace(0.5, 0.9, 41)}
                                                    | {round(x, 3) for x in np.linspace(0.9, 1.0, 101)}))
+
+
+def tuning_tau_grid(num_labels: int, certified: bool) -> list[float]:
+    """The thresholds :func:`tune` walks when given none: :data:`CERTIFY_TAU_GRID` with ``certified``, else
+    :data:`TAU_GRID`. With more than two classes a head's top probability can be as low as 1 / classes, so the grid
+    then also covers chance to 0.5 in steps of 0.01 (e.g. 0.34-0.49 for MNLI's three classes)."""
+    base = CERTIFY_TAU_GRID if certified else TAU_GRID
+    if num_labels <= 2:
+        return list(base)
+    return sorted({k / 100 for k in range(100 // num_labels + 1, 50)} | set(base))
+
+
 # the keep schedules `tune` searches by default: no pruning, then from mild to strong
 TUNE_KEEP_GRID: tuple[float | list[float], ...] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5])
 
@@ -484,18 +496,16 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         raise ValueError("certify is a confidence strictly between 0 and 1 and needs max_drop")
     if not keep_grid:
         raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
-    if tau_grid is None:
-        tau_grid = CERTIFY_TAU_GRID if certify is not None else TAU_GRID
-    tau_grid = list(tau_grid)
 
-    def everything_off(path: str) -> tuple[np.ndarray, int]:
-        """(N,) whether the model with every mechanism off gets each calibration row right; its depth."""
+    def everything_off(path: str) -> tuple[np.ndarray, int, int]:
+        """(N,) whether the model with every mechanism off gets each calibration row right; its depth; classes."""
         model = load_classifier(path).to(device)
         model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
-        return off.predictions == off.labels, model.config.num_hidden_layers
+        return off.predictions == off.labels, model.config.num_hidden_layers, model.config.num_labels
 
-    off_correct, num_layers = everything_off(checkpoint)  # also the exits-off candidate below
+    off_correct, num_layers, num_labels = everything_off(checkpoint)  # also the exits-off candidate below
+    tau_grid = tuning_tau_grid(num_labels, certify is not None) if tau_grid is None else list(tau_grid)
     reference_correct = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_correct
     off_accuracy, reference_accuracy = 100.0 * float(off_correct.mean()), 100.0 * float(reference_correct.mean())
     rows = len(reference_correct)
@@ -625,5 +635,5 @@ def save_json(path: Path, data: Any) -> None:
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
-           "certified_prefix", "tune", "TuneResult", "MECHANISMS", "TAU_GRID", "CERTIFY_TAU_GRID", "TUNE_KEEP_GRID",
-           "encode", "save_json", "LatencyStats"]
+           "certified_prefix", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS", "TAU_GRID", "CERTIFY_TAU_GRID",
+           "TUNE_KEEP_GRID", "encode", "save_json", "LatencyStats"]
