@@ -82,3 +82,16 @@ def test_eat_run_passes_length_bucketing_to_training(tmp_path, monkeypatch, flag
     if expected is not None:
         configs = training_configs(RunConfig("sst2", "demo"), tmp_path, seen["train_overrides"])
         assert {c.length_bucketing for c in configs.values()} == {expected}
+
+
+def test_the_main_job_tunes_on_the_tuners_own_grid_unless_the_preset_names_one():
+    """With the presets' default grid the tuner picks its own (finer when certifying, from just above chance for
+    MNLI's three classes); a preset with a grid of its own (smoke) keeps it, except when certifying."""
+    from eat.bench import bench_config_from_preset
+    from eat.pipeline import tuner_grid
+
+    demo = bench_config_from_preset("demo", task="mnli")
+    assert tuner_grid(demo, None) is None and tuner_grid(demo, 0.9) is None
+    smoke = bench_config_from_preset("smoke", task="sst2")
+    assert tuner_grid(smoke, None) == smoke.tau_grid != demo.tau_grid
+    assert tuner_grid(smoke, 0.9) is None

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bench import (BenchConfig, OperatingPoint, ablation_points, bench_config_from_preset, measure_points, save_json,
-                    sweep_points, tau_sweep, tune)
+from .bench import (TAU_GRID, BenchConfig, OperatingPoint, ablation_points, bench_config_from_preset, measure_points,
+                    save_json, sweep_points, tau_sweep, tune)
 from .checkpoints import load_classifier
 from .data import encode, load_glue, task_spec
 from .report import build_report
@@ -66,6 +66,12 @@ class RunConfig:
             raise ValueError(f"max_drop: must be >= 0, got {self.max_drop}")
         if self.certify is not None and not 0.0 < self.certify < 1.0:
             raise ValueError(f"certify: a confidence strictly between 0 and 1, got {self.certify}")
+
+
+def tuner_grid(bench: BenchConfig, certify: float | None) -> list[float] | None:
+    """The thresholds the main job's tuner walks: None (the tuner's own grid: finer when certifying, from just above
+    chance for three or more classes) unless the bench config names a grid of its own (e.g. the smoke preset's)."""
+    return None if certify or bench.tau_grid == list(TAU_GRID) else list(bench.tau_grid)
 
 
 def _log(message: str, log: Callable[[str], None] | None) -> None:
@@ -150,7 +156,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
              + (f", certified at {certify:.0%})" if certify else ")"), log)
         result = tune(str(models["eat"]), encode(calibration, tokenizer, eat_config.max_length),
                       max_drop=max_drop, device=device, pad_id=pad_id,
-                      tau_grid=None if certify else bench.tau_grid,  # certified: the tuner's finer grid
+                      tau_grid=tuner_grid(bench, certify),
                       timing_rows=min(150, len(calibration)), reference_checkpoint=str(models["static"]),
                       certify=certify)
         tuned = dataclasses.asdict(result)
