@@ -227,31 +227,27 @@ def _tagged_training_data(config: TrainConfig):
 
 
 def build_model(config: TrainConfig, label_names: tuple[str, ...]):
-    """The model to fine-tune for a variant, from the backbone (a token classifier for token tasks)."""
+    """The model to fine-tune for a variant: from the backbone (a token classifier for token tasks), or from the
+    finished run ``init_from`` (which must have held out the same calibration slice)."""
     id2label = dict(enumerate(label_names))
     token_level = is_token_task(config.task)
+    source, saved = config.model, {}
+    if config.init_from is not None:
+        start = model_folder(config.init_from)
+        _check_init_calibration(config, start)
+        source, saved = str(start), read_config_dict(str(start))
     if config.variant == "eat":
         knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
                      attention_window=config.train_attention_window)
         if not token_level:
             knobs["exit_pooling"] = config.exit_pooling
-        if config.init_from is not None:
-            start = model_folder(config.init_from)
-            _check_init_calibration(config, start)
-            saved = read_config_dict(str(start))
-            if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
-                raise ValueError(f"--init-from {start}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
-                                 f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
-            return load_classifier(str(start), id2label=id2label, knobs=knobs, token_level=token_level)
-        return load_classifier(config.model, id2label=id2label, knobs=knobs, token_level=token_level)
-    source = config.model
-    if config.init_from is not None:  # train a fine-tuned static run further (e.g. as long as an EAT run was)
-        start = model_folder(config.init_from)
-        _check_init_calibration(config, start)
-        if read_config_dict(str(start)).get("exit_layers"):
-            raise ValueError(f"--init-from {start}: an EAT run with exit heads; a {config.variant} model starts "
-                             "from a static run or the backbone")
-        source = str(start)
+        if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
+            raise ValueError(f"--init-from {source}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
+                             f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
+        return load_classifier(source, id2label=id2label, knobs=knobs, token_level=token_level)
+    if saved.get("exit_layers"):  # a static run trained further (e.g. as long as an EAT run was), never an EAT run
+        raise ValueError(f"--init-from {source}: an EAT run with exit heads; a {config.variant} model starts "
+                         "from a static run or the backbone")
     model = load_classifier(source, id2label=id2label, token_level=token_level)
     if config.variant == "half":
         model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
