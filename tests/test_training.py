@@ -65,6 +65,35 @@ def test_interrupted_run_resumes_and_finished_run_is_kept(tmp_path, tiny_backbon
         train(config, partial_dir)
 
 
+def test_refused_run_leaves_nothing_behind_and_force_starts_over(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    from eat.checkpoints import CheckpointError
+
+    missing = train_config_from_preset("smoke", model=tiny_backbone, train_limit=32, variant="static",
+                                       init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        train(missing, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()  # no train_config.json of a run that never started
+    config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=32, batch_size=16, variant="static")
+    out = tmp_path / "run"
+    train(config, out)
+    before = (out / "model" / "model.safetensors").read_bytes()
+    summary = (out / "train_summary.json").read_text()
+    with pytest.raises(CheckpointError, match="no such checkpoint"):  # --force, but the replacement cannot load
+        train(missing, out, force=True)
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    assert (out / "train_summary.json").read_text() == summary
+    assert json.loads((out / "train_config.json").read_text())["init_from"] is None
+    # an interrupted run with other settings: refused without --force, started over (not resumed) with it
+    other = train_config_from_preset("smoke", model=tiny_backbone, train_limit=32, batch_size=8, variant="static")
+    train(other, tmp_path / "partial", stop_after_steps=1)
+    with pytest.raises(RunFinishedError, match="other settings"):
+        train(config, tmp_path / "partial")
+    restarted = train(config, tmp_path / "partial", force=True)
+    assert restarted.resumed_from_step == 0 and restarted.steps == 2
+    assert json.loads((tmp_path / "partial" / "train_config.json").read_text())["batch_size"] == 16
+
+
 def test_resumed_training_matches_uninterrupted(tmp_path, tiny_backbone, data_dir, monkeypatch):
     monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
     config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=64, batch_size=16, epochs=1.0,

@@ -163,7 +163,7 @@ def train(
     device: Annotated[str, typer.Option()] = "cpu",
     bf16: Annotated[Optional[str], typer.Option(
         help="bf16 autocast in training: auto (CUDA only), on (CPU too; faster with native bf16), off")] = None,
-    force: Annotated[bool, typer.Option(help="replace a finished run in --out")] = False,
+    force: Annotated[bool, typer.Option(help="start over in --out: replace a finished run or discard an interrupted one (deleted only once the new run has loaded)")] = False,
 ) -> None:
     """Fine-tune an EAT model (or a static baseline) and print its dev accuracy. Resumes interrupted runs."""
     from .training import train as run_training

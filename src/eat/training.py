@@ -6,7 +6,8 @@ A run lives in one output folder:
 - ``model/``: the finished model (``save_pretrained``, safetensors) with its tokenizer;
 - ``train_config.json`` (the :class:`TrainConfig`) and ``train_summary.json`` (time, steps, dev accuracy).
 
-A finished run is never overwritten unless asked (``force``); an interrupted one resumes from its last checkpoint.
+A finished run is never overwritten unless asked (``force``, which also discards an interrupted run and deletes
+nothing until the new run has loaded its data and model); an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -366,21 +367,15 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     config.validate()
     out = Path(output_dir)
     model_dir, ckpt_dir = out / "model", out / "checkpoint-last"
-    if (out / "train_summary.json").is_file():
-        if not force:
-            raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        (out / "train_summary.json").unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "train_summary.json").is_file() and not force:
+        raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
     saved_config = out / "train_config.json"
-    if ckpt_dir.is_dir() and saved_config.is_file():
+    if ckpt_dir.is_dir() and saved_config.is_file() and not force:
         previous = json.loads(saved_config.read_text())
         if previous != dataclasses.asdict(config):
             changed = sorted(k for k in previous if previous.get(k) != dataclasses.asdict(config).get(k))
             raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
                                    "here; use another --out or --force")
-    _atomic_write_json(saved_config, dataclasses.asdict(config))
 
     torch.manual_seed(config.seed)
     train_data, _, evals = training_data(config)
@@ -401,13 +396,22 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
         make_batches, model_class, loss_function = batches, EATForSequenceClassification, multi_exit_loss
 
     resumed_step = 0
-    if ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
+    if not force and ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
         model = model_class.from_pretrained(ckpt_dir)
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
         resumed_step = state["global_step"]
     else:
         model = build_model(config, train_data.label_names)
         state = {"global_step": 0}
+    # Only now, with data and model loaded, is anything in `out` touched: a run refused on the way (a missing
+    # --init-from, a corrupt checkpoint) leaves no half-made folder, and --force deletes the finished or
+    # interrupted run it replaces only once the replacement can start.
+    if force:
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        (out / "train_summary.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(saved_config, dataclasses.asdict(config))
     model.to(device).train()
     if config.freeze_backbone:
         started = time.perf_counter()
