@@ -312,3 +312,20 @@ def test_a_calibration_slice_capped_at_a_tenth_says_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="eat.training"):
         training_data(TrainConfig(task="mine", data_file=str(table), eval_file=str(table), calibration_rows=20))
     assert "calibration rows" not in caplog.text
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, tiny_backbone, data_dir, monkeypatch, caplog):
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    import eat.training as training
+
+    config = train_config_from_preset("smoke", model=tiny_backbone, train_limit=16, batch_size=16, variant="static",
+                                      bf16="on")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="eat.training"):
+        train(config, tmp_path / "emulated")
+    assert "no native bf16" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="eat.training"):
+        train(config, tmp_path / "native")
+    assert "no native bf16" not in caplog.text

@@ -165,7 +165,7 @@ def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, 
                         "checkpoint_config": config_text, "knobs": point.knobs, "task": bench.task,
                         "split": bench.split, "rows": rows, "source": dataset_source, "seed": bench.seed,
                         "max_length": bench.max_length, "batch_size": bench.batch_size, "device": env["device"],
-                        "threads": env["threads"], "name": point.name})
+                        "threads": env["threads"], "cpu": env["cpu"], "name": point.name})
 
 
 def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:

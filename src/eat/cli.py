@@ -162,7 +162,7 @@ def train(
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     bf16: Annotated[Optional[str], typer.Option(
-        help="bf16 autocast in training: auto (CUDA only), on (CPU too; faster with native bf16), off")] = None,
+        help="bf16 autocast in training: auto (CUDA only), on (CPU too; faster only with native bf16, AVX-512 BF16 or AMX: it warns where the CPU lacks it), off")] = None,
     force: Annotated[bool, typer.Option(help="start over in --out: replace a finished run or discard an interrupted one (deleted only once the new run has loaded)")] = False,
 ) -> None:
     """Fine-tune an EAT model (or a static baseline) and print its dev accuracy. Resumes interrupted runs."""

@@ -50,14 +50,23 @@ class LatencyStats:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    """The CPU as result rows name it: model name, x86 family and model numbers, and the vector ISA torch's kernels
+    use, e.g. "AMD EPYC (family 25 model 1, AVX2)". Cloud VMs report the bare name "AMD EPYC" for several
+    generations (this project has run on a Zen 4 with AVX-512 BF16 and a Zen 3 with AVX2 only, which time very
+    differently), so the name alone cannot tell two machines apart."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    details.append(torch.backends.cpu.get_cpu_capability())
+    return f"{name} ({', '.join(details)})"
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
