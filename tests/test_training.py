@@ -84,6 +84,11 @@ def test_refused_run_leaves_nothing_behind_and_force_starts_over(tmp_path, tiny_
     assert (out / "model" / "model.safetensors").read_bytes() == before
     assert (out / "train_summary.json").read_text() == summary
     assert json.loads((out / "train_config.json").read_text())["init_from"] is None
+    no_teacher = train_config_from_preset("smoke", model=tiny_backbone, train_limit=32, variant="eat",
+                                          teacher=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="--teacher"):  # nor when the teacher cannot load
+        train(no_teacher, out, force=True)
+    assert (out / "model" / "model.safetensors").read_bytes() == before
     # an interrupted run with other settings: refused without --force, started over (not resumed) with it
     other = train_config_from_preset("smoke", model=tiny_backbone, train_limit=32, batch_size=8, variant="static")
     train(other, tmp_path / "partial", stop_after_steps=1)

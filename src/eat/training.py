@@ -7,7 +7,7 @@ A run lives in one output folder:
 - ``train_config.json`` (the :class:`TrainConfig`) and ``train_summary.json`` (time, steps, dev accuracy).
 
 A finished run is never overwritten unless asked (``force``, which also discards an interrupted run and deletes
-nothing until the new run has loaded its data and model); an interrupted one resumes from its last checkpoint.
+nothing until the new run has loaded its data, model and teacher); an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -412,9 +412,10 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     else:
         model = build_model(config, train_data.label_names)
         state = {"global_step": 0}
-    # Only now, with data and model loaded, is anything in `out` touched: a run refused on the way (a missing
-    # --init-from, a corrupt checkpoint) leaves no half-made folder, and --force deletes the finished or
-    # interrupted run it replaces only once the replacement can start.
+    teacher = load_teacher(config, train_data.label_names, device) if config.teacher is not None else None
+    # Only now, with data, model and teacher loaded, is anything in `out` touched: a run refused on the way (a
+    # missing --init-from or --teacher, a corrupt checkpoint) leaves no half-made folder, and --force deletes the
+    # finished or interrupted run it replaces only once the replacement can start.
     if force:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -448,7 +449,6 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     exit_layers = model.config.exit_layer_list if config.variant == "eat" else (model.config.num_hidden_layers,)
     weights = exit_weights(config.exit_loss_weights, exit_layers)
-    teacher = load_teacher(config, train_data.label_names, device) if config.teacher is not None else None
     use_bf16 = config.bf16 == "on" or (config.bf16 == "auto" and device.startswith("cuda"))
     if use_bf16 and device == "cpu" and not cpu_has_native_bf16():
         logger.warning("--bf16 on: this CPU has no native bf16 (oneDNN reports none, e.g. AVX2 only), so autocast "
