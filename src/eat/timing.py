@@ -64,7 +64,9 @@ def cpu_model() -> str:
     except OSError:
         pass
     name = fields.get("model name") or platform.processor() or platform.machine()
-    details = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    details = []
+    if "cpu family" in fields and "model" in fields:  # x86 only; other architectures name no family
+        details.append(f"family {fields['cpu family']} model {fields['model']}")
     details.append(torch.backends.cpu.get_cpu_capability())
     return f"{name} ({', '.join(details)})"
 
