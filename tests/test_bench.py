@@ -96,8 +96,8 @@ def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
         patch.setattr(eat.bench, "environment", lambda device: {**here, "cpu": "AMD EPYC (family 25 model 17, AVX512)"})
         elsewhere = measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
     assert len(elsewhere) == 3 and {row["cpu"] for row in log.rows()} == {here["cpu"], elsewhere[0]["cpu"]}
-    log = ResultsLog(tmp_path / "results-here")
-    first = measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
+    log = ResultsLog(tmp_path / "results-here")  # a folder measured here only, for the rest of the test
+    measure_points(points[:3], encoded, bench, log, dataset_source="fixture")
     again = measure_points(points[:4], encoded, bench, log, dataset_source="fixture")
     # one new point: the whole table is timed again side by side (one run_id), old rows replaced, not duplicated
     assert [row["point"] for row in again] == [p.name for p in points[:4]]
