@@ -15,7 +15,7 @@ from eat.data import EncodedDataset
 from eat.evaluation import predict_encoded
 from eat.report import ReportError, build_report, pareto_front
 from eat.results import ResultsError, ResultsLog
-from eat.timing import LatencyStats, interleaved_latency, throughput
+from eat.timing import LatencyStats, interleaved_latency, interleaved_throughput, throughput
 
 from .conftest import tiny_model
 
@@ -46,6 +46,31 @@ def test_interleaved_timing_path_on_tiny_model():
     assert seen[2][0] == "b"
     rows_per_s, per_batch = throughput(lambda x: model(x), [torch.randint(3, 120, (4, 8))] * 3, rows=12)
     assert rows_per_s > 0 and per_batch.count == 3
+
+
+def test_interleaved_throughput_rotates_configurations_batch_by_batch():
+    """Every configuration runs every batch once per pass, and the order rotates from batch to batch, so no
+    configuration is timed only in one stretch of the run (the batch-32 columns of every bench row)."""
+    model = tiny_model()
+    batches = [torch.randint(3, 120, (4, n)) for n in (6, 9, 12)]
+    order = []
+
+    def call_for(name, keep):
+        def call(x):
+            order.append(name)
+            return model(x[:, :keep])
+        return call
+
+    result = interleaved_throughput({"a": call_for("a", 6), "b": call_for("b", 3), "c": call_for("c", 2)},
+                                    batches, rows=12, warmup=1, repeats=2)
+    assert order[:3] == ["a", "b", "c"]  # warm-up: one batch each, one configuration at a time
+    timed = order[3:]
+    assert len(timed) == 2 * 3 * 3  # 2 passes x 3 batches x 3 configurations
+    assert [timed[i * 3:i * 3 + 3] for i in range(3)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for name in "abc":
+        rows_per_s, per_batch = result[name]
+        assert rows_per_s > 0 and per_batch.count == 3  # the best pass's three batches
+        assert rows_per_s == pytest.approx(12 / (per_batch.mean_ms * 3 / 1e3))
 
 
 def _encoded(n=40, seed=0):
@@ -165,6 +190,24 @@ def test_report_builds_from_fixture_results(tmp_path):
     assert "| eat:exit | ablation | 89.80 | 4.00 |" in text and "2.50x" in text  # 10 ms static / 4 ms
     frame = pd.DataFrame(_fixture_rows())
     assert pareto_front(frame).tolist() == [True, False, True, False]
+
+
+def test_report_takes_speedups_within_each_run(tmp_path):
+    """A row timed in another run (e.g. the dev rows `eat tune` logs) is divided by its own run's reference, never
+    by a static row it was not timed beside; a run without a reference shows no speedup."""
+    log = ResultsLog(tmp_path)
+    for row in _fixture_rows():
+        log.append({**row, "run_id": "bench-run"})
+    base = {**_fixture_rows()[3], "run_id": "tune-run"}
+    log.append({**base, "config_hash": "5", "b1_p50_ms": 20.0, "throughput_rows_per_s": 50.0})  # a slower spell
+    log.append({**base, "config_hash": "6", "point": "eat:tuned", "role": "tuned", "b1_p50_ms": 8.0,
+                "throughput_rows_per_s": 100.0, "mech_exit": True})
+    log.append({**base, "config_hash": "7", "point": "eat:exit", "run_id": "lonely-run", "b1_p50_ms": 4.0})
+    text = build_report(tmp_path).read_text()
+    assert "| run |" in text
+    assert "| eat:tuned | tuned | tune-run | 90.00 | 8.00 |" in text and "| 2.50x | 100 | 2.00x |" in text  # 20 / 8
+    assert "| eat:exit | ablation | bench-run | 89.80 | 4.00 |" in text and "| 2.50x | 220 | 2.20x |" in text
+    assert "| eat:exit | ablation | lonely-run | 90.00 | 4.00 | 1.00 | 1.00 | - | 98 | - |" in text
 
 
 def test_report_refuses_to_compare_different_thread_counts(tmp_path):

@@ -3,11 +3,11 @@ threshold / keep-ratio / window sweeps, and operating-point selection on a calib
 
 An *operating point* is a checkpoint plus EAT knobs. :func:`measure_points` loads every point, times batch-1 calls
 interleaved over the same examples (one pass = accuracy and latency of each point), then batch-B throughput on the
-same batches, and appends one row per point to a :class:`~eat.results.ResultsLog`. Points already in the log (same
-configuration hash) are skipped unless ``force`` (finished results are never redone or overwritten by a resumed
-run); every row carries the ``run_id`` of the interleaved run it came from, so a comparison can insist on points
-measured side by side. Every row comes from its own measurement, never a copy.
-"""
+same batches (also interleaved, batch by batch), and appends one row per point to a
+:class:`~eat.results.ResultsLog`. Points already in the log (same configuration hash) are skipped unless ``force``
+(finished results are never redone or overwritten by a resumed run); every row carries the ``run_id`` of the
+interleaved run it came from, so a comparison can insist on points measured side by side. Every row comes from its
+own measurement, never a copy."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .evaluation import classification_metrics, exits_at_threshold, predict_enco
 from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
 from .results import ResultsLog, atomic_write_text, config_hash
-from .timing import LatencyStats, environment, interleaved_latency, throughput
+from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
 from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
 MECHANISMS = ("prune", "sparse", "exit")
@@ -233,21 +233,25 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     batched = [{k: v.to(bench.device) for k, v in b.items()}
                for b in batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
     labels = np.asarray(encoded.labels)
-    new_rows = []
-    for point, hash_ in todo:
-        model = models[point.name]
-        batch_predictions = np.zeros(rows, dtype=np.int64)
+    batch_predictions = {name: np.zeros(rows, dtype=np.int64) for name in models}
 
-        def batch_call(b, model=model, out=batch_predictions):
+    def batch_call_for(model, out):
+        def batch_call(b):
             result = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
             out[b["index"].cpu().numpy()] = result.logits.argmax(-1).cpu().numpy()
             return result
+        return batch_call
 
-        rows_per_s, batch_latency = throughput(batch_call, batched, rows, device=bench.device,
-                                               repeats=bench.throughput_repeats)
+    batch_calls = {name: batch_call_for(m, batch_predictions[name]) for name, m in models.items()}
+    batch_timing = interleaved_throughput(batch_calls, batched, rows, device=bench.device,
+                                          repeats=bench.throughput_repeats)
+    new_rows = []
+    for point, hash_ in todo:
+        model = models[point.name]
+        rows_per_s, batch_latency = batch_timing[point.name]
         predictions = logits[point.name].argmax(-1)
         metrics = classification_metrics(labels, predictions, f1)
-        batch_metrics = classification_metrics(labels, batch_predictions, f1)
+        batch_metrics = classification_metrics(labels, batch_predictions[point.name], f1)
         ran = tokens[point.name] > 0
         lengths = np.asarray(encoded.lengths)
         num_layers = model.config.num_hidden_layers
@@ -322,14 +326,15 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
     batched = [{k: v.to(bench.device) for k, v in b.items()}
                for b in tagged_batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
     real_tokens = int(sum(encoded.lengths))
+    batch_timing = interleaved_throughput(
+        {name: (lambda b, model=model: model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
+                                             word_mask=b["word_mask"])) for name, model in models.items()},
+        batched, rows, device=bench.device, repeats=bench.throughput_repeats)
     new_rows = []
     for point, hash_ in todo:
         model = models[point.name]
         num_layers = model.config.num_hidden_layers
-        rows_per_s, batch_latency = throughput(
-            lambda b, model=model: model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                         word_mask=b["word_mask"]),
-            batched, rows, device=bench.device, repeats=bench.throughput_repeats)
+        rows_per_s, batch_latency = batch_timing[point.name]
         tags = join_chunks(chunk_tags[point.name], encoded.sentence, len(data.sentences))
         exits = join_chunks(chunk_exits[point.name], encoded.sentence, len(data.sentences))
         summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
@@ -594,18 +599,15 @@ def _first_rows(encoded: EncodedDataset, rows: int) -> EncodedDataset:
 
 def _time_throughput(models: dict[str, Any], timing_set: EncodedDataset, candidates: list[dict[str, Any]],
                      batch_size: int, device: str, pad_id: int) -> None:
-    """Rows/s of every finalist on the same batches of ``timing_set`` (best of 3 passes, taken in turns so drift
-    favours nobody); stored as ``calibration_rows_per_s`` in each candidate."""
+    """Rows/s of every finalist on the same batches of ``timing_set`` (best of 3 passes, interleaved batch by batch
+    so drift favours nobody); stored as ``calibration_rows_per_s`` in each candidate."""
     batched = [{k: v.to(device) for k, v in b.items()}
                for b in batches(timing_set, batch_size, bucket=False, pad_id=pad_id)]
-    best = {name: 0.0 for name in models}
-    for _ in range(3):
-        for name, model in models.items():
-            call = lambda b, m=model: m(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # noqa: E731
-            rows_per_s, _ = throughput(call, batched, len(timing_set), warmup=1, device=device)
-            best[name] = max(best[name], rows_per_s)
+    calls = {name: (lambda b, m=model: m(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+             for name, model in models.items()}
+    timing = interleaved_throughput(calls, batched, len(timing_set), warmup=1, device=device, repeats=3)
     for i, cand in enumerate(candidates):
-        cand["calibration_rows_per_s"] = best[str(i)]
+        cand["calibration_rows_per_s"] = timing[str(i)][0]
 
 
 def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:

@@ -159,24 +159,53 @@ def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _run_reference(data: pd.DataFrame, run_id) -> pd.Series | None:
+    """The row a run's speedups are taken against: its "static" row, else its "eat:none" row, else None."""
+    same_run = data[data["run_id"] == run_id]
+    for name in ("static", "eat:none"):
+        row = _static_row(same_run, name)
+        if row is not None:
+            return row
+    return None
+
+
 def summary_table(frame: pd.DataFrame, task: str) -> str:
-    """Markdown table: every point with accuracy, latency percentiles, throughput and speedups vs static."""
+    """Markdown table: every point with accuracy, latency percentiles, throughput and speedups vs static.
+
+    Speedups are ratios within one interleaved run: each row is divided by the "static" row (else "eat:none") of
+    its own ``run_id``, never by a row timed in another run (e.g. the dev rows `eat tune` measures next to its
+    point). A row whose run has neither shows "-". With more than one run in the table a "run" column says
+    which is which. Every row must still have been measured like the reference (threads, device, data)."""
     data = frame[frame["series"] == task].copy()
     static = _static_row(data, "static")
     if static is None:
         static = _static_row(data, "eat:none")
-    lines = [f"| point | role | {metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | rows/s (batch) | "
-             "speedup batch | mean exit layer | token-layer fraction |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, row in data.iterrows():
+    by_run = "run_id" in data.columns and data["run_id"].notna().all()
+    several_runs = by_run and data["run_id"].nunique() > 1
+    run_header, run_rule = ("run | ", "---|") if several_runs else ("", "")
+    lines = [f"| point | role | {run_header}{metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | "
+             "rows/s (batch) | speedup batch | mean exit layer | token-layer fraction |",
+             f"|---|---|{run_rule}---|---|---|---|---|---|---|---|---|"]
+    order = data.sort_values("run_id", kind="stable") if several_runs else data
+    for _, row in order.iterrows():
         if static is not None:
             check_comparable(static, row)
-        speed1 = static["b1_p50_ms"] / row["b1_p50_ms"] if static is not None else float("nan")
-        speedb = row["throughput_rows_per_s"] / static["throughput_rows_per_s"] if static is not None else float("nan")
-        accuracy = f"{row['accuracy']:.2f}" + (f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else "")
-        lines.append(f"| {row['point']} | {row['role']} | {accuracy} | {row['b1_p50_ms']:.2f} | {row['b1_p90_ms']:.2f} | "
-                     f"{row['b1_p99_ms']:.2f} | {speed1:.2f}x | {row['throughput_rows_per_s']:.0f} | {speedb:.2f}x | "
-                     f"{row['mean_exit_layer']:.2f} | {row['token_layer_fraction']:.3f} |")
+        reference = _run_reference(data, row["run_id"]) if by_run else static
+        if reference is None:
+            speed1 = speedb = "-"
+        else:
+            speed1 = f"{reference['b1_p50_ms'] / row['b1_p50_ms']:.2f}x"
+            speedb = f"{row['throughput_rows_per_s'] / reference['throughput_rows_per_s']:.2f}x"
+        f1 = f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
+        accuracy = f"{row['accuracy']:.2f}{f1}"
+        run = f"{row['run_id']} | " if several_runs else ""
+        lines.append(f"| {row['point']} | {row['role']} | {run}{accuracy} | {row['b1_p50_ms']:.2f} | "
+                     f"{row['b1_p90_ms']:.2f} | {row['b1_p99_ms']:.2f} | {speed1} | "
+                     f"{row['throughput_rows_per_s']:.0f} | {speedb} | {row['mean_exit_layer']:.2f} | "
+                     f"{row['token_layer_fraction']:.3f} |")
+    if several_runs:
+        lines += ["", "Speedups are against the static (else eat:none) row of the same run; rows from different runs "
+                  "were not timed side by side, so compare their latencies only loosely."]
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ one process, interleaved on the same inputs; record threads, device and versions
 
 from __future__ import annotations
 
-import math
 import platform
 import subprocess
 import time
@@ -129,27 +128,46 @@ def interleaved_latency(calls: dict[str, Callable[[Any], Any]], inputs: Sequence
     return {name: LatencyStats.from_seconds(values) for name, values in timings.items()}
 
 
+def interleaved_throughput(calls: dict[str, Callable[[Any], Any]], batches: Sequence[Any], rows: int, *,
+                           warmup: int = 2, device: str = "cpu",
+                           repeats: int = 1) -> dict[str, tuple[float, LatencyStats]]:
+    """Rows per second of every call over the same ``batches``, side by side: batch by batch, each configuration
+    runs once, in an order that rotates from batch to batch (as :func:`interleaved_latency`), so a slow spell of
+    the machine falls on every configuration alike. Timed one configuration after another instead, two points with
+    identical work measured 10-20% apart on a shared VM.
+
+    A configuration's pass time is the sum of its own batch times; with ``repeats`` passes, its best pass counts.
+    Returns name -> (rows per second, per-batch latency of that best pass).
+    """
+    names = list(calls)
+    with torch.inference_mode():
+        for name in names:
+            for batch in list(batches[:warmup]):
+                calls[name](batch)
+        _sync(device)
+        best: dict[str, list[float] | None] = {name: None for name in names}
+        for _ in range(repeats):
+            this_pass: dict[str, list[float]] = {name: [] for name in names}
+            for index, batch in enumerate(batches):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    _sync(device)
+                    start = time.perf_counter()
+                    calls[name](batch)
+                    _sync(device)
+                    this_pass[name].append(time.perf_counter() - start)
+            for name, seconds in this_pass.items():
+                if best[name] is None or sum(seconds) < sum(best[name]):
+                    best[name] = seconds
+    return {name: (rows / sum(seconds), LatencyStats.from_seconds(seconds)) for name, seconds in best.items()}
+
+
 def throughput(call: Callable[[Any], Any], batches: Sequence[Any], rows: int, *, warmup: int = 2,
                device: str = "cpu", repeats: int = 1) -> tuple[float, LatencyStats]:
-    """Rows per second over ``batches`` (each call one batch), and per-batch latency. Best of ``repeats`` passes."""
-    with torch.inference_mode():
-        for batch in list(batches[:warmup]):
-            call(batch)
-        best = math.inf
-        per_batch: list[float] = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            this_pass = []
-            for batch in batches:
-                t0 = time.perf_counter()
-                call(batch)
-                _sync(device)
-                this_pass.append(time.perf_counter() - t0)
-            total = time.perf_counter() - start
-            if total < best:
-                best, per_batch = total, this_pass
-    return rows / best, LatencyStats.from_seconds(per_batch)
+    """Rows per second of one call over ``batches`` (each call one batch), and per-batch latency; best of
+    ``repeats`` passes. To compare configurations, use :func:`interleaved_throughput`."""
+    return interleaved_throughput({"call": call}, batches, rows, warmup=warmup, device=device, repeats=repeats)["call"]
 
 
-__all__ = ["LatencyStats", "environment", "cpu_model", "git_commit", "interleaved_latency", "throughput"]
+__all__ = ["LatencyStats", "environment", "cpu_model", "git_commit", "interleaved_latency", "interleaved_throughput",
+           "throughput"]
