@@ -166,14 +166,21 @@ def main() -> None:
             lines.append(f"T1 batch 1, tuned point (chosen on calibration): {speed:.2f}x static, accuracy "
                          f"{tuned['accuracy']:.2f} ({-drop:+.2f} points) -> {'MET' if met else 'MISSED'} "
                          "(needs >= 2.0x and <= 0.5 points below)")
-        fast_enough = [r for r in candidates if r["b1_p50_ms"] <= half["b1_p50_ms"]]
-        best = max(fast_enough, key=lambda r: r["accuracy"], default=None)
-        if best is not None:
+        # T2 is judged first on the tuned points (chosen on calibration); the best dev row follows for reference
+        tuned_points = [r for r in by_point.values() if r["role"] == "tuned"]
+        for label, pool in (("tuned point, chosen on calibration", tuned_points),
+                            ("any measured point, picked on dev", candidates)):
+            if label.startswith("tuned") and not pool:
+                continue
+            fast_enough = [r for r in pool if r["b1_p50_ms"] <= half["b1_p50_ms"]]
+            best = max(fast_enough, key=lambda r: r["accuracy"], default=None)
+            if best is None:
+                lines.append(f"T2 vs half-depth ({label}): none is as fast as the half-depth model -> MISSED")
+                continue
             gain = best["accuracy"] - half["accuracy"]
-            lines.append(f"T2 vs half-depth (any measured point, picked on dev): {best['point']} at {best['b1_p50_ms']:.2f} ms (half {half['b1_p50_ms']:.2f}) "
-                         f"accuracy {best['accuracy']:.2f} ({gain:+.2f} points) -> {'MET' if gain >= 1.0 else 'MISSED'}")
-        else:
-            lines.append("T2 vs half-depth: no EAT point is as fast as the half-depth model -> MISSED")
+            lines.append(f"T2 vs half-depth ({label}): {best['point']} at {best['b1_p50_ms']:.2f} ms "
+                         f"(half {half['b1_p50_ms']:.2f}) accuracy {best['accuracy']:.2f} ({gain:+.2f} points) -> "
+                         f"{'MET' if gain >= 1.0 else 'MISSED'}")
         # T3 is judged on a tuned point (chosen on calibration): the one tuned for throughput at this batch size
         # (`eat tune --batch-size N`) when measured, else the batch-1 one; best dev row shown for reference only
         size = static["batch_size_throughput"]

@@ -135,3 +135,17 @@ def test_gpu_target_eight(tmp_path, monkeypatch, capsys, device, tuned_ms, tuned
     module.main()
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("T8")][0]
     assert verdict in line and ("dry run" in line) == (device == "cpu")
+
+
+def test_target_two_is_judged_on_the_tuned_point_first(tmp_path, monkeypatch, capsys):
+    """T2's first line is the calibration-chosen point; a better ablation row picked on dev only follows it."""
+    log = ResultsLog(tmp_path)
+    log.append(_row("static", "baseline", 90.0, 20.0, 80, task="sst2"))
+    log.append(_row("half-depth", "baseline", 87.5, 10.0, 160, task="sst2"))
+    log.append(_row("eat:tuned", "tuned", 88.0, 9.0, 170, task="sst2"))  # +0.5: misses
+    log.append(_row("eat:exit", "ablation", 89.0, 9.5, 165, task="sst2"))  # +1.5, but picked on dev
+    lines = [x for x in _targets(tmp_path, "sst2", monkeypatch, capsys).splitlines() if x.startswith("T2")]
+    assert lines[0].startswith("T2 vs half-depth (tuned point, chosen on calibration): eat:tuned at 9.00 ms")
+    assert lines[0].endswith("(+0.50 points) -> MISSED")
+    assert lines[1].startswith("T2 vs half-depth (any measured point, picked on dev): eat:exit")
+    assert lines[1].endswith("-> MET")
