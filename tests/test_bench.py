@@ -98,6 +98,27 @@ def test_tau_sweep_from_cache_equals_rerunning_at_that_tau():
     assert len({row["mean_exit_layer"] for row in sweep}) > 1  # the thresholds really differ
 
 
+def test_bench_reports_accuracy_on_all_rows_beside_the_timed_sample(tmp_path):
+    """With all_rows, every row also carries the accuracy of its point on the whole split (what `eat eval` computes
+    there), and the rows get other hashes than a bench of the sample alone (not mistaken for one another)."""
+    folder = tmp_path / "ckpt"
+    tiny_model().save_pretrained(folder)
+    bench = bench_config_from_preset("smoke", rows=None, batch_size=8)
+    whole, sample = _encoded(40, seed=3), _encoded(10, seed=4)
+    points = ablation_points(str(folder), bench, tau=0.6)[:3]
+    log = ResultsLog(tmp_path / "results")
+    rows = measure_points(points, sample, bench, log, dataset_source="fixture", all_rows=whole)
+    for point, row in zip(points, rows):
+        reference = predict_encoded(load_classifier(str(folder), knobs=point.knobs), whole)
+        expected = 100.0 * float((reference.logits.argmax(-1) == reference.labels).mean())
+        assert row["rows"] == 10 and row["rows_all"] == 40
+        assert row["accuracy_all_rows"] == pytest.approx(expected)
+    assert len({row["accuracy_all_rows"] for row in rows} | {rows[0]["accuracy"]}) > 1  # not one number copied
+    sample_only = measure_points(points, sample, bench, log, dataset_source="fixture")
+    assert len(sample_only) == 3 and "accuracy_all_rows" not in sample_only[0]
+    assert {row["config_hash"] for row in rows}.isdisjoint(row["config_hash"] for row in sample_only)
+
+
 def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
     folder = tmp_path / "ckpt"
     tiny = tiny_model()

@@ -110,6 +110,13 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
     assert "5 point(s) measured in this run" in again.output  # a new point: the whole table is re-timed
     rows = [json.loads(line) for line in (short / "results.jsonl").read_text().splitlines()]
     assert sorted(r["point"] for r in rows) == ["eat:exit", "eat:none", "eat:prune+exit", "eat:tuned", "eat:tuned-b8"]
+    # --accuracy-all-rows: 12 timed rows, and every point's accuracy on all 872 SST-2 dev rows beside them
+    whole = _invoke(*args, "--accuracy-all-rows")
+    assert whole.exit_code == 0, whole.output
+    assert "5 point(s) measured in this run" in whole.output  # other hashes: not taken for the sample-only rows
+    rows = [json.loads(line) for line in (short / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and sum("accuracy_all_rows" in r for r in rows) == 5
+    assert all(r["rows_all"] == 872 and r["rows"] == 12 for r in rows if "accuracy_all_rows" in r)
 
 
 def test_tune_for_a_batch_size_writes_its_own_point(trained_tiny, tmp_path):

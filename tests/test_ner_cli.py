@@ -77,6 +77,9 @@ def test_train_eval_predict_tune_bench_report(tagger_run, tmp_path):
     result = _invoke("report", "--results", str(results))
     assert result.exit_code == 0, result.output
     assert "entity F1" in (results / "report.md").read_text()
+    result = _invoke("bench", "--checkpoint", str(tagger_run), "--task", "conll2003", "--rows", "10",
+                     "--accuracy-all-rows", "--results", str(results))
+    assert result.exit_code == 2 and "sentence-level tasks only" in result.output
 
 
 def test_user_jsonl_data_and_bad_input(tiny_backbone, tmp_path, conll_env, tagger_run):

@@ -149,3 +149,14 @@ def test_target_two_is_judged_on_the_tuned_point_first(tmp_path, monkeypatch, ca
     assert lines[0].endswith("(+0.50 points) -> MISSED")
     assert lines[1].startswith("T2 vs half-depth (any measured point, picked on dev): eat:exit")
     assert lines[1].endswith("-> MET")
+
+
+def test_accuracy_conditions_are_judged_on_all_rows_when_measured(tmp_path, monkeypatch, capsys):
+    """`eat bench --accuracy-all-rows` rows: T6 is judged on the whole split's accuracies, the timed rows' drop is
+    shown beside it. Here the timed rows say -0.6 (met) and the whole split -1.4 (missed)."""
+    log = ResultsLog(tmp_path)
+    log.append({**_row("static", "baseline", 85.0, 12.0, 100), "accuracy_all_rows": 86.0, "rows_all": 1000})
+    log.append({**_row("eat:tuned", "tuned", 84.4, 6.0, 180, exit_layer=2.5), "accuracy_all_rows": 84.6,
+                "rows_all": 1000})
+    line = [x for x in _targets(tmp_path, "qqp", monkeypatch, capsys).splitlines() if x.startswith("T6")][0]
+    assert "accuracy 84.60 (-1.40 points on all 1000 rows; -0.60 on the 100 timed rows) -> MISSED" in line

@@ -158,14 +158,17 @@ def sweep_points(eat_checkpoint: str, bench: BenchConfig) -> list[OperatingPoint
 # ------------------------------------------------------------------------------------------------- measuring
 
 
-def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, rows: int, env: dict) -> str:
+def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, rows: int, env: dict,
+                all_rows: int | None = None) -> str:
     checkpoint = Path(point.checkpoint)
     config_text = (checkpoint / "config.json").read_text() if (checkpoint / "config.json").is_file() else point.checkpoint
+    # all_rows only enters the hash when given, so rows measured without it keep their hashes
     return config_hash({"checkpoint": str(checkpoint.resolve()) if checkpoint.exists() else point.checkpoint,
                         "checkpoint_config": config_text, "knobs": point.knobs, "task": bench.task,
                         "split": bench.split, "rows": rows, "source": dataset_source, "seed": bench.seed,
                         "max_length": bench.max_length, "batch_size": bench.batch_size, "device": env["device"],
-                        "threads": env["threads"], "cpu": env["cpu"], "name": point.name})
+                        "threads": env["threads"], "cpu": env["cpu"], "name": point.name,
+                        **({"all_rows": all_rows} if all_rows is not None else {})})
 
 
 def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:
@@ -174,11 +177,11 @@ def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassificati
 
 
 def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env: dict, log: ResultsLog,
-                force: bool) -> list[tuple[OperatingPoint, str]]:
+                force: bool, all_rows: int | None = None) -> list[tuple[OperatingPoint, str]]:
     """(point, configuration hash) of the points to measure: none when every point is in the log already, else
     all of them. Ratios are only valid between points timed side by side in one interleaved run, so a table with
     one new point is measured again as a whole (the old rows are replaced, not duplicated)."""
-    hashes = [(point, _point_hash(point, bench, dataset_source, rows, env)) for point in points]
+    hashes = [(point, _point_hash(point, bench, dataset_source, rows, env, all_rows)) for point in points]
     if not force and all(log.has(hash_) for _, hash_ in hashes):
         return []
     return hashes
@@ -199,12 +202,18 @@ def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int
 def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, bench: BenchConfig, log: ResultsLog, *,
                    dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
                    examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   all_rows: EncodedDataset | None = None) -> list[dict[str, Any]]:
     """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
-    throughput at ``bench.batch_size``. Appends and returns the new rows."""
+    throughput at ``bench.batch_size``. Appends and returns the new rows.
+
+    ``all_rows``: the whole split when ``encoded`` is a sample of it. Every point then also predicts all of it
+    (untimed, length-bucketed batches) and its row gets ``accuracy_all_rows`` (``f1_all_rows``) and
+    ``rows_all``: an accuracy drop on a few thousand timed rows can be a few tenths off the whole split's."""
     env = environment(bench.device)
     rows = len(encoded)
-    todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
+    todo = _unmeasured(points, bench, dataset_source, rows, env, log, force,
+                       None if all_rows is None else len(all_rows))
     if not todo:
         return []
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from
@@ -245,6 +254,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     batch_calls = {name: batch_call_for(m, batch_predictions[name]) for name, m in models.items()}
     batch_timing = interleaved_throughput(batch_calls, batched, rows, device=bench.device,
                                           repeats=bench.throughput_repeats)
+    whole_split = {} if all_rows is None else _all_rows_metrics(models, all_rows, bench, f1, pad_id, progress)
     new_rows = []
     for point, hash_ in todo:
         model = models[point.name]
@@ -268,6 +278,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
             "token_layer_fraction": float(tokens[point.name].sum() / (lengths.sum() * num_layers)),
             "work": dataclasses.asdict(work[point.name]),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
+            **whole_split.get(point.name, {}),
         }
         if examples_dir is not None:
             _write_examples(examples_dir / f"{hash_}.csv", lengths, exit_layer[point.name], tokens[point.name],
@@ -276,6 +287,22 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         log.append(row, replace=True)
         new_rows.append(row)
     return new_rows
+
+
+def _all_rows_metrics(models: dict[str, Any], all_rows: EncodedDataset, bench: BenchConfig, f1: bool, pad_id: int,
+                      progress: Callable[[str, int, int], None] | None) -> dict[str, dict[str, Any]]:
+    """name -> {accuracy_all_rows, f1_all_rows (when f1), rows_all}: every model's predictions on the whole split
+    by :func:`~eat.evaluation.predict_encoded` (what `eat eval` runs: length-sorted batches, untimed, per-sample
+    exits and pruning as when timed)."""
+    metrics = {}
+    for number, (name, model) in enumerate(models.items(), start=1):
+        predicted = predict_encoded(model, all_rows, batch_size=bench.batch_size, device=bench.device, pad_id=pad_id)
+        scores = classification_metrics(predicted.labels, predicted.logits.argmax(-1), f1)
+        metrics[name] = {"accuracy_all_rows": scores["accuracy"], "rows_all": len(all_rows),
+                         **({"f1_all_rows": scores["f1"]} if f1 else {})}
+        if progress is not None:
+            progress("all rows", number, len(models))
+    return metrics
 
 
 def _write_examples(path: Path, lengths, exits, tokens, correct) -> None:

@@ -478,6 +478,9 @@ def bench(
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     force: Annotated[bool, typer.Option(help="re-measure points already in the results")] = False,
+    accuracy_all_rows: Annotated[bool, typer.Option(
+        help="with --rows: also every point's accuracy on the whole split (untimed batched calls, as `eat eval`), "
+             "logged as accuracy_all_rows; benchmarks/targets.py judges accuracy drops on it")] = False,
 ) -> None:
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
@@ -507,14 +510,20 @@ def bench(
     from .ner_data import encode_tagged, is_token_task, load_tagged
 
     token_level = is_token_task(task)
+    if accuracy_all_rows and token_level:
+        raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 on "
+                         "the sentences it timed)")
     log = ResultsLog(results)
     for split in ("validation",) if token_level else task_spec(task).eval_splits:
         if token_level:
             data = load_tagged(task, split).subset(config.rows, seed=config.seed)
             encoded = encode_tagged(data, tokenizer, max_length)
         else:
-            data = load_glue(task, split).subset(config.rows, seed=config.seed)
+            whole = load_glue(task, split)
+            data = whole.subset(config.rows, seed=config.seed)
             encoded = encode(data, tokenizer, max_length)
+            # the whole split as well, when only a sample of it is timed
+            all_rows = encode(whole, tokenizer, max_length) if accuracy_all_rows and len(data) < len(whole) else None
         split_config = dataclasses.replace(config, split=split)
         chosen = []
         tuned_file = _tuned_file(results, task)
@@ -545,7 +554,8 @@ def bench(
             else:
                 new = measure_points(chosen, encoded, split_config, log, dataset_source=source,
                                      f1=task_spec(task).f1, force=force, pad_id=tokenizer.pad_token_id or 0,
-                                     examples_dir=results / "examples", progress=_bench_progress(bar))
+                                     examples_dir=results / "examples", progress=_bench_progress(bar),
+                                     all_rows=all_rows)
         table = Table(title=f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} already measured")
         for column in ("point", "entity F1" if token_level else "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
             table.add_column(column)
