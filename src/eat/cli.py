@@ -557,12 +557,15 @@ def bench(
                                      examples_dir=results / "examples", progress=_bench_progress(bar),
                                      all_rows=all_rows)
         table = Table(title=f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} already measured")
-        for column in ("point", "entity F1" if token_level else "accuracy", "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
+        whole_split = bool(new) and "accuracy_all_rows" in new[0]
+        for column in ("point", "entity F1" if token_level else "accuracy", *(("all rows",) if whole_split else ()),
+                       "b1 p50 ms", "b1 p90 ms", "rows/s", "mean exit", "token-layer frac"):
             table.add_column(column)
         for row in new:
-            table.add_row(row["point"], f"{row['accuracy']:.2f}", f"{row['b1_p50_ms']:.2f}", f"{row['b1_p90_ms']:.2f}",
-                          f"{row['throughput_rows_per_s']:.0f}", f"{row['mean_exit_layer']:.2f}",
-                          f"{row['token_layer_fraction']:.3f}")
+            table.add_row(row["point"], f"{row['accuracy']:.2f}",
+                          *((f"{row['accuracy_all_rows']:.2f}",) if whole_split else ()), f"{row['b1_p50_ms']:.2f}",
+                          f"{row['b1_p90_ms']:.2f}", f"{row['throughput_rows_per_s']:.0f}",
+                          f"{row['mean_exit_layer']:.2f}", f"{row['token_layer_fraction']:.3f}")
         out.print(table)
     out.print(f"results in {log.csv} and {log.jsonl}")
 
