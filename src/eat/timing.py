@@ -97,6 +97,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _rotated_calls(calls: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], device: str):
+    """Yield (input index, name, output, seconds) for every configuration on every input: per input each
+    configuration runs once, in an order that rotates from input to input, each call timed alone (synchronised
+    on CUDA). The loop both interleaved timers share."""
+    names = list(calls)
+    for index, item in enumerate(inputs):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            start = time.perf_counter()
+            result = calls[name](item)
+            _sync(device)
+            yield index, name, result, time.perf_counter() - start
+
+
 def interleaved_latency(calls: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], *, warmup: int = 10,
                         device: str = "cpu", on_result: Callable[[str, int, Any], None] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> dict[str, LatencyStats]:
@@ -113,17 +128,11 @@ def interleaved_latency(calls: dict[str, Callable[[Any], Any]], inputs: Sequence
                 calls[name](item)
         _sync(device)
         timings: dict[str, list[float]] = {name: [] for name in names}
-        for index, item in enumerate(inputs):
-            shift = index % len(names)
-            for name in names[shift:] + names[:shift]:
-                _sync(device)
-                start = time.perf_counter()
-                result = calls[name](item)
-                _sync(device)
-                timings[name].append(time.perf_counter() - start)
-                if on_result is not None:
-                    on_result(name, index, result)
-            if progress is not None:
+        for index, name, result, seconds in _rotated_calls(calls, inputs, device):
+            timings[name].append(seconds)
+            if on_result is not None:
+                on_result(name, index, result)
+            if progress is not None and name == names[(index - 1) % len(names)]:  # the input's last call
                 progress(index + 1, len(inputs))
     return {name: LatencyStats.from_seconds(values) for name, values in timings.items()}
 
@@ -148,14 +157,8 @@ def interleaved_throughput(calls: dict[str, Callable[[Any], Any]], batches: Sequ
         best: dict[str, list[float] | None] = {name: None for name in names}
         for _ in range(repeats):
             this_pass: dict[str, list[float]] = {name: [] for name in names}
-            for index, batch in enumerate(batches):
-                shift = index % len(names)
-                for name in names[shift:] + names[:shift]:
-                    _sync(device)
-                    start = time.perf_counter()
-                    calls[name](batch)
-                    _sync(device)
-                    this_pass[name].append(time.perf_counter() - start)
+            for _, name, _, seconds in _rotated_calls(calls, batches, device):
+                this_pass[name].append(seconds)
             for name, seconds in this_pass.items():
                 if best[name] is None or sum(seconds) < sum(best[name]):
                     best[name] = seconds
