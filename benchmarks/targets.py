@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/targets.py --results results/paper [--task sst2] [--out benchmarks/results/targets.txt]
 
-Reads rows measured side by side in one run (the latest static row's ``run_id``: same checkpoint family, inputs and
-threads, one interleaved timing run) and prints, per target,
+Reads rows measured side by side in one run (the latest static row's ``run_id``, or ``--run-id``: same checkpoint
+family, inputs and threads, one interleaved timing run; the other runs of the folder are listed) and prints, per
+target,
 the measured ratio and whether it is met. Accuracy conditions are judged on the whole split when the rows carry
 it (`eat bench --rows N --accuracy-all-rows`), else on the timed rows. Rows measured with different thread counts,
 devices or datasets are never compared: the script stops and says which fields differ.
@@ -130,22 +131,44 @@ def gpu_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
     return lines + [""]
 
 
+def _static_runs(rows: list[dict]) -> dict[str, str]:
+    """{run id: what it measured ("N timed rows", ", all M rows")} for every run with a static row, oldest first."""
+    runs = {}
+    for row in rows:
+        if row["point"] == "static" and row.get("run_id"):
+            extra = f", all {row['rows_all']} rows" if row.get("rows_all") else ""
+            runs[row["run_id"]] = f"{row['run_id']} ({row['rows']} timed rows{extra})"
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--t8", action="store_true", help="judge target 8 (GPU batch 1; also implied by a CUDA run)")
+    parser.add_argument("--run-id", default=None,
+                        help="judge this run of the folder (default: the one of the latest static row)")
     args = parser.parse_args()
     rows = [r for r in ResultsLog(args.results).rows() if r["task"] == args.task]
     lines = []
     for split in sorted({r["split"] for r in rows}):
         split_rows = [r for r in rows if r["split"] == split]
         static_rows = [r for r in split_rows if r["point"] == "static"]
+        if args.run_id is not None:
+            static_rows = [r for r in static_rows if r.get("run_id") == args.run_id]
+            if not static_rows:
+                lines.append(f"{args.task} {split}: no static row of run {args.run_id} "
+                             f"(runs with one: {', '.join(_static_runs(split_rows).values()) or 'none'})")
+                continue
         if static_rows and static_rows[-1].get("run_id"):
             # ratios only between points timed side by side in one interleaved run: this split's static row's run
             # (each split of a task, e.g. MNLI matched and mismatched, is timed in its own run)
             run_id = static_rows[-1]["run_id"]
+            others = [text for other, text in _static_runs(split_rows).items() if other != run_id]
+            if others:  # say which run is judged, so a sample-only and an all-rows bench are never confused
+                lines.append(f"# {args.task} {split}: judging run {run_id}; other runs here: {', '.join(others)} "
+                             "(choose one with --run-id)")
             split_rows = [r for r in split_rows if r.get("run_id") == run_id]
         by_point = {r["point"]: r for r in split_rows}
         static, half = by_point.get("static"), by_point.get("half-depth")

@@ -24,12 +24,12 @@ def _row(point: str, role: str, accuracy: float, p50: float, rows_per_s: float, 
             "git_commit": "abc", "mech_exit": point != "static", "mech_prune": False}
 
 
-def _targets(folder: Path, task: str, monkeypatch, capsys) -> str:
+def _targets(folder: Path, task: str, monkeypatch, capsys, *extra: str) -> str:
     """Run the script's main() in this process (as its command line would) and return what it printed."""
     spec = importlib.util.spec_from_file_location("targets_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(folder), "--task", task])
+    monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(folder), "--task", task, *extra])
     module.main()
     return capsys.readouterr().out
 
@@ -160,3 +160,20 @@ def test_accuracy_conditions_are_judged_on_all_rows_when_measured(tmp_path, monk
                 "rows_all": 1000})
     line = [x for x in _targets(tmp_path, "qqp", monkeypatch, capsys).splitlines() if x.startswith("T6")][0]
     assert "accuracy 84.60 (-1.40 points on all 1000 rows; -0.60 on the 100 timed rows) -> MISSED" in line
+
+
+def test_a_folder_with_two_runs_names_them_and_judges_the_one_asked_for(tmp_path, monkeypatch, capsys):
+    """A sample-only bench and a later all-rows bench in one folder: by default the latest static row's run is
+    judged and the other run is named; --run-id judges the other one; an unknown run id says which exist."""
+    log = ResultsLog(tmp_path)
+    for run, tuned_ms, extra in (("run-sample", 6.0, {}), ("run-all", 8.0, {"accuracy_all_rows": 84.5, "rows_all": 900})):
+        for row in (_row("static", "baseline", 85.0, 12.0, 100), _row("eat:tuned", "tuned", 84.8, tuned_ms, 180)):
+            log.append({**row, **extra, "run_id": run, "config_hash": f"{row['config_hash']}-{run}"})
+    printed = _targets(tmp_path, "qqp", monkeypatch, capsys)
+    assert "judging run run-all; other runs here: run-sample (100 timed rows) (choose one with --run-id)" in printed
+    assert "1.50x static" in [x for x in printed.splitlines() if x.startswith("T6")][0]
+    printed = _targets(tmp_path, "qqp", monkeypatch, capsys, "--run-id", "run-sample")
+    assert "judging run run-sample; other runs here: run-all (100 timed rows, all 900 rows)" in printed
+    assert "2.00x static" in [x for x in printed.splitlines() if x.startswith("T6")][0]
+    printed = _targets(tmp_path, "qqp", monkeypatch, capsys, "--run-id", "run-x")
+    assert "no static row of run run-x (runs with one: run-sample (100 timed rows), run-all" in printed
