@@ -455,19 +455,24 @@ def test_window_model_matches_dense_model_with_mask_and_counts_fewer_scores():
 # --------------------------------------------------------------------------------------- batch vs one-at-a-time
 
 
-@pytest.mark.parametrize("mode, pooling", [("drop", "cls"), ("merge", "cls"), ("drop", "mean"), ("merge", "mean")])
+@pytest.mark.parametrize("mode, pooling", [("drop", "cls"), ("merge", "cls"), ("drop", "mean"), ("merge", "mean"),
+                                           ("drop", "pair"), ("merge", "pair")])
 def test_batched_equals_one_at_a_time_with_everything_on(mode, pooling):
     knobs = dict(keep_ratio=[0.8, 0.7, 0.6], attention_window=6, exit_layers="all", exit_policy="confidence",
                  prune_mode=mode, exit_pooling=pooling)
     model = tiny_model(seed=7, **knobs)
     lengths = (17, 9, 30, 4, 12, 23, 2)
     ids, mask = mixed_batch(seed=8, lengths=lengths)
+    # a second segment from the middle of each row on (pair heads read both; the others ignore token types)
+    types = ((torch.arange(ids.shape[1])[None, :] >= torch.tensor(lengths)[:, None] // 2) & mask.bool()).long()
     with torch.no_grad():
-        cached = model(ids, mask, output_exit_logits=True, disable_exit=True)
-        # a tau between the confidences of the rows at the second head, so exits are mixed
-        model.config.set_knobs(exit_threshold=float(cached.exit_logits[:, 1].softmax(-1).amax(-1).median()))
-        batched = model(ids, mask)
-        singles = [model(ids[i:i + 1, :n], mask[i:i + 1, :n]) for i, n in enumerate(lengths)]
+        cached = model(ids, mask, types, output_exit_logits=True, disable_exit=True)
+        # a tau between the confidences of the rows at the second head (the first for pair heads, whose random
+        # start is surer there), so exits are mixed
+        slot = 0 if pooling == "pair" else 1
+        model.config.set_knobs(exit_threshold=float(cached.exit_logits[:, slot].softmax(-1).amax(-1).median()))
+        batched = model(ids, mask, types)
+        singles = [model(ids[i:i + 1, :n], mask[i:i + 1, :n], types[i:i + 1, :n]) for i, n in enumerate(lengths)]
     assert len(set(batched.exit_layer.tolist())) > 1  # exits are mixed inside the batch
     for i, single in enumerate(singles):
         assert torch.allclose(batched.logits[i], single.logits[0], atol=1e-4)
@@ -507,6 +512,45 @@ def test_mean_pooled_exit_heads_read_the_mean_of_the_real_tokens():
     assert torch.allclose(out.logits, cls_out.logits, atol=1e-6)  # the final head is the same either way
     with pytest.raises(KnobError, match="exit_pooling"):
         model.config.set_knobs(exit_pooling="max")
+
+
+def test_pair_exit_heads_read_both_segments_means_and_their_comparison():
+    """exit_pooling "pair": [a, b, |a - b|, a * b] of the two segments' real-token means (padding excluded, merged
+    tokens weighted by size; b = a for a row without a second segment), 4 x hidden wide; the heads start as the
+    final head on the average of a and b; a model whose heads were built for another pooling is refused."""
+    from eat.modeling_eat import exit_head_input
+
+    hidden = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)  # (B=2, n=4, d=2)
+    key_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    segments = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]])
+    sizes = torch.tensor([[3.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    pooled = exit_head_input(hidden, "pair", key_mask, sizes, segments)
+    a, b = (3 * hidden[0, 0] + hidden[0, 1]) / 4, hidden[0, 2:].mean(0)
+    assert pooled.shape == (2, 8)
+    assert torch.allclose(pooled[0], torch.cat([a, b, (a - b).abs(), a * b]))
+    alone = hidden[1, :2].mean(0)  # one segment: b = a, |a - b| = 0
+    assert torch.allclose(pooled[1], torch.cat([alone, alone, torch.zeros(2), alone * alone]))
+
+    model = tiny_model(seed=3, exit_layers="all", exit_pooling="pair")
+    assert model.exit_heads["1"].dense.in_features == 4 * model.config.hidden_size
+    ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30))
+    types = ((torch.arange(ids.shape[1])[None, :] >= 5) & mask.bool()).long()
+    captured = {}
+    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: captured.__setitem__(1, out[0]))
+    with torch.no_grad():
+        model.init_exit_heads_from_final()
+        out = model(ids, mask, types, output_exit_logits=True, disable_exit=True)
+        real = mask.bool()
+        first, second = (real & (types == 0)).float()[..., None], (real & (types == 1)).float()[..., None]
+        a = (captured[1] * first).sum(1) / first.sum(1)
+        b = (captured[1] * second).sum(1) / second.sum(1)
+        expected = model.exit_heads["1"](torch.cat([a, b, (a - b).abs(), a * b], -1))
+        as_final = model.classifier(model.bert.pooler((a + b) / 2))  # the start: the final head on (a + b) / 2
+    assert torch.allclose(out.exit_logits[:, 0], expected, atol=1e-5)
+    assert torch.allclose(out.exit_logits[:, 0], as_final, atol=1e-5)
+    model.config.set_knobs(exit_pooling="mean")
+    with pytest.raises(ValueError, match="another pooling"):
+        model(ids, mask, types)
 
 
 # ---------------------------------------------------------------------------------------------- helpers, errors

@@ -36,7 +36,7 @@ def test_presets_and_bad_settings():
         train_config_from_preset("smoke", variant="tiny")
     with pytest.raises(ValueError, match="unknown training setting"):
         train_config_from_preset("smoke", learning_rat=1e-3)
-    with pytest.raises(ValueError, match="exit_pooling: expected one of cls, mean"):
+    with pytest.raises(ValueError, match="exit_pooling: expected one of cls, mean, pair"):
         train_config_from_preset("smoke", exit_pooling="max")
     with pytest.raises(ValueError, match="exit_pooling: only EAT"):
         train_config_from_preset("smoke", variant="static", exit_pooling="mean")
@@ -122,7 +122,7 @@ def test_half_variant_is_half_depth(tmp_path, backbone_path, data_dir, monkeypat
     assert model.config.num_hidden_layers == 3 and len(model.exit_heads) == 0
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "pair"])
 def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_dir, monkeypatch, pooling):
     """--init-from a static run + --freeze-backbone: the backbone and final head stay bit-identical, the exit
     heads learn (their loss falls), and an EAT with exits off is exactly the static model. With mean-pooled heads

@@ -148,7 +148,8 @@ def train(
                                                              help="train on batches of similar length")] = None,
     exit_layers: Annotated[Optional[str], typer.Option(help="layers with exit heads: 'all' or a comma list")] = None,
     exit_pooling: Annotated[Optional[str], typer.Option(
-        help="what the exit heads read: cls (the [CLS] vector) or mean (the mean of the real tokens)")] = None,
+        help="what the exit heads read: cls (the [CLS] vector), mean (the mean of the real tokens) or pair "
+             "(sentence pairs: each segment's mean a, b and |a-b|, a*b)")] = None,
     exit_loss_weights: Annotated[Optional[str], typer.Option(
         help="joint loss weights: depth, uniform, or a comma list (one per exit layer)")] = None,
     init_from: Annotated[Optional[str], typer.Option(help="start from this fine-tuned run instead of the backbone")] = None,

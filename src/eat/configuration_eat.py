@@ -21,7 +21,8 @@ entropy_threshold      (any)                      exit when prediction entropy (
 exit_patience          (any)                      PABEE: exit after this many consecutive agreeing heads
 classifier_activation  "tanh"                     pooler activation ("relu" for DistilBERT checkpoints)
 exit_pooling           (any)                      what an intermediate exit head reads: "cls" (the `[CLS]`
-                                                  vector) or "mean" (the mean of the real tokens); part of
+                                                  vector), "mean" (the mean of the real tokens) or "pair"
+                                                  (each segment's mean a, b and |a - b|, a * b); part of
                                                   the trained heads: set it before training them
 token_exit_window      (any)                      token tasks: a token exits only when every real token within
                                                   this many positions is confident too (0 = itself only)
@@ -47,7 +48,7 @@ PRUNE_MODES = ("drop", "merge")
 ATTENTION_BACKENDS = ("blocked", "flex")
 EXIT_POLICIES = ("none", "confidence", "entropy", "patience", "agreement")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
-EXIT_POOLINGS = ("cls", "mean")
+EXIT_POOLINGS = ("cls", "mean", "pair")
 TOKEN_EXIT_KV = ("keep", "drop")
 
 # The adaptive knobs and their defaults (every mechanism off). Anything else passed to `set_knobs` is an error.

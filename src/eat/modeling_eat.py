@@ -581,27 +581,59 @@ class EATPooler(nn.Module):
 
 
 class EATExitHead(nn.Module):
-    """An intermediate exit: the same shape as the final head (pooler dense + activation + classifier)."""
+    """An intermediate exit: the same shape as the final head (pooler dense + activation + classifier). With
+    ``exit_pooling="pair"`` its dense layer reads the four pair features of :func:`exit_head_input` (4 d wide)."""
 
     def __init__(self, config: EATConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
+        self.dense = nn.Linear(width, config.hidden_size)
         self.activation = nn.Tanh() if config.classifier_activation == "tanh" else nn.ReLU()
         self.dropout = nn.Dropout(_classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, cls_hidden):
-        """(B, d) -> logits (B, C)."""
-        return self.classifier(self.dropout(self.activation(self.dense(cls_hidden))))
+    def forward(self, pooled):
+        """(B, d) (or (B, 4 d) for pair features) -> logits (B, C)."""
+        return self.classifier(self.dropout(self.activation(self.dense(pooled))))
+
+    @torch.no_grad()
+    def copy_final_head(self, pooler_dense: nn.Linear, classifier: nn.Linear) -> None:
+        """Start as the final head (a better start than random). Pair features: the pooler reads the average of
+        the two segment means, i.e. its weight split over the first two d-wide blocks, the other two at zero."""
+        self.classifier.load_state_dict(classifier.state_dict())
+        if self.dense.in_features == pooler_dense.in_features:
+            self.dense.load_state_dict(pooler_dense.state_dict())
+            return
+        d = pooler_dense.in_features
+        self.dense.weight.zero_()
+        self.dense.weight[:, :d] = pooler_dense.weight / 2
+        self.dense.weight[:, d:2 * d] = pooler_dense.weight / 2
+        self.dense.bias.copy_(pooler_dense.bias)
 
 
-def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None):
+def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=None):
     """What an intermediate exit head reads. hidden (B, n, d) -> (B, d): the `[CLS]` vector ("cls"), or the mean
     over the real tokens ("mean"; key_mask (B, n) bool marks them, None = all real), each token weighted by its
     size (B, n) when tokens were merged, so a merged token counts for the tokens it stands for. Early layers'
-    `[CLS]` has gathered little yet; the mean of the tokens is what a shallow head can read best."""
+    `[CLS]` has gathered little yet; the mean of the tokens is what a shallow head can read best.
+
+    "pair" (sentence pairs) -> (B, 4 d): the means ``a`` and ``b`` of the first and second segment's real tokens
+    (segments (B, n): token type ids, 0 or 1; None = one segment), then ``|a - b|`` and ``a * b``, the features
+    sentence-embedding models feed an NLI classifier (InferSent). After one or two layers the segments have
+    exchanged little, so a head comparing their summaries reads more than one mean over both. A row without a
+    second segment uses ``b = a``."""
     if pooling == "cls":
         return hidden[:, 0]
+    if pooling == "pair":
+        weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
+        if sizes is not None:
+            weight = weight * sizes.to(hidden.dtype)
+        second = segments.to(hidden.dtype) if segments is not None else torch.zeros_like(weight)
+        weight_a, weight_b = weight * (1 - second), weight * second  # (B, n) each
+        a = (hidden * weight_a[..., None]).sum(1) / weight_a.sum(1, keepdim=True).clamp_min(1e-6)  # (B, d)
+        total_b = weight_b.sum(1, keepdim=True)
+        b = torch.where(total_b > 0, (hidden * weight_b[..., None]).sum(1) / total_b.clamp_min(1e-6), a)
+        return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
     if key_mask is None and sizes is None:
         return hidden.mean(1)
     weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
@@ -663,7 +695,8 @@ class _TokenState:
 
     rows: (B,) original batch index; lengths: (B,) real tokens; key_mask: (B, n) bool or None when no row has
     padding; positions: (B, n) original token index; protected: (B, n) tokens that are never pruned or merged;
-    sizes: (B, n) float token sizes (merge mode) or None; streak/previous: patience-policy state.
+    sizes: (B, n) float token sizes (merge mode) or None; segments: (B, n) token type ids, kept only for pair
+    exit heads (else None); streak/previous: patience-policy state.
     """
 
     rows: torch.Tensor
@@ -672,6 +705,7 @@ class _TokenState:
     positions: torch.Tensor
     protected: torch.Tensor
     sizes: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
     streak: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     context: _AttentionContext | None = None
@@ -689,6 +723,8 @@ class _TokenState:
                 self.key_mask = None
         if self.sizes is not None:
             self.sizes = self.sizes[index, :width]
+        if self.segments is not None:
+            self.segments = self.segments[index, :width]
         if self.streak is not None:
             self.streak, self.previous = self.streak[index], self.previous[index]
         self.context = None
@@ -700,6 +736,8 @@ class _TokenState:
         self.positions, self.protected = self.positions.gather(1, index), self.protected.gather(1, index) & valid
         if self.sizes is not None:
             self.sizes = self.sizes.gather(1, index).masked_fill(~valid, 1.0)
+        if self.segments is not None:
+            self.segments = self.segments.gather(1, index)
         self.lengths = new_lengths
         self.key_mask = None if bool(valid.all()) else valid
         self.context = None
@@ -804,7 +842,7 @@ class EATModel(EATPreTrainedModel):
         device = input_ids.device
         num_layers = config.num_hidden_layers
         schedule = config.keep_schedule
-        state = self._initial_state(input_ids, attention_mask, schedule)
+        state = self._initial_state(input_ids, attention_mask, schedule, token_type_ids)
         hidden = self.embeddings(input_ids, token_type_ids)  # (B, n, d)
 
         exit_layers = config.exit_layer_list if exit_head is not None else ()
@@ -886,7 +924,8 @@ class EATModel(EATPreTrainedModel):
         return output
 
     # --- helpers of the loop ----------------------------------------------------------------------------------
-    def _initial_state(self, input_ids, attention_mask, schedule: tuple[float, ...]) -> _TokenState:
+    def _initial_state(self, input_ids, attention_mask, schedule: tuple[float, ...],
+                       token_type_ids=None) -> _TokenState:
         """Bookkeeping for a fresh batch; checks that padding is on the right."""
         B, n = input_ids.shape
         device = input_ids.device
@@ -907,8 +946,11 @@ class EATModel(EATPreTrainedModel):
             sep_id = getattr(config, "sep_token_id", None)
             protected = protected | (input_ids == (_DEFAULT_SEP_ID if sep_id is None else sep_id))
         sizes = torch.ones(B, n, device=device) if config.prune_mode == "merge" and min(schedule) < 1.0 else None
+        segments = None
+        if config.exit_pooling == "pair":  # pair exit heads read each segment's mean: carry the token types along
+            segments = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         return _TokenState(rows=torch.arange(B, device=device), lengths=lengths, key_mask=key_mask,
-                           positions=positions, protected=protected, sizes=sizes)
+                           positions=positions, protected=protected, sizes=sizes, segments=segments)
 
     def _reduce_tokens(self, hidden, state: _TokenState, ratio: float, q, k):
         """Shorten every row to ``ceil(ratio * its real length)`` tokens (never below its protected tokens) by
@@ -1024,17 +1066,15 @@ class EATForSequenceClassification(EATPreTrainedModel):
 
     def init_exit_heads_from_final(self) -> None:
         """Start every exit head as a copy of the final head (pooler + classifier): a better start than random."""
-        with torch.no_grad():
-            for head in self.exit_heads.values():
-                head.dense.load_state_dict(self.bert.pooler.dense.state_dict())
-                head.classifier.load_state_dict(self.classifier.state_dict())
+        for head in self.exit_heads.values():
+            head.copy_final_head(self.bert.pooler.dense, self.classifier)
 
     def _head(self, layer: int, hidden, state):
         """Logits (B, C) of the head after ``layer`` from hidden (B, n, d): the final head reads the `[CLS]`
         vectors (as BERT's), an exit head what ``config.exit_pooling`` names (see :func:`exit_head_input`)."""
         if layer == self.config.num_hidden_layers:
             return self.classifier(self.dropout(self.bert.pooler(hidden[:, 0])))
-        pooled = exit_head_input(hidden, self.config.exit_pooling, state.key_mask, state.sizes)
+        pooled = exit_head_input(hidden, self.config.exit_pooling, state.key_mask, state.sizes, state.segments)
         return self.exit_heads[str(layer)](pooled)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
@@ -1044,6 +1084,11 @@ class EATForSequenceClassification(EATPreTrainedModel):
         if missing:
             raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
                              "add heads with add_exit_heads() (and train them) or change exit_layers")
+        width = self.config.hidden_size * (4 if self.config.exit_pooling == "pair" else 1)
+        if any(head.dense.in_features != width for head in self.exit_heads.values()):
+            raise ValueError(f"exit_pooling {self.config.exit_pooling!r} reads {width} features, but this model's exit "
+                             "heads were built for another pooling ('pair' heads are 4 x hidden wide); keep the "
+                             "pooling the heads were trained with")
         encoded = self.bert(input_ids, attention_mask, token_type_ids, exit_head=self._head,
                             output_exit_logits=output_exit_logits, disable_exit=disable_exit, return_hidden=False)
         logits = encoded.exit_outputs
@@ -1059,9 +1104,7 @@ class EATForSequenceClassification(EATPreTrainedModel):
         for layer in self.config.exit_layer_list[:-1]:
             if str(layer) not in self.exit_heads:
                 head = EATExitHead(self.config).to(self.classifier.weight.device, self.classifier.weight.dtype)
-                with torch.no_grad():
-                    head.dense.load_state_dict(self.bert.pooler.dense.state_dict())
-                    head.classifier.load_state_dict(self.classifier.state_dict())
+                head.copy_final_head(self.bert.pooler.dense, self.classifier)
                 self.exit_heads[str(layer)] = head
 
 

@@ -69,7 +69,7 @@ class TrainConfig:
     # training too (SST-2, whose rows are parse-tree phrases and whose dev set is whole sentences)
     calibration_unit: str = "row"
     exit_layers: list[int] | str | None = "all"
-    exit_pooling: str = "cls"  # what the exit heads read: "cls" or "mean" (of the real tokens; sequence tasks)
+    exit_pooling: str = "cls"  # what the exit heads read: "cls", "mean" (of the real tokens) or "pair" (segment means)
     exit_loss_weights: str | list[float] = "depth"  # "depth" (proportional to layer), "uniform", or a list
     distill_weight: float = 1.0  # self-distillation of every exit from the final head (0 = off)
     distill_temperature: float = 2.0
@@ -562,7 +562,8 @@ def _frozen_features(model, encoded, make_batches, token_level: bool, device: st
                 labels.append(batch["labels"][keep])
             else:
                 key_mask = batch["attention_mask"].bool()
-                features.append(torch.stack([exit_head_input(captured[layer], model.config.exit_pooling, key_mask)
+                features.append(torch.stack([exit_head_input(captured[layer], model.config.exit_pooling, key_mask,
+                                                             segments=batch["token_type_ids"])
                                              for layer in exit_layers], dim=1))
                 teacher.append(output.logits)
                 labels.append(batch["labels"])
