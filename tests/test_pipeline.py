@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eat.pipeline import HEAD_STAGE, RunConfig, _train_variant, run_task, training_configs
+from eat.pipeline import HEAD_STAGE, PAIR_POOLING, RunConfig, _train_variant, run_task, training_configs
 
 
 def test_two_stage_recipe_fits_heads_on_the_frozen_static_run(tmp_path):
@@ -19,6 +19,9 @@ def test_two_stage_recipe_fits_heads_on_the_frozen_static_run(tmp_path):
     # all three hold out the same calibration slice; SST-2 holds out whole sentences (dev is whole sentences)
     assert {(c.calibration_unit, c.calibration_rows, c.seed) for c in configs.values()} == {("sentence", 500, 42)}
     assert training_configs(RunConfig("qqp", "demo"), tmp_path)["eat"].calibration_unit == "row"
+    # sentence pairs: the heads read each segment's mean and their comparison
+    assert {training_configs(RunConfig(task, "demo"), tmp_path)["eat"].exit_pooling for task in ("qqp", "mnli")} == {
+        PAIR_POOLING}
 
 
 def test_joint_recipe_trains_eat_from_the_backbone(tmp_path):

@@ -38,8 +38,10 @@ RUN_RECIPES = ("two-stage", "joint")
 # accuracy points the tuned point may lose against the static model (calibration split)
 RUN_MAX_DROP = {"smoke": 5.0, "demo": 0.5, "paper": 0.5}
 # the second stage of the two-stage recipe: exit heads that read the mean of the real tokens, fitted on features
-# of the frozen static model (an epoch is a few matrix products, so five of them cost about a minute)
+# of the frozen static model (an epoch is a few matrix products, so five of them cost about a minute); on sentence
+# pairs (QQP, MNLI) they read each segment's mean and their comparison instead (PAIR_POOLING; README, "pair heads")
 HEAD_STAGE = dict(exit_pooling="mean", freeze_backbone=True, epochs=5.0, learning_rate=1e-3)
+PAIR_POOLING = "pair"
 # per-task training settings of the main job (both recipes, all three models: they hold out the same slice)
 TASK_TRAINING = {"sst2": dict(calibration_unit="sentence")}
 # settings that may differ between a finished run and the one asked for without changing the model it produces
@@ -105,7 +107,9 @@ def training_configs(run: RunConfig, runs_dir: Path, train_overrides: dict[str, 
     ``train_overrides`` (e.g. epochs, train_limit) apply to the models fine-tuned from the backbone; the
     two-stage head fitting keeps its own epochs and learning rate."""
     base = {**TASK_TRAINING.get(run.task, {}), **(train_overrides or {})}
-    stage = {"eat": {**HEAD_STAGE, "init_from": str(runs_dir / run.task / "static")}} if run.recipe == "two-stage" else {}
+    pooling = PAIR_POOLING if len(task_spec(run.task).text_columns) == 2 else HEAD_STAGE["exit_pooling"]
+    stage = ({"eat": {**HEAD_STAGE, "exit_pooling": pooling, "init_from": str(runs_dir / run.task / "static")}}
+             if run.recipe == "two-stage" else {})
     return {variant: train_config_from_preset(run.preset, task=run.task, variant=variant,
                                               **{**base, **stage.get(variant, {})})
             for variant in ("static", "eat", "half")}
@@ -205,4 +209,4 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
 
 
 __all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "RUN_RECIPES", "HEAD_STAGE",
-           "BenchConfig"]
+           "PAIR_POOLING", "BenchConfig"]
