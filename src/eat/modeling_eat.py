@@ -586,8 +586,7 @@ class EATExitHead(nn.Module):
 
     def __init__(self, config: EATConfig):
         super().__init__()
-        width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
-        self.dense = nn.Linear(width, config.hidden_size)
+        self.dense = nn.Linear(exit_head_width(config), config.hidden_size)
         self.activation = nn.Tanh() if config.classifier_activation == "tanh" else nn.ReLU()
         self.dropout = nn.Dropout(_classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -611,6 +610,17 @@ class EATExitHead(nn.Module):
         self.dense.bias.copy_(pooler_dense.bias)
 
 
+def exit_head_width(config: EATConfig) -> int:
+    """How many features an exit head reads: hidden, or 4 x hidden for pair features."""
+    return config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
+
+
+def _token_weights(hidden, key_mask, sizes):
+    """(B, n) weight of every token in a mean: 1 for real tokens (key_mask; None = all real), times its size."""
+    weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
+    return weight * sizes.to(hidden.dtype) if sizes is not None else weight
+
+
 def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=None):
     """What an intermediate exit head reads. hidden (B, n, d) -> (B, d): the `[CLS]` vector ("cls"), or the mean
     over the real tokens ("mean"; key_mask (B, n) bool marks them, None = all real), each token weighted by its
@@ -625,9 +635,7 @@ def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=No
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "pair":
-        weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
-        if sizes is not None:
-            weight = weight * sizes.to(hidden.dtype)
+        weight = _token_weights(hidden, key_mask, sizes)
         second = segments.to(hidden.dtype) if segments is not None else torch.zeros_like(weight)
         weight_a, weight_b = weight * (1 - second), weight * second  # (B, n) each
         a = (hidden * weight_a[..., None]).sum(1) / weight_a.sum(1, keepdim=True).clamp_min(1e-6)  # (B, d)
@@ -636,9 +644,7 @@ def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=No
         return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
     if key_mask is None and sizes is None:
         return hidden.mean(1)
-    weight = key_mask.to(hidden.dtype) if key_mask is not None else hidden.new_ones(hidden.shape[:2])
-    if sizes is not None:
-        weight = weight * sizes.to(hidden.dtype)
+    weight = _token_weights(hidden, key_mask, sizes)
     return (hidden * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)  # (B, d)
 
 
@@ -1084,7 +1090,7 @@ class EATForSequenceClassification(EATPreTrainedModel):
         if missing:
             raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
                              "add heads with add_exit_heads() (and train them) or change exit_layers")
-        width = self.config.hidden_size * (4 if self.config.exit_pooling == "pair" else 1)
+        width = exit_head_width(self.config)
         if any(head.dense.in_features != width for head in self.exit_heads.values()):
             raise ValueError(f"exit_pooling {self.config.exit_pooling!r} reads {width} features, but this model's exit "
                              "heads were built for another pooling ('pair' heads are 4 x hidden wide); keep the "
