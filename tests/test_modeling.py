@@ -498,7 +498,8 @@ def test_mean_pooled_exit_heads_read_the_mean_of_the_real_tokens():
     model = tiny_model(seed=3, exit_layers="all", exit_pooling="mean")
     ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30))
     captured = {}
-    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: captured.__setitem__(1, out[0]))
+    for i in (0, 1):
+        model.bert.encoder.layer[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i + 1, out[0]))
     with torch.no_grad():
         out = model(ids, mask, output_exit_logits=True, disable_exit=True)
         real = mask.bool()[..., None]
@@ -518,7 +519,7 @@ def test_pair_exit_heads_read_both_segments_means_and_their_comparison():
     """exit_pooling "pair": [a, b, |a - b|, a * b] of the two segments' real-token means (padding excluded, merged
     tokens weighted by size; b = a for a row without a second segment), 4 x hidden wide; the heads start as the
     final head on the average of a and b; a model whose heads were built for another pooling is refused."""
-    from eat.modeling_eat import exit_head_input
+    from eat.modeling_eat import exit_head_input, pair_pooling_weights
 
     hidden = torch.arange(2 * 4 * 2, dtype=torch.float32).view(2, 4, 2)  # (B=2, n=4, d=2)
     key_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
@@ -530,13 +531,19 @@ def test_pair_exit_heads_read_both_segments_means_and_their_comparison():
     assert torch.allclose(pooled[0], torch.cat([a, b, (a - b).abs(), a * b]))
     alone = hidden[1, :2].mean(0)  # one segment: b = a, |a - b| = 0
     assert torch.allclose(pooled[1], torch.cat([alone, alone, torch.zeros(2), alone * alone]))
+    # the (B, 2, n) weights the model caches once per batch shape: each row a distribution over real tokens
+    weights = pair_pooling_weights(hidden, key_mask, sizes, segments)
+    assert weights.shape == (2, 2, 4)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 2)) and not weights[1, :, 2:].any()
+    assert torch.equal(exit_head_input(hidden, "pair", pair_weights=weights), pooled)
 
     model = tiny_model(seed=3, exit_layers="all", exit_pooling="pair")
     assert model.exit_heads["1"].dense.in_features == 4 * model.config.hidden_size
     ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30))
     types = ((torch.arange(ids.shape[1])[None, :] >= 5) & mask.bool()).long()
     captured = {}
-    model.bert.encoder.layer[0].register_forward_hook(lambda m, a, out: captured.__setitem__(1, out[0]))
+    for i in (0, 1):
+        model.bert.encoder.layer[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i + 1, out[0]))
     with torch.no_grad():
         model.init_exit_heads_from_final()
         out = model(ids, mask, types, output_exit_logits=True, disable_exit=True)
@@ -545,8 +552,12 @@ def test_pair_exit_heads_read_both_segments_means_and_their_comparison():
         a = (captured[1] * first).sum(1) / first.sum(1)
         b = (captured[1] * second).sum(1) / second.sum(1)
         expected = model.exit_heads["1"](torch.cat([a, b, (a - b).abs(), a * b], -1))
+        a2 = (captured[2] * first).sum(1) / first.sum(1)  # layer 2's head reuses the weights layer 1's head cached
+        b2 = (captured[2] * second).sum(1) / second.sum(1)
+        expected_2 = model.exit_heads["2"](torch.cat([a2, b2, (a2 - b2).abs(), a2 * b2], -1))
         as_final = model.classifier(model.bert.pooler((a + b) / 2))  # the start: the final head on (a + b) / 2
     assert torch.allclose(out.exit_logits[:, 0], expected, atol=1e-5)
+    assert torch.allclose(out.exit_logits[:, 1], expected_2, atol=1e-5)
     assert torch.allclose(out.exit_logits[:, 0], as_final, atol=1e-5)
     model.config.set_knobs(exit_pooling="mean")
     with pytest.raises(ValueError, match="another pooling"):

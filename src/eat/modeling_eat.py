@@ -621,7 +621,22 @@ def _token_weights(hidden, key_mask, sizes):
     return weight * sizes.to(hidden.dtype) if sizes is not None else weight
 
 
-def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=None):
+def pair_pooling_weights(hidden, key_mask=None, sizes=None, segments=None):
+    """(B, 2, n) weights whose product with hidden (B, n, d) gives each row's two segment means (B, 2, d): row 0
+    averages the first segment's real tokens, row 1 the second's (segments (B, n): token type ids, 0 or 1; None =
+    one segment); a row without a second segment averages the first again (``b = a``). Token weights as in a
+    mean (real tokens times their size). They depend only on the batch's bookkeeping, not on the layer, so the
+    model builds them once per batch shape and every pair head reuses them: one batched product per head instead of
+    a dozen small ops, which at batch 1 on a CPU cost more than the head's own matrix product."""
+    weight = _token_weights(hidden, key_mask, sizes)  # (B, n)
+    second = segments.to(hidden.dtype) if segments is not None else torch.zeros_like(weight)
+    both = torch.stack([weight * (1 - second), weight * second], dim=1)  # (B, 2, n)
+    total = both.sum(-1, keepdim=True)  # (B, 2, 1)
+    both = both / total.clamp_min(1e-6)
+    return torch.where(total[:, 1:] > 0, both, both[:, :1].expand_as(both))
+
+
+def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=None, pair_weights=None):
     """What an intermediate exit head reads. hidden (B, n, d) -> (B, d): the `[CLS]` vector ("cls"), or the mean
     over the real tokens ("mean"; key_mask (B, n) bool marks them, None = all real), each token weighted by its
     size (B, n) when tokens were merged, so a merged token counts for the tokens it stands for. Early layers'
@@ -631,16 +646,14 @@ def exit_head_input(hidden, pooling: str, key_mask=None, sizes=None, segments=No
     (segments (B, n): token type ids, 0 or 1; None = one segment), then ``|a - b|`` and ``a * b``, the features
     sentence-embedding models feed an NLI classifier (InferSent). After one or two layers the segments have
     exchanged little, so a head comparing their summaries reads more than one mean over both. A row without a
-    second segment uses ``b = a``."""
+    second segment uses ``b = a``. pair_weights: :func:`pair_pooling_weights` of these arguments, when the caller
+    has them already (then key_mask, sizes and segments are not read)."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "pair":
-        weight = _token_weights(hidden, key_mask, sizes)
-        second = segments.to(hidden.dtype) if segments is not None else torch.zeros_like(weight)
-        weight_a, weight_b = weight * (1 - second), weight * second  # (B, n) each
-        a = (hidden * weight_a[..., None]).sum(1) / weight_a.sum(1, keepdim=True).clamp_min(1e-6)  # (B, d)
-        total_b = weight_b.sum(1, keepdim=True)
-        b = torch.where(total_b > 0, (hidden * weight_b[..., None]).sum(1) / total_b.clamp_min(1e-6), a)
+        if pair_weights is None:
+            pair_weights = pair_pooling_weights(hidden, key_mask, sizes, segments)
+        a, b = torch.bmm(pair_weights, hidden).unbind(1)  # (B, d) each
         return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
     if key_mask is None and sizes is None:
         return hidden.mean(1)
@@ -715,6 +728,7 @@ class _TokenState:
     streak: torch.Tensor | None = None
     previous: torch.Tensor | None = None
     context: _AttentionContext | None = None
+    pair_weights: torch.Tensor | None = None  # (B, 2, n) pair heads' pooling weights, cached like `context`
 
     def select_rows(self, keep, hidden):
         """Keep rows where `keep` (B,) is True; trim padding columns nobody needs. Returns the new hidden."""
@@ -733,7 +747,7 @@ class _TokenState:
             self.segments = self.segments[index, :width]
         if self.streak is not None:
             self.streak, self.previous = self.streak[index], self.previous[index]
-        self.context = None
+        self.context = self.pair_weights = None
         return hidden[:, :width]
 
     def gather_tokens(self, hidden, index, valid, new_lengths):
@@ -746,7 +760,7 @@ class _TokenState:
             self.segments = self.segments.gather(1, index)
         self.lengths = new_lengths
         self.key_mask = None if bool(valid.all()) else valid
-        self.context = None
+        self.context = self.pair_weights = None
         return hidden
 
     def attention_context(self, config: EATConfig) -> _AttentionContext:
@@ -1080,7 +1094,10 @@ class EATForSequenceClassification(EATPreTrainedModel):
         vectors (as BERT's), an exit head what ``config.exit_pooling`` names (see :func:`exit_head_input`)."""
         if layer == self.config.num_hidden_layers:
             return self.classifier(self.dropout(self.bert.pooler(hidden[:, 0])))
-        pooled = exit_head_input(hidden, self.config.exit_pooling, state.key_mask, state.sizes, state.segments)
+        pooling = self.config.exit_pooling
+        if pooling == "pair" and state.pair_weights is None:  # once per batch shape, reused by every pair head
+            state.pair_weights = pair_pooling_weights(hidden, state.key_mask, state.sizes, state.segments)
+        pooled = exit_head_input(hidden, pooling, state.key_mask, state.sizes, state.segments, state.pair_weights)
         return self.exit_heads[str(layer)](pooled)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
@@ -1440,4 +1457,5 @@ __all__ = ["EATModel", "EATForSequenceClassification", "EATForTokenClassificatio
            "token_exit_decision", "token_exit_owner", "EATPreTrainedModel", "EATEncoderOutput",
            "EATSequenceClassifierOutput", "WorkCounters", "keep_layers", "half_depth_layers",
            "sliding_window_attention", "dense_attention", "bipartite_merge_plan", "compaction_index",
-           "exit_decision", "exit_head_input", "cls_attention_importance", "mean_attention_importance"]
+           "exit_decision", "exit_head_input", "pair_pooling_weights", "cls_attention_importance",
+           "mean_attention_importance"]
