@@ -1,0 +1,53 @@
+"""benchmarks/batch_order.py: the padding share it reports, and that both batch orders time the same rows."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from eat.configuration_eat import MECHANISMS_OFF
+from eat.data import EncodedDataset, batches
+
+from .conftest import tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_order.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("batch_order_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(lengths):
+    ids = [[101] + [3 + i] * (n - 2) + [102] for i, n in enumerate(lengths)]  # tiny vocabulary: ids < 120
+    return EncodedDataset(ids, [[0] * len(row) for row in ids], [i % 2 for i in range(len(ids))], 0, list(lengths))
+
+
+def test_padding_share_counts_pad_positions_in_each_order():
+    script = _script()
+    data = _rows([4, 20, 4, 20])  # arrival: (4, 20), (4, 20) -> 80 positions, 48 real; sorted: (4, 4), (20, 20)
+    assert script.padding_share(list(batches(data, 2, bucket=False))) == pytest.approx(1 - 48 / 80)
+    assert script.padding_share(list(batches(data, 2, bucket=True))) == 0.0
+
+
+def test_both_orders_are_timed_on_the_same_rows():
+    script = _script()
+    static = tiny_model(seed=0)
+    static.config.set_knobs(**MECHANISMS_OFF)
+    tuned = tiny_model(seed=0, exit_layers="all", exit_policy="confidence", exit_threshold=0.0)
+    data = _rows([5, 17, 9, 30, 6, 12])
+    result = script.compare_orders(static.eval(), tuned.eval(), data, 3, repeats=1)
+    assert set(result) == {"arrival", "bucketed"}
+    assert result["bucketed"]["padding"] < result["arrival"]["padding"]
+    for row in result.values():
+        assert row["static_rows_per_s"] > 0 and row["eat_rows_per_s"] > 0
+        assert row["speedup"] == pytest.approx(row["eat_rows_per_s"] / row["static_rows_per_s"])
+    batch = next(iter(batches(data, 6, bucket=False)))
+    with torch.no_grad():  # the tuned model really leaves at the first head on these rows
+        out = tuned(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert bool((out.exit_layer == 1).all())
