@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,14 @@ DATA_DIR = Path(os.environ.get("EAT_DATA_DIR", REPO.parent / "shared" / "data" /
 CONLL_DIR = DATA_DIR.parent / "conll2003"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package), fresh each call."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides) -> EATConfig:

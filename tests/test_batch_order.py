@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from eat.configuration_eat import MECHANISMS_OFF
 from eat.data import EncodedDataset, batches
 
-from .conftest import tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_order.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("batch_order_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import benchmark_script, tiny_model
 
 
 def _rows(lengths):
@@ -29,14 +17,14 @@ def _rows(lengths):
 
 
 def test_padding_share_counts_pad_positions_in_each_order():
-    script = _script()
+    script = benchmark_script("batch_order")
     data = _rows([4, 20, 4, 20])  # arrival: (4, 20), (4, 20) -> 80 positions, 48 real; sorted: (4, 4), (20, 20)
     assert script.padding_share(list(batches(data, 2, bucket=False))) == pytest.approx(1 - 48 / 80)
     assert script.padding_share(list(batches(data, 2, bucket=True))) == 0.0
 
 
 def test_both_orders_are_timed_on_the_same_rows():
-    script = _script()
+    script = benchmark_script("batch_order")
     static = tiny_model(seed=0)
     static.config.set_knobs(**MECHANISMS_OFF)
     tuned = tiny_model(seed=0, exit_layers="all", exit_policy="confidence", exit_threshold=0.0)

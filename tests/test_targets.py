@@ -3,7 +3,6 @@ compare rows measured with different thread counts."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from eat.report import ReportError
 from eat.results import ResultsLog
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
+from .conftest import benchmark_script
 
 
 def _row(point: str, role: str, accuracy: float, p50: float, rows_per_s: float, *, split: str = "validation",
@@ -26,9 +25,7 @@ def _row(point: str, role: str, accuracy: float, p50: float, rows_per_s: float, 
 
 def _targets(folder: Path, task: str, monkeypatch, capsys, *extra: str) -> str:
     """Run the script's main() in this process (as its command line would) and return what it printed."""
-    spec = importlib.util.spec_from_file_location("targets_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("targets")
     monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(folder), "--task", task, *extra])
     module.main()
     return capsys.readouterr().out
@@ -128,9 +125,7 @@ def test_gpu_target_eight(tmp_path, monkeypatch, capsys, device, tuned_ms, tuned
     log.append({**_row("static", "baseline", 89.0, 4.0, 300, task="sst2"), "device": device, "b1_p90_ms": 5.0})
     log.append({**_row("eat:tuned", "tuned", tuned_accuracy, tuned_ms, 500, task="sst2", exit_layer=2.5),
                 "device": device, "b1_p90_ms": 4.0})
-    spec = importlib.util.spec_from_file_location("targets_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("targets")
     monkeypatch.setattr(sys, "argv", ["targets.py", "--results", str(tmp_path), "--task", "sst2", "--t8"])
     module.main()
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("T8")][0]

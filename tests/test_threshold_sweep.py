@@ -3,20 +3,16 @@ three-class task's exits happen) and its refusal of thresholds outside (0, 1].""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "threshold_sweep.py"
+from .conftest import benchmark_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("threshold_sweep_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as a module."""
+    return benchmark_script("threshold_sweep")
 
 
 def test_binary_tasks_keep_the_fine_grid_near_one():
