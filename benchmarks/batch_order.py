@@ -74,7 +74,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.tuned.is_file():
         parser.error(f"--tuned {args.tuned}: no such file (write one with eat tune)")
-    knobs = json.loads(args.tuned.read_text())["knobs"]
+    try:
+        knobs = json.loads(args.tuned.read_text())["knobs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        parser.error(f"--tuned {args.tuned}: not a tuner output (a JSON object with 'knobs', as eat tune writes)")
     split = args.split or task_spec(args.task).eval_splits[0]
     tokenizer = AutoTokenizer.from_pretrained(model_folder(args.run))
     data = load_glue(args.task, split).subset(args.rows, seed=0)

@@ -1,6 +1,9 @@
-"""benchmarks/batch_order.py: the padding share it reports, and that both batch orders time the same rows."""
+"""benchmarks/batch_order.py: the padding share it reports, that both batch orders time the same rows, and its
+refusal of a --tuned file that is missing or is not a tuner output."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -39,3 +42,18 @@ def test_both_orders_are_timed_on_the_same_rows():
     with torch.no_grad():  # the tuned model really leaves at the first head on these rows
         out = tuned(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     assert bool((out.exit_layer == 1).all())
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"point": "eat:tuned"}'])
+def test_a_missing_or_foreign_tuned_file_is_refused(content, tmp_path, monkeypatch, capsys):
+    script = benchmark_script("batch_order")
+    tuned = tmp_path / "tuned_sst2.json"
+    if content is not None:
+        tuned.write_text(content)
+    monkeypatch.setattr(sys, "argv", ["batch_order.py", "--task", "sst2", "--run", "nowhere", "--static", "nowhere",
+                                      "--tuned", str(tuned)])
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2
+    expected = "no such file" if content is None else "not a tuner output"
+    assert expected in capsys.readouterr().err
