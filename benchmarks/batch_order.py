@@ -29,15 +29,8 @@ from _common import emit  # noqa: E402
 
 from eat.checkpoints import load_classifier, model_folder  # noqa: E402
 from eat.configuration_eat import MECHANISMS_OFF  # noqa: E402
-from eat.data import EncodedDataset, batches, encode, load_glue, task_spec  # noqa: E402
+from eat.data import EncodedDataset, batches, encode, load_glue, padding_share, task_spec  # noqa: E402
 from eat.timing import environment, interleaved_throughput  # noqa: E402
-
-
-def padding_share(batched: list[dict[str, torch.Tensor]]) -> float:
-    """Share of the token positions of ``batched`` (dicts with an ``attention_mask`` (B, n)) that are padding."""
-    real = sum(int(batch["attention_mask"].sum()) for batch in batched)
-    total = sum(batch["attention_mask"].numel() for batch in batched)
-    return 1.0 - real / total
 
 
 def compare_orders(static, tuned, encoded: EncodedDataset, batch_size: int, *, repeats: int = 3,

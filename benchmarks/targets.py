@@ -64,6 +64,15 @@ def judged_accuracy(reference: dict, row: dict) -> tuple[float, float, str]:
             f" on all {row['rows_all']} rows; {timed:+.2f} on the {row['rows']} timed rows")
 
 
+def sorted_batches_note(static: dict, point: dict) -> str:
+    """", X.XXx on length-sorted batches" when both rows carry the length-sorted throughput `eat bench` now also
+    times (the judged ratio stays the arrival-order one, as the issue's batch target was set), else ""."""
+    if not static.get("throughput_sorted_rows_per_s") or not point.get("throughput_sorted_rows_per_s"):
+        return ""
+    ratio = point["throughput_sorted_rows_per_s"] / static["throughput_sorted_rows_per_s"]
+    return f", {ratio:.2f}x on length-sorted batches"
+
+
 def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
     """Target 6 on QQP / MNLI: a tuned point (chosen on calibration) at least 1.6x faster than static with at most
     1.0 point lower accuracy (MNLI: each of matched and mismatched is its own split here). The issue does not name a
@@ -95,7 +104,8 @@ def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[st
         reference, accuracy, on = judged_accuracy(static, point)
         drop = reference - accuracy
         met = speed >= 1.6 and drop <= 1.0
-        lines.append(f"T6 {label} (chosen on calibration): {speed:.2f}x static, accuracy {accuracy:.2f} "
+        order = "" if lower_is_faster else " in arrival order" + sorted_batches_note(static, point)
+        lines.append(f"T6 {label} (chosen on calibration): {speed:.2f}x static{order}, accuracy {accuracy:.2f} "
                      f"({-drop:+.2f} points{on}) -> {'MET' if met else 'MISSED'} (needs >= 1.6x and <= 1.0 point "
                      "below)")
     return lines + [""]
@@ -232,7 +242,8 @@ def main() -> None:
                 drop = reference - accuracy
                 met = ratio >= 1.5 and drop <= 0.5
                 lines.append(f"T3 batch {size} throughput, {point['point']} ({label}, exits + pruning): "
-                             f"{ratio:.2f}x static at accuracy {accuracy:.2f} ({-drop:+.2f}{on}) -> "
+                             f"{ratio:.2f}x static in arrival order{sorted_batches_note(static, point)} at accuracy "
+                             f"{accuracy:.2f} ({-drop:+.2f}{on}) -> "
                              f"{'MET' if met else 'MISSED'} (needs >= 1.5x and <= 0.5 points below)")
             else:
                 lines.append(f"T3: {point['point']} ({label}) does not use both exits and pruning -> MISSED")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eat.configuration_eat import MECHANISMS_OFF
-from eat.data import EncodedDataset, batches
+from eat.data import EncodedDataset, batches, padding_share
 
 from .conftest import benchmark_script, tiny_model
 
@@ -20,10 +20,9 @@ def _rows(lengths):
 
 
 def test_padding_share_counts_pad_positions_in_each_order():
-    script = benchmark_script("batch_order")
     data = _rows([4, 20, 4, 20])  # arrival: (4, 20), (4, 20) -> 80 positions, 48 real; sorted: (4, 4), (20, 20)
-    assert script.padding_share(list(batches(data, 2, bucket=False))) == pytest.approx(1 - 48 / 80)
-    assert script.padding_share(list(batches(data, 2, bucket=True))) == 0.0
+    assert padding_share(list(batches(data, 2, bucket=False))) == pytest.approx(1 - 48 / 80)
+    assert padding_share(list(batches(data, 2, bucket=True))) == 0.0
 
 
 def test_both_orders_are_timed_on_the_same_rows():

@@ -119,6 +119,24 @@ def test_bench_reports_accuracy_on_all_rows_beside_the_timed_sample(tmp_path):
     assert {row["config_hash"] for row in rows}.isdisjoint(row["config_hash"] for row in sample_only)
 
 
+def test_bench_times_length_sorted_batches_beside_arrival_order(tmp_path):
+    """Every row carries throughput on the same rows in length-sorted batches and the padding share of both
+    orders (sorted pays less); with sorted_throughput off neither is measured."""
+    folder = tmp_path / "ckpt"
+    tiny_model().save_pretrained(folder)
+    encoded = _encoded(24, seed=5)
+    assert len(set(encoded.lengths)) > 1  # mixed lengths, so the two orders pad differently
+    points = ablation_points(str(folder), bench_config_from_preset("smoke"), tau=0.6)[:2]
+    bench = bench_config_from_preset("smoke", rows=None, batch_size=4)
+    rows = measure_points(points, encoded, bench, ResultsLog(tmp_path / "a"), dataset_source="fixture")
+    for row in rows:
+        assert row["throughput_sorted_rows_per_s"] > 0 and row["throughput_rows_per_s"] > 0
+        assert 0.0 <= row["padding_share_sorted"] < row["padding_share_arrival"]
+    off = bench_config_from_preset("smoke", rows=None, batch_size=4, sorted_throughput=False)
+    plain = measure_points(points, encoded, off, ResultsLog(tmp_path / "b"), dataset_source="fixture")
+    assert all("throughput_sorted_rows_per_s" not in row and "padding_share_arrival" not in row for row in plain)
+
+
 def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
     folder = tmp_path / "ckpt"
     tiny = tiny_model()
@@ -229,6 +247,24 @@ def test_report_takes_speedups_within_each_run(tmp_path):
     assert "| eat:tuned | tuned | tune-run | 90.00 | 8.00 |" in text and "| 2.50x | 100 | 2.00x |" in text  # 20 / 8
     assert "| eat:exit | ablation | bench-run | 89.80 | 4.00 |" in text and "| 2.50x | 220 | 2.20x |" in text
     assert "| eat:exit | ablation | lonely-run | 90.00 | 4.00 | 1.00 | 1.00 | - | 98 | - |" in text
+
+
+def test_report_shows_length_sorted_throughput_when_every_row_has_it(tmp_path):
+    """Rows with length-sorted throughput get two more columns (rows/s and speedup against the same run's static)
+    and a line naming both orders' padding; a log where some row lacks it keeps the old table."""
+    sorted_rates = {"static": 250.0, "half-depth": 480.0, "eat:exit": 400.0, "eat:none": 245.0}
+    log = ResultsLog(tmp_path / "both")
+    for row in _fixture_rows():
+        log.append({**row, "throughput_sorted_rows_per_s": sorted_rates[row["point"]], "padding_share_arrival": 0.5,
+                    "padding_share_sorted": 0.04})
+    text = build_report(tmp_path / "both").read_text()
+    assert "| rows/s (sorted) | speedup sorted |" in text
+    assert "| 220 | 2.20x | 400 | 1.60x |" in text  # eat:exit: 220 / 100 arrival, 400 / 250 sorted
+    assert "arrival order (padding share 50%)" in text and "(padding 4%)" in text
+    mixed = ResultsLog(tmp_path / "mixed")
+    for i, row in enumerate(_fixture_rows()):
+        mixed.append({**row, **({"throughput_sorted_rows_per_s": 1.0} if i else {})})
+    assert "rows/s (sorted)" not in build_report(tmp_path / "mixed").read_text()
 
 
 def test_report_refuses_to_compare_different_thread_counts(tmp_path):

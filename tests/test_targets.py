@@ -59,6 +59,16 @@ def test_pair_task_target_six_judges_the_batch_tuned_point_on_throughput(tmp_pat
     assert "(-0.70 points) -> MET" in lines[1]
 
 
+def test_batch_lines_show_the_length_sorted_ratio_when_measured(tmp_path, monkeypatch, capsys):
+    """Rows that carry length-sorted throughput get that ratio printed beside the judged arrival-order one; the
+    verdict stays on arrival order."""
+    log = ResultsLog(tmp_path)
+    log.append({**_row("static", "baseline", 85.0, 12.0, 100), "throughput_sorted_rows_per_s": 250.0})
+    log.append({**_row("eat:tuned-b32", "tuned", 84.3, 9.5, 170), "throughput_sorted_rows_per_s": 350.0})
+    line = [x for x in _targets(tmp_path, "qqp", monkeypatch, capsys).splitlines() if x.startswith("T6")][0]
+    assert "1.70x static in arrival order, 1.40x on length-sorted batches" in line and "-> MET" in line
+
+
 def test_targets_refuse_rows_measured_with_other_threads(tmp_path, monkeypatch, capsys):
     log = ResultsLog(tmp_path)
     log.append(_row("static", "baseline", 85.0, 12.0, 100, threads=2))

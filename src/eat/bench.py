@@ -25,7 +25,7 @@ import numpy as np
 
 from .checkpoints import load_classifier
 from .configuration_eat import MECHANISMS_OFF
-from .data import EncodedDataset, batches, collate, encode
+from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
@@ -56,6 +56,9 @@ class BenchConfig:
     batch_size: int = 32  # throughput batch size
     warmup: int = 10
     throughput_repeats: int = 2
+    # also time throughput on length-sorted batches: a server that buckets by length pays little padding, and an
+    # exiting model's batch speedup in arrival order is partly padding it trimmed (benchmarks/batch_order.py)
+    sorted_throughput: bool = True
     device: str = "cpu"
     threads: int | None = None
     prune_keep_ratio: float | list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.6])
@@ -205,7 +208,9 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
                    progress: Callable[[str, int, int], None] | None = None,
                    all_rows: EncodedDataset | None = None) -> list[dict[str, Any]]:
     """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
-    throughput at ``bench.batch_size``. Appends and returns the new rows.
+    throughput at ``bench.batch_size`` in arrival order (``throughput_rows_per_s``) and, with
+    ``bench.sorted_throughput``, on the same rows in length-sorted batches (``throughput_sorted_rows_per_s``, with
+    the padding share of both orders). Appends and returns the new rows.
 
     ``all_rows``: the whole split when ``encoded`` is a sample of it. Every point then also predicts all of it
     (untimed, length-bucketed batches) and its row gets ``accuracy_all_rows`` (``f1_all_rows``) and
@@ -254,6 +259,18 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     batch_calls = {name: batch_call_for(m, batch_predictions[name]) for name, m in models.items()}
     batch_timing = interleaved_throughput(batch_calls, batched, rows, device=bench.device,
                                           repeats=bench.throughput_repeats)
+    sorted_fields: dict[str, dict[str, float]] = {name: {} for name in models}
+    if bench.sorted_throughput:
+        # the same rows cut into length-sorted batches (predictions are not kept: the arrival-order ones are)
+        sorted_batched = [{k: v.to(bench.device) for k, v in b.items()}
+                          for b in batches(encoded, bench.batch_size, bucket=True, pad_id=pad_id)]
+        sorted_calls = {name: (lambda b, m=m: m(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+                        for name, m in models.items()}
+        sorted_timing = interleaved_throughput(sorted_calls, sorted_batched, rows, device=bench.device,
+                                               repeats=bench.throughput_repeats)
+        padding = {"padding_share_arrival": padding_share(batched),
+                   "padding_share_sorted": padding_share(sorted_batched)}
+        sorted_fields = {name: {"throughput_sorted_rows_per_s": sorted_timing[name][0], **padding} for name in models}
     whole_split = {} if all_rows is None else _all_rows_metrics(models, all_rows, bench, f1, pad_id, progress)
     new_rows = []
     for point, hash_ in todo:
@@ -269,7 +286,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
             **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
             "accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
             "accuracy_batched": batch_metrics["accuracy"],
-            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
+            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s, **sorted_fields[point.name],
             **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
             "mean_exit_layer": float(exit_layer[point.name].mean()),
             "exit_distribution": {int(k): int(v) for k, v in zip(*np.unique(exit_layer[point.name], return_counts=True))},

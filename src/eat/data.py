@@ -339,6 +339,14 @@ def batches(encoded: EncodedDataset, batch_size: int, *, shuffle: bool = False, 
         yield collate(encoded, chunk, pad_id)
 
 
+def padding_share(batched: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Share of the token positions of ``batched`` (dicts with an ``attention_mask`` (B, n)) that are padding: in
+    arrival order often half of them, length-sorted a few percent (a static model pays for every one)."""
+    real = sum(int(batch["attention_mask"].sum()) for batch in batched)
+    total = sum(batch["attention_mask"].numel() for batch in batched)
+    return 1.0 - real / total if total else 0.0
+
+
 def collate(encoded: EncodedDataset, rows: Sequence[int], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad the given rows to their longest: input_ids, attention_mask, token_type_ids, labels, index."""
     width = max(encoded.lengths[r] for r in rows)
@@ -411,4 +419,5 @@ def carve_sentence_calibration(dataset: TextDataset, sentences: int, seed: int =
 
 __all__ = ["DataError", "TaskSpec", "TASKS", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
            "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "batch_order", "collate",
+           "padding_share",
            "carve_calibration", "carve_sentence_calibration"]

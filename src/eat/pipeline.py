@@ -204,8 +204,15 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
         for row in [r for r in rows if r["point"] == name]:
             lines.append(f"{task} {row['split']} {name:<11} accuracy {row['accuracy']:.2f}%  batch-1 p50 "
                          f"{row['b1_p50_ms']:.2f} ms  {row['throughput_rows_per_s']:.0f} rows/s at batch "
-                         f"{row['batch_size_throughput']}  mean exit layer {row['mean_exit_layer']:.2f}")
+                         f"{row['batch_size_throughput']}{_sorted_rate(row)}  mean exit layer "
+                         f"{row['mean_exit_layer']:.2f}")
     return lines
+
+
+def _sorted_rate(row: dict) -> str:
+    """" (N sorted)": the row's throughput on length-sorted batches, when it was measured."""
+    rate = row.get("throughput_sorted_rows_per_s")
+    return "" if rate is None else f" ({rate:.0f} sorted)"
 
 
 __all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "RUN_RECIPES", "HEAD_STAGE",

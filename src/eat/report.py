@@ -183,26 +183,38 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     by_run = "run_id" in data.columns and data["run_id"].notna().all()
     several_runs = by_run and data["run_id"].nunique() > 1
     run_header, run_rule = ("run | ", "---|") if several_runs else ("", "")
+    # length-sorted throughput, when every row has it (rows measured before it existed do not)
+    has_sorted = "throughput_sorted_rows_per_s" in data.columns and data["throughput_sorted_rows_per_s"].notna().all()
+    sorted_header, sorted_rule = (" rows/s (sorted) | speedup sorted |", "---|---|") if has_sorted else ("", "")
     lines = [f"| point | role | {run_header}{metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | "
-             "rows/s (batch) | speedup batch | mean exit layer | token-layer fraction |",
-             f"|---|---|{run_rule}---|---|---|---|---|---|---|---|---|"]
+             f"rows/s (batch) | speedup batch |{sorted_header} mean exit layer | token-layer fraction |",
+             f"|---|---|{run_rule}---|---|---|---|---|---|---|{sorted_rule}---|---|"]
     order = data.sort_values("run_id", kind="stable") if several_runs else data
     for _, row in order.iterrows():
         if static is not None:
             check_comparable(static, row)
         reference = _run_reference(data, row["run_id"]) if by_run else static
         if reference is None:
-            speed1 = speedb = "-"
+            speed1 = speedb = speeds = "-"
         else:
             speed1 = f"{reference['b1_p50_ms'] / row['b1_p50_ms']:.2f}x"
             speedb = f"{row['throughput_rows_per_s'] / reference['throughput_rows_per_s']:.2f}x"
+            if has_sorted:
+                speeds = f"{row['throughput_sorted_rows_per_s'] / reference['throughput_sorted_rows_per_s']:.2f}x"
+        sorted_cells = f" {row['throughput_sorted_rows_per_s']:.0f} | {speeds} |" if has_sorted else ""
         f1 = f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
         accuracy = f"{row['accuracy']:.2f}{f1}"
         run = f"{row['run_id']} | " if several_runs else ""
         lines.append(f"| {row['point']} | {row['role']} | {run}{accuracy} | {row['b1_p50_ms']:.2f} | "
                      f"{row['b1_p90_ms']:.2f} | {row['b1_p99_ms']:.2f} | {speed1} | "
-                     f"{row['throughput_rows_per_s']:.0f} | {speedb} | {row['mean_exit_layer']:.2f} | "
+                     f"{row['throughput_rows_per_s']:.0f} | {speedb} |{sorted_cells} {row['mean_exit_layer']:.2f} | "
                      f"{row['token_layer_fraction']:.3f} |")
+    if has_sorted:
+        lines += ["", "Batch throughput is timed twice on the same rows: in arrival order (padding share "
+                  f"{100 * data['padding_share_arrival'].iloc[0]:.0f}%) and in length-sorted batches (padding "
+                  f"{100 * data['padding_share_sorted'].iloc[0]:.0f}%). An exiting model trims the padding of "
+                  "rows that left, so part of its arrival-order speedup is padding a length-sorting server never "
+                  "pays."]
     if several_runs:
         lines += ["", "Speedups are against the static (else eat:none) row of the same run; rows from different runs "
                   "were not timed side by side, so compare their latencies only loosely."]
