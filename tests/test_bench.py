@@ -267,6 +267,25 @@ def test_report_shows_length_sorted_throughput_when_every_row_has_it(tmp_path):
     assert "rows/s (sorted)" not in build_report(tmp_path / "mixed").read_text()
 
 
+def test_tuner_breaks_near_ties_in_timing_by_work():
+    """Finalists timed within TIMING_TIE of the fastest are a tie won by the least token-layer work; a clearly
+    faster finalist still wins even with more work. Both for throughput (higher is faster) and latency."""
+    from eat.bench import TIMING_TIE, fastest_within_noise
+
+    near = [{"name": "a", "calibration_rows_per_s": 79.0, "token_layer_fraction": 0.70},
+            {"name": "b", "calibration_rows_per_s": 76.3, "token_layer_fraction": 0.68},  # 3.4% slower, less work
+            {"name": "off", "calibration_rows_per_s": 48.5, "token_layer_fraction": 1.0}]
+    assert 0.034 < TIMING_TIE
+    assert fastest_within_noise(near, "calibration_rows_per_s", higher_is_faster=True)["name"] == "b"
+    far = [dict(near[0], calibration_rows_per_s=90.0), *near[1:]]
+    assert fastest_within_noise(far, "calibration_rows_per_s", higher_is_faster=True)["name"] == "a"
+    latency = [{"name": "a", "calibration_p50_ms": 19.75, "token_layer_fraction": 0.70},
+               {"name": "b", "calibration_p50_ms": 20.10, "token_layer_fraction": 0.68},
+               {"name": "c", "calibration_p50_ms": 25.0, "token_layer_fraction": 0.50}]
+    assert fastest_within_noise(latency, "calibration_p50_ms", higher_is_faster=False)["name"] == "b"
+    assert fastest_within_noise(latency, "calibration_p50_ms", higher_is_faster=False, tolerance=0.0)["name"] == "a"
+
+
 def test_report_refuses_to_compare_different_thread_counts(tmp_path):
     log = ResultsLog(tmp_path)
     rows = _fixture_rows()
