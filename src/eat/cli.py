@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -22,8 +23,11 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="EAT: input-adaptive BERT inference (token pruning, sparse attention, early exit) and the "
                        "pipeline that measures it.")
+# Written to a file or a pipe (a log of a long run), rich would squeeze tables into 80 columns and cut every name
+# short; such output gets room for the widest table instead (COLUMNS, when set, still decides).
+_LOG_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=_LOG_WIDTH)
 
 
 @app.callback()
