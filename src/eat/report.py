@@ -169,6 +169,12 @@ def _run_reference(data: pd.DataFrame, run_id) -> pd.Series | None:
     return None
 
 
+def _percent_range(shares: pd.Series) -> str:
+    """"48%", or "48-57%" when the rows (e.g. several runs on other samples) differ."""
+    low, high = round(100 * shares.min()), round(100 * shares.max())
+    return f"{low}%" if low == high else f"{low}-{high}%"
+
+
 def summary_table(frame: pd.DataFrame, task: str) -> str:
     """Markdown table: every point with accuracy, latency percentiles, throughput and speedups vs static.
 
@@ -211,8 +217,8 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
                      f"{row['token_layer_fraction']:.3f} |")
     if has_sorted:
         lines += ["", "Batch throughput is timed twice on the same rows: in arrival order (padding share "
-                  f"{100 * data['padding_share_arrival'].iloc[0]:.0f}%) and in length-sorted batches (padding "
-                  f"{100 * data['padding_share_sorted'].iloc[0]:.0f}%). An exiting model trims the padding of "
+                  f"{_percent_range(data['padding_share_arrival'])}) and in length-sorted batches (padding "
+                  f"{_percent_range(data['padding_share_sorted'])}). An exiting model trims the padding of "
                   "rows that left, so part of its arrival-order speedup is padding a length-sorting server never "
                   "pays."]
     if several_runs:
