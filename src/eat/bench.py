@@ -264,10 +264,8 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         # the same rows cut into length-sorted batches (predictions are not kept: the arrival-order ones are)
         sorted_batched = [{k: v.to(bench.device) for k, v in b.items()}
                           for b in batches(encoded, bench.batch_size, bucket=True, pad_id=pad_id)]
-        sorted_calls = {name: (lambda b, m=m: m(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-                        for name, m in models.items()}
-        sorted_timing = interleaved_throughput(sorted_calls, sorted_batched, rows, device=bench.device,
-                                               repeats=bench.throughput_repeats)
+        sorted_timing = interleaved_throughput({name: _batch_forward(m) for name, m in models.items()}, sorted_batched,
+                                               rows, device=bench.device, repeats=bench.throughput_repeats)
         padding = {"padding_share_arrival": padding_share(batched),
                    "padding_share_sorted": padding_share(sorted_batched)}
         sorted_fields = {name: {"throughput_sorted_rows_per_s": sorted_timing[name][0], **padding} for name in models}
@@ -663,6 +661,11 @@ def fastest_within_noise(candidates: list[dict[str, Any]], metric: str, *, highe
     return min(tied, key=lambda c: (c["token_layer_fraction"], -speed(c)))
 
 
+def _batch_forward(model) -> Callable[[dict[str, Any]], Any]:
+    """A timing call for ``model`` on one padded batch (a dict from :func:`batches`)."""
+    return lambda b: model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+
 def _first_rows(encoded: EncodedDataset, rows: int) -> EncodedDataset:
     """The first ``rows`` rows of ``encoded`` (all of it when shorter)."""
     return EncodedDataset(encoded.input_ids[:rows], encoded.token_type_ids[:rows], encoded.labels[:rows], 0,
@@ -675,8 +678,7 @@ def _time_throughput(models: dict[str, Any], timing_set: EncodedDataset, candida
     so drift favours nobody); stored as ``calibration_rows_per_s`` in each candidate."""
     batched = [{k: v.to(device) for k, v in b.items()}
                for b in batches(timing_set, batch_size, bucket=False, pad_id=pad_id)]
-    calls = {name: (lambda b, m=model: m(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-             for name, model in models.items()}
+    calls = {name: _batch_forward(model) for name, model in models.items()}
     timing = interleaved_throughput(calls, batched, len(timing_set), warmup=1, device=device, repeats=3)
     for i, cand in enumerate(candidates):
         cand["calibration_rows_per_s"] = timing[str(i)][0]
@@ -710,4 +712,5 @@ def save_json(path: Path, data: Any) -> None:
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
            "certified_prefix", "fastest_within_noise", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS",
-           "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode", "save_json", "LatencyStats"]
+           "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",
+           "save_json", "LatencyStats"]
