@@ -135,6 +135,19 @@ def test_tune_for_a_batch_size_writes_its_own_point(trained_tiny, tmp_path):
     assert {r["batch_size_throughput"] for r in rows} == {4}
 
 
+def test_both_tuners_keep_their_own_reference_rows(trained_tiny, tmp_path):
+    """The batch-1 and the batch-32 tuner both log an `eat:none` row timed beside their point; in one results folder
+    the second must not replace the first's (each speedup needs its own run's reference)."""
+    results = tmp_path / "r"
+    common = ("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100", "--rows", "8",
+              "--results", str(results))
+    assert _invoke(*common).exit_code == 0
+    assert _invoke(*common, "--batch-size", "32").exit_code == 0
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["point"] for r in rows) == ["eat:none", "eat:none", "eat:tuned", "eat:tuned-b32"]
+    assert len({r["run_id"] for r in rows if r["point"] == "eat:none"}) == 2
+
+
 def test_tune_certify_from_the_command_line(trained_tiny, tmp_path):
     """`--certify`: the choice carries its bound in the JSON and the output; without --max-drop it is refused."""
     results = tmp_path / "r"

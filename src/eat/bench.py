@@ -162,16 +162,17 @@ def sweep_points(eat_checkpoint: str, bench: BenchConfig) -> list[OperatingPoint
 
 
 def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, rows: int, env: dict,
-                all_rows: int | None = None) -> str:
+                all_rows: int | None = None, objective: str | None = None) -> str:
     checkpoint = Path(point.checkpoint)
     config_text = (checkpoint / "config.json").read_text() if (checkpoint / "config.json").is_file() else point.checkpoint
-    # all_rows only enters the hash when given, so rows measured without it keep their hashes
+    # all_rows and objective only enter the hash when given, so rows measured without them keep their hashes
     return config_hash({"checkpoint": str(checkpoint.resolve()) if checkpoint.exists() else point.checkpoint,
                         "checkpoint_config": config_text, "knobs": point.knobs, "task": bench.task,
                         "split": bench.split, "rows": rows, "source": dataset_source, "seed": bench.seed,
                         "max_length": bench.max_length, "batch_size": bench.batch_size, "device": env["device"],
                         "threads": env["threads"], "cpu": env["cpu"], "name": point.name,
-                        **({"all_rows": all_rows} if all_rows is not None else {})})
+                        **({"all_rows": all_rows} if all_rows is not None else {}),
+                        **({"objective": objective} if objective is not None else {})})
 
 
 def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:
@@ -180,11 +181,12 @@ def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassificati
 
 
 def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env: dict, log: ResultsLog,
-                force: bool, all_rows: int | None = None) -> list[tuple[OperatingPoint, str]]:
+                force: bool, all_rows: int | None = None,
+                objective: str | None = None) -> list[tuple[OperatingPoint, str]]:
     """(point, configuration hash) of the points to measure: none when every point is in the log already, else
     all of them. Ratios are only valid between points timed side by side in one interleaved run, so a table with
     one new point is measured again as a whole (the old rows are replaced, not duplicated)."""
-    hashes = [(point, _point_hash(point, bench, dataset_source, rows, env, all_rows)) for point in points]
+    hashes = [(point, _point_hash(point, bench, dataset_source, rows, env, all_rows, objective)) for point in points]
     if not force and all(log.has(hash_) for _, hash_ in hashes):
         return []
     return hashes
@@ -206,7 +208,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
                    dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
                    examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
                    progress: Callable[[str, int, int], None] | None = None,
-                   all_rows: EncodedDataset | None = None) -> list[dict[str, Any]]:
+                   all_rows: EncodedDataset | None = None, objective: str | None = None) -> list[dict[str, Any]]:
     """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
     throughput at ``bench.batch_size`` in arrival order (``throughput_rows_per_s``) and, with
     ``bench.sorted_throughput``, on the same rows in length-sorted batches (``throughput_sorted_rows_per_s``, with
@@ -214,11 +216,14 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
 
     ``all_rows``: the whole split when ``encoded`` is a sample of it. Every point then also predicts all of it
     (untimed, length-bucketed batches) and its row gets ``accuracy_all_rows`` (``f1_all_rows``) and
-    ``rows_all``: an accuracy drop on a few thousand timed rows can be a few tenths off the whole split's."""
+    ``rows_all``: an accuracy drop on a few thousand timed rows can be a few tenths off the whole split's.
+    ``objective``: what this table was measured for (e.g. ``"tune-b32"``, the batch-32 tuner's dev report). It
+    enters the configuration hash, so two tables that share a point name and settings (both tuners' ``eat:none``)
+    do not replace each other's rows in one results folder."""
     env = environment(bench.device)
     rows = len(encoded)
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force,
-                       None if all_rows is None else len(all_rows))
+                       None if all_rows is None else len(all_rows), objective)
     if not todo:
         return []
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from

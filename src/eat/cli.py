@@ -661,7 +661,7 @@ def tune_command(
         measured = measure_points(points, encode(data, tokenizer, train_config.max_length),
                               dataclasses.replace(config, split=split), ResultsLog(results),
                               dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
-                              pad_id=pad_id)
+                              pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}")
         by_name = {row["point"]: row for row in measured}
         off, tuned = by_name["eat:none"], by_name[name]
         out.print(f"{task} {split}: tuned accuracy {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; batch-1 p50 "
