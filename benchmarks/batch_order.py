@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit  # noqa: E402
 
+from eat.bench import batch_forward  # noqa: E402
 from eat.checkpoints import load_classifier, model_folder  # noqa: E402
 from eat.configuration_eat import MECHANISMS_OFF  # noqa: E402
 from eat.data import EncodedDataset, batches, encode, load_glue, padding_share, task_spec  # noqa: E402
@@ -40,8 +41,7 @@ def compare_orders(static, tuned, encoded: EncodedDataset, batch_size: int, *, r
     results = {}
     for order, bucket in (("arrival", False), ("bucketed", True)):
         batched = list(batches(encoded, batch_size, bucket=bucket, pad_id=pad_id))
-        calls = {name: (lambda b, m=model: m(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-                 for name, model in (("static", static), ("eat", tuned))}
+        calls = {"static": batch_forward(static), "eat": batch_forward(tuned)}
         timing = interleaved_throughput(calls, batched, len(encoded), repeats=repeats)
         static_rate, eat_rate = timing["static"][0], timing["eat"][0]
         results[order] = {"padding": padding_share(batched), "static_rows_per_s": static_rate,

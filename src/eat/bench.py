@@ -269,7 +269,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         # the same rows cut into length-sorted batches (predictions are not kept: the arrival-order ones are)
         sorted_batched = [{k: v.to(bench.device) for k, v in b.items()}
                           for b in batches(encoded, bench.batch_size, bucket=True, pad_id=pad_id)]
-        sorted_timing = interleaved_throughput({name: _batch_forward(m) for name, m in models.items()}, sorted_batched,
+        sorted_timing = interleaved_throughput({name: batch_forward(m) for name, m in models.items()}, sorted_batched,
                                                rows, device=bench.device, repeats=bench.throughput_repeats)
         padding = {"padding_share_arrival": padding_share(batched),
                    "padding_share_sorted": padding_share(sorted_batched)}
@@ -666,7 +666,7 @@ def fastest_within_noise(candidates: list[dict[str, Any]], metric: str, *, highe
     return min(tied, key=lambda c: (c["token_layer_fraction"], -speed(c)))
 
 
-def _batch_forward(model) -> Callable[[dict[str, Any]], Any]:
+def batch_forward(model) -> Callable[[dict[str, Any]], Any]:
     """A timing call for ``model`` on one padded batch (a dict from :func:`batches`)."""
     return lambda b: model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
 
@@ -683,7 +683,7 @@ def _time_throughput(models: dict[str, Any], timing_set: EncodedDataset, candida
     so drift favours nobody); stored as ``calibration_rows_per_s`` in each candidate."""
     batched = [{k: v.to(device) for k, v in b.items()}
                for b in batches(timing_set, batch_size, bucket=False, pad_id=pad_id)]
-    calls = {name: _batch_forward(model) for name, model in models.items()}
+    calls = {name: batch_forward(model) for name, model in models.items()}
     timing = interleaved_throughput(calls, batched, len(timing_set), warmup=1, device=device, repeats=3)
     for i, cand in enumerate(candidates):
         cand["calibration_rows_per_s"] = timing[str(i)][0]
@@ -718,4 +718,4 @@ __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "Operatin
            "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
            "certified_prefix", "fastest_within_noise", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS",
            "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",
-           "save_json", "LatencyStats"]
+           "save_json", "LatencyStats", "batch_forward"]
