@@ -121,6 +121,20 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
     assert all(r["rows_all"] == 872 and r["rows"] == 12 for r in rows if "accuracy_all_rows" in r)
 
 
+def test_bench_arrival_only_skips_the_length_sorted_pass(trained_tiny, tmp_path):
+    """--arrival-only: rows carry arrival-order throughput only, and the table has no sorted column."""
+    results = tmp_path / "arrival"
+    result = _invoke("bench", "--checkpoint", str(trained_tiny), "--task", "sst2", "--preset", "smoke", "--results",
+                     str(results), "--points", "ablation", "--rows", "8", "--arrival-only")
+    assert result.exit_code == 0, result.output
+    assert "rows/s sorted" not in result.output and "rows/s" in result.output
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(r["throughput_rows_per_s"] > 0 for r in rows)
+    assert not any("throughput_sorted_rows_per_s" in r or "padding_share_sorted" in r for r in rows)
+    saved = [json.loads(line) for line in (results / "bench_configs.jsonl").read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["bench"]["sorted_throughput"] is False and saved[0]["preset"] == "smoke"
+
+
 def test_tune_for_a_batch_size_writes_its_own_point(trained_tiny, tmp_path):
     results = tmp_path / "r"
     result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100",

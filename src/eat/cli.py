@@ -486,6 +486,10 @@ def bench(
     accuracy_all_rows: Annotated[bool, typer.Option(
         help="with --rows: also every point's accuracy on the whole split (untimed batched calls, as `eat eval`), "
              "logged as accuracy_all_rows; benchmarks/targets.py judges accuracy drops on it")] = False,
+    sorted_throughput: Annotated[bool, typer.Option(
+        "--sorted-throughput/--arrival-only",
+        help="also time batch throughput on length-sorted batches (a second throughput pass); --arrival-only "
+             "times arrival order alone")] = True,
 ) -> None:
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
@@ -497,7 +501,8 @@ def bench(
 
     _set_threads(threads)
     config = bench_config_from_preset(preset, task=task, rows=rows, batch_size=batch_size, device=device,
-                                      max_length=max_length, tau=tau, threads=torch.get_num_threads())
+                                      max_length=max_length, tau=tau, threads=torch.get_num_threads(),
+                                      sorted_throughput=sorted_throughput)
     model, tokenizer, _, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     baseline_dirs = {}
     for name, folder in (("static", static), ("half", half)):
@@ -519,6 +524,11 @@ def bench(
         raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 on "
                          "the sentences it timed)")
     log = ResultsLog(results)
+    # one line per `eat bench` call (a results folder collects several), so every row's settings stay on record
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "bench_configs.jsonl", "a", encoding="utf-8") as configs:
+        configs.write(json.dumps({"preset": preset, "points": sorted(wanted), "checkpoint": str(checkpoint),
+                                  "bench": dataclasses.asdict(config)}) + "\n")
     for split in ("validation",) if token_level else task_spec(task).eval_splits:
         if token_level:
             data = load_tagged(task, split).subset(config.rows, seed=config.seed)
