@@ -13,7 +13,7 @@ from eat.bench import ablation_points, bench_config_from_preset, measure_points,
 from eat.checkpoints import load_classifier
 from eat.data import EncodedDataset
 from eat.evaluation import predict_encoded
-from eat.report import ReportError, build_report, pareto_front
+from eat.report import ReportError, build_report, load_results, pareto_front, run_speedups
 from eat.results import ResultsError, ResultsLog
 from eat.timing import LatencyStats, interleaved_latency, interleaved_throughput, throughput
 
@@ -247,6 +247,12 @@ def test_report_takes_speedups_within_each_run(tmp_path):
     assert "| eat:tuned | tuned | tune-run | 90.00 | 8.00 |" in text and "| 2.50x | 100 | 2.00x |" in text  # 20 / 8
     assert "| eat:exit | ablation | bench-run | 89.80 | 4.00 |" in text and "| 2.50x | 220 | 2.20x |" in text
     assert "| eat:exit | ablation | lonely-run | 90.00 | 4.00 | 1.00 | 1.00 | - | 98 | - |" in text
+    # the frontier plot's axes come from the same per-run ratios (tuned: 20 / 8 ms, not the bench run's 10 / 8)
+    speeds = run_speedups(load_results(tmp_path)).set_index(["run_id", "point"])
+    assert speeds.loc[("tune-run", "eat:tuned"), "speedup_b1"] == pytest.approx(2.5)
+    assert speeds.loc[("tune-run", "eat:tuned"), "speedup_batch"] == pytest.approx(2.0)
+    assert speeds.loc[("bench-run", "eat:exit"), "speedup_b1"] == pytest.approx(2.5)
+    assert pd.isna(speeds.loc[("lonely-run", "eat:exit"), "speedup_b1"])
 
 
 def test_report_shows_length_sorted_throughput_when_every_row_has_it(tmp_path):

@@ -71,30 +71,77 @@ def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
     return match.iloc[-1] if len(match) else None
 
 
-def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
-    """Accuracy vs batch-1 median latency; Pareto points circled; static baselines as stars."""
-    data = frame[frame["series"] == task]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    front = pareto_front(data)
+def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
+    """``data`` with ``speedup_b1`` and ``speedup_batch`` columns: each row against the reference ("static", else
+    "eat:none") of its own ``run_id`` (rows without a run id: against the frame's static row). NaN where that run
+    has no reference. Ratios across runs are never formed: two runs can sit on a faster or slower spell of the
+    machine, so only a run's own static row tells what its latencies mean."""
+    data = data.copy()
+    by_run = "run_id" in data.columns and data["run_id"].notna().all()
+    fallback = _static_row(data, "static")
+    if fallback is None:
+        fallback = _static_row(data, "eat:none")
+    references = [(_run_reference(data, row["run_id"]) if by_run else fallback) for _, row in data.iterrows()]
+    data["speedup_b1"] = [ref["b1_p50_ms"] / row["b1_p50_ms"] if ref is not None else float("nan")
+                          for ref, (_, row) in zip(references, data.iterrows())]
+    data["speedup_batch"] = [row["throughput_rows_per_s"] / ref["throughput_rows_per_s"] if ref is not None
+                             else float("nan") for ref, (_, row) in zip(references, data.iterrows())]
+    if "throughput_sorted_rows_per_s" in data.columns:  # length-sorted batches (rows measured since a2fe6d9)
+        data["speedup_sorted"] = [row["throughput_sorted_rows_per_s"] / ref["throughput_sorted_rows_per_s"]
+                                  if ref is not None else float("nan")
+                                  for ref, (_, row) in zip(references, data.iterrows())]
+    return data
+
+
+def _frontier_panel(ax, data: pd.DataFrame, x: str, higher_is_better: bool, label: str) -> None:
+    """One accuracy-vs-cost scatter with the Pareto points circled and joined; x is a column of ``data``."""
+    cost = data.assign(_cost=-data[x] if higher_is_better else data[x])
+    front = pareto_front(cost, cost="_cost")
     colors = {"ablation": "tab:blue", "tau": "tab:orange", "keep": "tab:green", "window": "tab:purple",
               "tuned": "tab:red", "baseline": "black"}
     for role, group in data.groupby("role"):
         marker = "*" if role == "baseline" else "o"
-        ax.scatter(group["b1_p50_ms"], group["accuracy"], label=role, c=colors.get(role, "gray"), marker=marker,
+        ax.scatter(group[x], group["accuracy"], label=role, c=colors.get(role, "gray"), marker=marker,
                    s=140 if role == "baseline" else 40, zorder=3)
-    frontier = data[front].sort_values("b1_p50_ms")
-    ax.plot(frontier["b1_p50_ms"], frontier["accuracy"], "--", color="gray", zorder=2, label="Pareto frontier")
-    ax.scatter(frontier["b1_p50_ms"], frontier["accuracy"], facecolors="none", edgecolors="red", s=160, zorder=4)
+    frontier = data[front].sort_values(x)
+    ax.plot(frontier[x], frontier["accuracy"], "--", color="gray", zorder=2, label="Pareto frontier")
+    ax.scatter(frontier[x], frontier["accuracy"], facecolors="none", edgecolors="red", s=160, zorder=4)
     for _, row in data.iterrows():
         if row["role"] in ("baseline", "tuned") or front.loc[row.name]:
-            ax.annotate(row["point"], (row["b1_p50_ms"], row["accuracy"]), fontsize=7, xytext=(4, 4),
+            ax.annotate(row["point"], (row[x], row["accuracy"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
-    ax.set_xlabel("batch-1 median latency (ms)")
+    ax.set_xlabel(label)
     ax.set_ylabel(f"{metric_name(data)} (%)")
-    env = data.iloc[0]
-    ax.set_title(f"{task}: {metric_name(data)} vs latency ({env['device']}, {env['threads']} threads)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
+    """Accuracy against speed; Pareto points circled; static baselines as stars.
+
+    When every row has a reference in its own run, two panels: batch-1 speedup and batch throughput speedup,
+    each against that run's static row (rows of several runs, e.g. `eat tune`'s dev rows beside `eat bench`'s,
+    share the axes honestly); rows whose run has no reference are left out and counted in the title. When no
+    row has one, one panel of raw batch-1 median latency."""
+    everything = run_speedups(frame[frame["series"] == task])
+    env = everything.iloc[0]
+    data = everything[everything["speedup_b1"].notna() & everything["speedup_batch"].notna()]
+    if len(data):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        _frontier_panel(left, data, "speedup_b1", True, "batch-1 speedup over static (median latency, same run)")
+        batch = int(env["batch_size_throughput"]) if pd.notna(env.get("batch_size_throughput")) else "N"
+        _frontier_panel(right, data, "speedup_batch", True,
+                        f"batch-{batch} throughput speedup over static (arrival order, same run)")
+        left_out = len(everything) - len(data)
+        note = f"; {left_out} row(s) of runs without a static row not shown" if left_out else ""
+        fig.suptitle(f"{task}: {metric_name(data)} vs speedup ({env['device']}, {env['threads']} threads{note})",
+                     fontsize=10)
+    else:
+        data = everything
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        _frontier_panel(ax, data, "b1_p50_ms", False, "batch-1 median latency (ms)")
+        ax.set_title(f"{task}: {metric_name(data)} vs latency ({env['device']}, {env['threads']} threads)",
+                     fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -195,18 +242,14 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     lines = [f"| point | role | {run_header}{metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | "
              f"rows/s (batch) | speedup batch |{sorted_header} mean exit layer | token-layer fraction |",
              f"|---|---|{run_rule}---|---|---|---|---|---|---|{sorted_rule}---|---|"]
+    data = run_speedups(data)
     order = data.sort_values("run_id", kind="stable") if several_runs else data
     for _, row in order.iterrows():
         if static is not None:
             check_comparable(static, row)
-        reference = _run_reference(data, row["run_id"]) if by_run else static
-        if reference is None:
-            speed1 = speedb = speeds = "-"
-        else:
-            speed1 = f"{reference['b1_p50_ms'] / row['b1_p50_ms']:.2f}x"
-            speedb = f"{row['throughput_rows_per_s'] / reference['throughput_rows_per_s']:.2f}x"
-            if has_sorted:
-                speeds = f"{row['throughput_sorted_rows_per_s'] / reference['throughput_sorted_rows_per_s']:.2f}x"
+        speed1, speedb = (f"{row[c]:.2f}x" if pd.notna(row[c]) else "-" for c in ("speedup_b1", "speedup_batch"))
+        if has_sorted:
+            speeds = f"{row['speedup_sorted']:.2f}x" if pd.notna(row["speedup_sorted"]) else "-"
         sorted_cells = f" {row['throughput_sorted_rows_per_s']:.0f} | {speeds} |" if has_sorted else ""
         f1 = f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
         accuracy = f"{row['accuracy']:.2f}{f1}"
