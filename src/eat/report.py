@@ -81,15 +81,15 @@ def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
     fallback = _static_row(data, "static")
     if fallback is None:
         fallback = _static_row(data, "eat:none")
-    references = [(_run_reference(data, row["run_id"]) if by_run else fallback) for _, row in data.iterrows()]
-    data["speedup_b1"] = [ref["b1_p50_ms"] / row["b1_p50_ms"] if ref is not None else float("nan")
-                          for ref, (_, row) in zip(references, data.iterrows())]
-    data["speedup_batch"] = [row["throughput_rows_per_s"] / ref["throughput_rows_per_s"] if ref is not None
-                             else float("nan") for ref, (_, row) in zip(references, data.iterrows())]
-    if "throughput_sorted_rows_per_s" in data.columns:  # length-sorted batches (rows measured since a2fe6d9)
-        data["speedup_sorted"] = [row["throughput_sorted_rows_per_s"] / ref["throughput_sorted_rows_per_s"]
-                                  if ref is not None else float("nan")
-                                  for ref, (_, row) in zip(references, data.iterrows())]
+    timings = ["b1_p50_ms", "throughput_rows_per_s"] + [c for c in ("throughput_sorted_rows_per_s",) if c in data]
+    references = [_run_reference(data, run_id) if by_run else fallback for run_id in data.get("run_id", data.index)]
+    # (rows, timings): each row's reference timings, NaN where its run has none
+    reference = pd.DataFrame([{} if ref is None else {c: ref[c] for c in timings} for ref in references],
+                             index=data.index).reindex(columns=timings)
+    data["speedup_b1"] = reference["b1_p50_ms"] / data["b1_p50_ms"]
+    data["speedup_batch"] = data["throughput_rows_per_s"] / reference["throughput_rows_per_s"]
+    if "throughput_sorted_rows_per_s" in timings:  # length-sorted batches (rows measured since a2fe6d9)
+        data["speedup_sorted"] = data["throughput_sorted_rows_per_s"] / reference["throughput_sorted_rows_per_s"]
     return data
 
 
