@@ -71,6 +71,12 @@ def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
     return match.iloc[-1] if len(match) else None
 
 
+def _frame_reference(data: pd.DataFrame) -> pd.Series | None:
+    """The frame's own reference row, for rows without a run id: its "static" row, else its "eat:none" row."""
+    static = _static_row(data, "static")
+    return static if static is not None else _static_row(data, "eat:none")
+
+
 def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
     """``data`` with ``speedup_b1`` and ``speedup_batch`` columns: each row against the reference ("static", else
     "eat:none") of its own ``run_id`` (rows without a run id: against the frame's static row). NaN where that run
@@ -78,9 +84,7 @@ def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
     machine, so only a run's own static row tells what its latencies mean."""
     data = data.copy()
     by_run = "run_id" in data.columns and data["run_id"].notna().all()
-    fallback = _static_row(data, "static")
-    if fallback is None:
-        fallback = _static_row(data, "eat:none")
+    fallback = _frame_reference(data)
     timings = ["b1_p50_ms", "throughput_rows_per_s"] + [c for c in ("throughput_sorted_rows_per_s",) if c in data]
     references = [_run_reference(data, run_id) if by_run else fallback for run_id in data.get("run_id", data.index)]
     # (rows, timings): each row's reference timings, NaN where its run has none
@@ -208,12 +212,7 @@ def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
 
 def _run_reference(data: pd.DataFrame, run_id) -> pd.Series | None:
     """The row a run's speedups are taken against: its "static" row, else its "eat:none" row, else None."""
-    same_run = data[data["run_id"] == run_id]
-    for name in ("static", "eat:none"):
-        row = _static_row(same_run, name)
-        if row is not None:
-            return row
-    return None
+    return _frame_reference(data[data["run_id"] == run_id])
 
 
 def _percent_range(shares: pd.Series) -> str:
@@ -230,9 +229,7 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     point). A row whose run has neither shows "-". With more than one run in the table a "run" column says
     which is which. Every row must still have been measured like the reference (threads, device, data)."""
     data = frame[frame["series"] == task].copy()
-    static = _static_row(data, "static")
-    if static is None:
-        static = _static_row(data, "eat:none")
+    static = _frame_reference(data)
     by_run = "run_id" in data.columns and data["run_id"].notna().all()
     several_runs = by_run and data["run_id"].nunique() > 1
     run_header, run_rule = ("run | ", "---|") if several_runs else ("", "")
