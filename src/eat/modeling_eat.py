@@ -847,7 +847,7 @@ class EATModel(EATPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, exit_head=None,
                 output_exit_logits: bool = False, disable_exit: bool = False, return_hidden: bool = True,
-                **unused) -> EATEncoderOutput:
+                on_exit=None, **unused) -> EATEncoderOutput:
         """Run the adaptive encoder.
 
         input_ids, attention_mask, token_type_ids: (B, n), right-padded. exit_head: callable
@@ -856,6 +856,10 @@ class EATModel(EATPreTrainedModel):
         logits. disable_exit: evaluate heads but never leave early (the cache a threshold sweep reads). In training
         mode no sample exits early and every head is evaluated. return_hidden: collect each sample's hidden
         states where it stopped (needed by token tasks; skip it for speed when only the heads matter).
+        on_exit: optional callable ``(layer, rows (k,), logits (k, C))``, called the moment rows' outputs are final
+        (when they exit early, and for the rest at the last layer); ``rows`` index the input batch. A server uses it
+        to answer a row that left at layer 1 before the batch's slowest row is done. Observation only: it changes
+        nothing in the computation.
         """
         config = self.config
         B, n = input_ids.shape
@@ -901,6 +905,8 @@ class EATModel(EATPreTrainedModel):
                     exit_logits = exit_logits.index_put((state.rows, torch.full_like(state.rows, slot)), logits)
                 if last:
                     results = results.index_put((state.rows,), logits)
+                    if on_exit is not None:
+                        on_exit(layer_number, state.rows, logits)
                     break
                 if early_exit:
                     leave, state.streak, state.previous = exit_decision(
@@ -910,6 +916,8 @@ class EATModel(EATPreTrainedModel):
                         rows = state.rows[leave]
                         results = results.index_put((rows,), logits[leave])
                         exit_layer = exit_layer.index_put((rows,), torch.full_like(rows, layer_number))
+                        if on_exit is not None:
+                            on_exit(layer_number, rows, logits[leave])
                         if return_hidden:
                             finished_hidden.append(self._finished(hidden, state, leave))
                         if bool(leave.all()):
@@ -1101,8 +1109,9 @@ class EATForSequenceClassification(EATPreTrainedModel):
         return self.exit_heads[str(layer)](pooled)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
-                output_exit_logits: bool = False, disable_exit: bool = False, **unused):
-        """Classify a batch with per-sample early exit. input_ids etc.: (B, n). See `EATModel.forward`."""
+                output_exit_logits: bool = False, disable_exit: bool = False, on_exit=None, **unused):
+        """Classify a batch with per-sample early exit. input_ids etc.: (B, n). ``on_exit(layer, rows, logits)`` is
+        called as rows' final logits become known (see `EATModel.forward`)."""
         missing = [layer for layer in self.config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
         if missing:
             raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
@@ -1113,7 +1122,8 @@ class EATForSequenceClassification(EATPreTrainedModel):
                              "heads were built for another pooling ('pair' heads are 4 x hidden wide); keep the "
                              "pooling the heads were trained with")
         encoded = self.bert(input_ids, attention_mask, token_type_ids, exit_head=self._head,
-                            output_exit_logits=output_exit_logits, disable_exit=disable_exit, return_hidden=False)
+                            output_exit_logits=output_exit_logits, disable_exit=disable_exit, return_hidden=False,
+                            on_exit=on_exit)
         logits = encoded.exit_outputs
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return EATSequenceClassifierOutput(loss=loss, logits=logits, exit_layer=encoded.exit_layer,
