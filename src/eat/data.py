@@ -130,8 +130,12 @@ def load_glue(task: str, split: str, root: Path | None = None) -> TextDataset:
     path, note = resolve_glue_file(task, split, root)
     # Official GLUE files are used as published: MNLI's train has a row with an empty hypothesis, which is
     # dropped with a warning (a user's own table gets an error instead, so nothing is silently lost there).
-    dataset = load_table(path, spec.text_columns[0], spec.text_columns[1] if len(spec.text_columns) > 1 else None,
-                         "label", label_names=spec.label_names, drop_empty=True)
+    # GLUE TSV column names (sentence1, gold_label...) are renamed here, for the official files only: a user's
+    # own table keeps its column names (--text-column sentence1 must find sentence1)
+    frame = read_table(path, glue=True).rename(columns=_TSV_RENAMES)
+    dataset = _frame_to_dataset(frame, str(path), spec.text_columns[0],
+                                spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label",
+                                spec.label_names, drop_empty=True)
     dataset.note = note
     return dataset
 
@@ -153,9 +157,13 @@ def _load_glue_from_hub(spec: TaskSpec, split: str) -> TextDataset:
                              drop_empty=True)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read CSV, TSV, JSONL or parquet by extension. GLUE TSVs are read with quoting off (they contain `"`)."""
+def read_table(path: Path, glue: bool = False) -> pd.DataFrame:
+    """Read CSV, TSV, JSONL or parquet by extension. Official GLUE TSVs (``glue``) are read with quoting off (their
+    texts contain bare `"`); a user's CSV/TSV is read with standard quoting, so a quoted field holding a tab, a comma
+    or a newline (what pandas and spreadsheets write) stays one field of one row."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file (give a .csv, .tsv, .jsonl or .parquet file)")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -163,12 +171,12 @@ def read_table(path: Path) -> pd.DataFrame:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl", encoding="utf-8")
+            return pd.read_json(path, lines=suffix == ".jsonl", encoding="utf-8-sig")  # a BOM is no error
         if suffix in (".tsv", ".csv"):
             _check_utf8(path)
             if suffix == ".tsv":
-                return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8", keep_default_na=False,
-                                   dtype=str)
+                return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE if glue else csv.QUOTE_MINIMAL,
+                                   encoding="utf-8", keep_default_na=False, dtype=str)
             return pd.read_csv(path, encoding="utf-8", keep_default_na=False, dtype=str)
     except DataError:
         raise
@@ -194,7 +202,7 @@ def load_table(path: str | Path, text_column: str, text_pair_column: str | None,
     ``label_names`` they are inferred: sorted unique strings, or ``0..max`` for integers. Rows with an empty text
     raise :class:`DataError`, or with ``drop_empty`` are dropped with one warning naming the file and the rows.
     """
-    frame = read_table(Path(path)).rename(columns=_TSV_RENAMES)
+    frame = read_table(Path(path))  # the user's own column names, never GLUE's renames
     return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names, drop_empty)
 
 
@@ -245,37 +253,77 @@ def _texts(column: pd.Series, source: str, name: str) -> list[str]:
     return values.tolist()
 
 
+def _label_value(value) -> int | str | None:
+    """One raw label cell as an int (integers, integral floats, digit strings), a stripped string, or None for a
+    blank or null cell."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)  # a JSONL/parquet integer column that pandas read as float
+    text = str(value).strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _rows_text(rows: list[int]) -> str:
+    return f"{rows[:5]}" + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
 def _labels(column: pd.Series, source: str, name: str, label_names: Sequence[str] | None):
+    """Integer label ids for a label column, and the label names.
+
+    Every cell must hold a label: a blank or null cell is an error naming the rows (it would otherwise turn the
+    column into strings and shift every class). Labels are either all integers or all strings; a mix (``neg`` and
+    ``0``) is an error. Without ``label_names`` they are inferred: integers ``0..k-1`` are ids (names ``"0"``...),
+    other integers (``1, 2``) and strings are names, sorted. With ``label_names`` (an evaluation table, or a GLUE
+    task), integer labels are ids unless the names are themselves integers (a user's inferred names), in which case
+    they are matched by name; a label outside the names is an error naming it."""
     raw = column.tolist()
-    as_int = []
-    for value in raw:
-        try:
-            as_int.append(int(str(value).strip()))
-        except ValueError:
-            as_int = None
-            break
+    values = [_label_value(v) for v in raw]
+    blank = [row for row, v in enumerate(values) if v is None]
+    if blank:
+        raise DataError(f"{source}: column {name!r} has {len(blank)} blank or null label(s) at rows "
+                        f"{_rows_text(blank)} (row numbers count from 0, header excluded); every row needs a label")
+    ints = [row for row, v in enumerate(values) if isinstance(v, int)]
+    if ints and len(ints) < len(values):
+        texts = [row for row, v in enumerate(values) if not isinstance(v, int)]
+        raise DataError(f"{source}: column {name!r} mixes integer labels ({len(ints)} rows, e.g. row {ints[0]}: "
+                        f"{values[ints[0]]!r}) and text labels ({len(texts)} rows, e.g. row {texts[0]}: "
+                        f"{values[texts[0]]!r}); use one kind")
+    as_int = bool(ints)
     if label_names is None:
-        if as_int is not None:
-            label_names = [str(i) for i in range(max(as_int) + 1)]
+        unique = sorted(set(values))
+        if as_int and unique == list(range(len(unique))):
+            label_names = [str(i) for i in unique]
         else:
-            label_names = sorted({str(v).strip() for v in raw})
+            label_names = [str(v) for v in unique]
     names = tuple(str(n) for n in label_names)
     index = {n: i for i, n in enumerate(names)}
+    # integer labels are ids into the names, except when the names are integers themselves (then, by name)
+    by_name = not as_int or all(isinstance(_label_value(n), int) for n in names)
     labels, bad = [], []
-    for row, value in enumerate(raw):
-        if as_int is not None:
-            label = as_int[row]
-            ok = 0 <= label < len(names)
+    for row, value in enumerate(values):
+        if by_name:
+            label = index.get(str(value), -1)
         else:
-            label = index.get(str(value).strip(), -1)
-            ok = label >= 0
-        if not ok:
-            bad.append((row, value))
+            label = value if 0 <= value < len(names) else -1
+        if label < 0:
+            bad.append((row, raw[row]))
         labels.append(label)
     if bad:
+        unknown = sorted({str(_label_value(v)) for _, v in bad})
         examples = ", ".join(f"row {r}: {v!r}" for r, v in bad[:5])
         raise DataError(f"{source}: column {name!r} has {len(bad)} label(s) outside the task's labels "
-                        f"{list(names)} ({examples})")
+                        f"{list(names)}: {unknown[:10]} ({examples}); a label the model was not trained on cannot "
+                        "be scored")
     return labels, names
 
 
