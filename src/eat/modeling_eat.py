@@ -856,8 +856,9 @@ class EATModel(EATPreTrainedModel):
         logits. disable_exit: evaluate heads but never leave early (the cache a threshold sweep reads). In training
         mode no sample exits early and every head is evaluated. return_hidden: collect each sample's hidden
         states where it stopped (needed by token tasks; skip it for speed when only the heads matter).
-        on_exit: optional callable ``(layer, rows (k,), logits (k, C))``, called the moment rows' outputs are final
-        (when they exit early, and for the rest at the last layer); ``rows`` index the input batch. A server uses it
+        on_exit: optional callable ``(layer, rows (k,), logits (k, C), tokens (k,))``, called the moment rows'
+        outputs are final (when they exit early, and for the rest at the last layer); ``rows`` index the input batch,
+        ``tokens`` are the real tokens each row had in its last layer (after pruning). A server uses it
         to answer a row that left at layer 1 before the batch's slowest row is done. Observation only: it changes
         nothing in the computation.
         """
@@ -906,7 +907,7 @@ class EATModel(EATPreTrainedModel):
                 if last:
                     results = results.index_put((state.rows,), logits)
                     if on_exit is not None:
-                        on_exit(layer_number, state.rows, logits)
+                        on_exit(layer_number, state.rows, logits, state.lengths)
                     break
                 if early_exit:
                     leave, state.streak, state.previous = exit_decision(
@@ -917,7 +918,7 @@ class EATModel(EATPreTrainedModel):
                         results = results.index_put((rows,), logits[leave])
                         exit_layer = exit_layer.index_put((rows,), torch.full_like(rows, layer_number))
                         if on_exit is not None:
-                            on_exit(layer_number, rows, logits[leave])
+                            on_exit(layer_number, rows, logits[leave], state.lengths[leave])
                         if return_hidden:
                             finished_hidden.append(self._finished(hidden, state, leave))
                         if bool(leave.all()):
@@ -1110,8 +1111,8 @@ class EATForSequenceClassification(EATPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
                 output_exit_logits: bool = False, disable_exit: bool = False, on_exit=None, **unused):
-        """Classify a batch with per-sample early exit. input_ids etc.: (B, n). ``on_exit(layer, rows, logits)`` is
-        called as rows' final logits become known (see `EATModel.forward`)."""
+        """Classify a batch with per-sample early exit. input_ids etc.: (B, n). ``on_exit(layer, rows, logits, tokens)``
+        is called as rows' final logits become known (see `EATModel.forward`)."""
         missing = [layer for layer in self.config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
         if missing:
             raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
