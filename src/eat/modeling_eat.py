@@ -338,6 +338,14 @@ def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, pat
     - "entropy": prediction entropy in nats <= entropy_threshold;
     - "patience": the last `patience` heads agree (PABEE with patience t is `patience = t + 1`);
     - "agreement": both: the last `patience` heads agree and the max probability is >= tau.
+
+    Regression heads (logits (B, 1), one real value each) have rules of their own; tau is in the label's units:
+
+    - "delta": PABEE's regression rule: the last `patience` predictions each differ from the one before by
+      less than tau (state: streak (B,) and the previous prediction (B,));
+    - "spread": the last `patience` predictions all lie within a band narrower than tau (max - min < tau), so a
+      slow drift of small steps, which "delta" lets through, keeps a row running (state: streak (B,) heads seen
+      and previous (B, <= patience) the last predictions).
     """
     if policy == "confidence":
         return logits.softmax(-1).amax(-1) >= tau, streak, previous
@@ -355,6 +363,19 @@ def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, pat
         if policy == "agreement":
             leave = leave & (logits.softmax(-1).amax(-1) >= tau)
         return leave, streak, prediction
+    if policy in ("delta", "spread"):
+        value = logits[:, 0]  # (B,) the regression output
+        if policy == "delta":
+            if previous is None:
+                streak = torch.ones(value.shape, dtype=torch.long, device=value.device)
+            else:
+                streak = torch.where((value - previous).abs() < tau, streak + 1, torch.ones_like(streak))
+            return streak >= patience, streak, value
+        # (B, h) the last h <= patience predictions, this head's last
+        history = value[:, None] if previous is None else torch.cat([previous, value[:, None]], 1)[:, -patience:]
+        streak = torch.ones(value.shape, dtype=torch.long, device=value.device) if streak is None else streak + 1
+        leave = (streak >= patience) & (history.amax(1) - history.amin(1) < tau)
+        return leave, streak, history
     return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device), streak, previous
 
 
@@ -395,6 +416,14 @@ class EATEmbeddings(nn.Module):
 _FUSED_QKV_MAX_ROWS = 256  # B * n above which separate Q/K/V projections are faster on CPU (measured)
 
 
+def _linear(module: nn.Module, x):
+    """``module(x)`` for a linear layer, without the module call's overhead when it is a plain ``nn.Linear``; a
+    replaced linear (e.g. an int8 one from :mod:`eat.deploy.quantize`, whose ``weight`` is a method) is called."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
 class EATSelfAttention(nn.Module):
     """Q, K, V projections (names `query`, `key`, `value` as in BERT) and the attention kernel.
 
@@ -415,6 +444,9 @@ class EATSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
         self._fused = None  # (key, weight (3d, d), bias (3d,))
+        # A replacement d -> 3d projection (Q, K, V concatenated), used at every size when set: the int8 model of
+        # eat.deploy.quantize puts one quantized matmul here (a quantized linear has no weight tensor to fuse).
+        self.fused_qkv: nn.Module | None = None
 
     def _fused_weights(self):
         params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
@@ -429,7 +461,10 @@ class EATSelfAttention(nn.Module):
     def forward(self, hidden, ctx: "_AttentionContext"):
         """hidden: (B, n, d) -> context (B, n, d), q and k (B, H, n, dh) for importance scores, scores computed."""
         B, n, _ = hidden.shape
-        if B * n <= _FUSED_QKV_MAX_ROWS:
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv(hidden).view(B, n, 3, self.num_heads, self.head_size)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, dh), strided views
+        elif B * n <= _FUSED_QKV_MAX_ROWS:
             # few rows: reading the weights dominates, one fused matmul saves two calls
             weight, bias = self._fused_weights()
             qkv = F.linear(hidden, weight, bias).view(B, n, 3, self.num_heads, self.head_size)
@@ -525,7 +560,7 @@ class EATLayer(nn.Module):
         # Inference: the same function without dropout and without a module call per linear (at batch 1 on CPU
         # the per-call overhead of ~8 submodule calls per layer is a few percent of the layer).
         attn_out = self.attention.output
-        hidden = F.layer_norm(F.linear(context, attn_out.dense.weight, attn_out.dense.bias) + hidden,
+        hidden = F.layer_norm(_linear(attn_out.dense, context) + hidden,
                               attn_out.LayerNorm.normalized_shape, attn_out.LayerNorm.weight, attn_out.LayerNorm.bias,
                               attn_out.LayerNorm.eps)
         if not chunk or hidden.shape[1] <= chunk:
@@ -538,8 +573,8 @@ class EATLayer(nn.Module):
     def _feed_forward(self, hidden):
         """Inference feed-forward with its residual and LayerNorm: (B, m, d) -> (B, m, d)."""
         ffn_in, ffn_out = self.intermediate, self.output
-        inner = ffn_in.intermediate_act_fn(F.linear(hidden, ffn_in.dense.weight, ffn_in.dense.bias))
-        return F.layer_norm(F.linear(inner, ffn_out.dense.weight, ffn_out.dense.bias) + hidden,
+        inner = ffn_in.intermediate_act_fn(_linear(ffn_in.dense, hidden))
+        return F.layer_norm(_linear(ffn_out.dense, inner) + hidden,
                             ffn_out.LayerNorm.normalized_shape, ffn_out.LayerNorm.weight, ffn_out.LayerNorm.bias,
                             ffn_out.LayerNorm.eps)
 
@@ -550,8 +585,8 @@ class EATLayer(nn.Module):
         attention = self.attention.self
         B, m, _ = queries.shape
         heads, size = attention.num_heads, attention.head_size
-        q = F.linear(queries, attention.query.weight, attention.query.bias).view(B, m, heads, size).transpose(1, 2)
-        k, v = (F.linear(keys_values, proj.weight, proj.bias).view(B, -1, heads, size).transpose(1, 2)
+        q = _linear(attention.query, queries).view(B, m, heads, size).transpose(1, 2)
+        k, v = (_linear(proj, keys_values).view(B, -1, heads, size).transpose(1, 2)
                 for proj in (attention.key, attention.value))
         dropout_p = attention.dropout_p if self.training else 0.0
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, m, dh)
@@ -1126,7 +1161,10 @@ class EATForSequenceClassification(EATPreTrainedModel):
                             output_exit_logits=output_exit_logits, disable_exit=disable_exit, return_hidden=False,
                             on_exit=on_exit)
         logits = encoded.exit_outputs
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None:  # one output is a regression head (as Hugging Face's num_labels == 1): MSE
+            loss = (F.mse_loss(logits[:, 0], labels.to(logits.dtype)) if self.num_labels == 1
+                    else F.cross_entropy(logits, labels))
         return EATSequenceClassifierOutput(loss=loss, logits=logits, exit_layer=encoded.exit_layer,
                                            tokens_per_layer=encoded.tokens_per_layer,
                                            exit_logits=encoded.exit_logits, exit_layers=self.config.exit_layer_list,
