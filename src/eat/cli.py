@@ -410,12 +410,36 @@ def predict(
     knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE (repeatable)")] = None,
     max_length: Annotated[int, typer.Option()] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+    input_path: Annotated[Optional[Path], typer.Option(
+        "--input", help="large-file mode: a CSV/TSV/JSONL/parquet file or a folder of them, streamed in chunks")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        help="large-file mode: folder for the parquet shards, manifest.json and rejects.jsonl (resumes a job there)")] = None,
+    text_column: Annotated[str, typer.Option(help="large-file mode: the text column")] = "text",
+    text_pair_column: Annotated[Optional[str], typer.Option(help="large-file mode: second text of a pair")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="large-file mode: a column copied to the output as id")] = None,
+    tuned: Annotated[Optional[Path], typer.Option(help="knobs of a point eat tune chose (tuned_<task>.json)")] = None,
+    batch_size: Annotated[int, typer.Option(help="large-file mode: rows per model call (length-sorted)")] = 32,
+    chunk_rows: Annotated[int, typer.Option(help="large-file mode: input rows per chunk = per output shard")] = 10_000,
+    strict: Annotated[bool, typer.Option(help="large-file mode: stop on the first unreadable row")] = False,
+    precision: Annotated[str, typer.Option(help="large-file mode: fp32, bf16 or int8 (needs eat.deploy)")] = "fp32",
+    backend: Annotated[str, typer.Option(help="large-file mode: torch or onnxruntime (needs eat.deploy)")] = "torch",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads (per Ray actor with --ray)")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="large-file mode on Ray Data: 'local' (start a Ray on this machine), 'auto' or a cluster address")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="with --ray: model actors (default: one per CPU)")] = None,
 ) -> None:
     """Classify raw texts: label, confidence and exit layer for each. A token-task checkpoint (NER) tags every
-    whitespace-separated word instead: word/TAG@exit-layer."""
+    whitespace-separated word instead: word/TAG@exit-layer. With --input/--output: classify files of any size into
+    resumable parquet shards (see docs/scale-out.md)."""
     from .evaluation import predict_texts
 
-    knobs = knobs_from_options(knob, tau)
+    if input_path is not None or output is not None:
+        if input_path is None or output is None or text or file is not None:
+            raise ValueError("large-file mode needs both --input and --output (and no TEXT or --file)")
+        return _predict_files(checkpoint, input_path, output, knobs_from_options(knob, tau), tuned, text_column,
+                              text_pair_column, id_column, max_length, batch_size, chunk_rows, strict, precision,
+                              backend, threads, ray, actors)
+    knobs = knobs_from_options(knob, tau, tuned)
     from .modeling_eat import EATForTokenClassification
 
     model, tokenizer, _, _ = _load_checkpoint_for_task(checkpoint, None, knobs)
@@ -451,6 +475,35 @@ def predict(
             typer.echo(json.dumps(result))
         else:
             typer.echo(f"{result['label']}\t{result['confidence']:.3f}\texit {result['exit_layer']}\t{result['text']}")
+
+
+def _predict_files(checkpoint: Path, input_path: Path, output: Path, knobs: dict[str, Any], tuned: Path | None,
+                   text_column: str, text_pair_column: str | None, id_column: str | None, max_length: int,
+                   batch_size: int, chunk_rows: int, strict: bool, precision: str, backend: str,
+                   threads: int | None, ray: str | None, actors: int | None) -> None:
+    """`eat predict --input --output`: eat.bulk (or eat.bulk_ray) with a progress bar in rows/s."""
+    from .bulk import BulkConfig, predict_files
+
+    config = BulkConfig(str(checkpoint), text_column, text_pair_column, id_column, knobs,
+                        None if tuned is None else str(tuned), precision, backend, max_length, batch_size, chunk_rows,
+                        strict)
+    with _progress() as bar:
+        job = bar.add_task(f"predict {input_path.name}", total=None, info="")
+
+        def report(p: dict[str, Any]) -> None:
+            bar.update(job, total=p["rows_total"], completed=p["rows_done"],
+                       info=f"{p['rows_per_s']:.0f} rows/s, {p['shards']} shards")
+
+        if ray is not None:
+            from .bulk_ray import predict_files_ray
+
+            result = predict_files_ray(config, input_path, output, address=ray, actors=actors, threads=threads,
+                                       progress=report)
+        else:
+            result = predict_files(config, input_path, output, threads=threads, progress=report)
+    rejected = f", {result.rejected} rejected (see {Path(result.output) / 'rejects.jsonl'})" if result.rejected else ""
+    out.print(f"{result.rows} rows predicted{rejected} into {result.shards} shards in {result.output} "
+              f"({result.shards_written} written now, {result.rows_per_s:.0f} rows/s)")
 
 
 def _bench_progress(bar: Progress):
