@@ -1,0 +1,305 @@
+"""Export an EAT sequence classifier as ONNX segments, with a manifest.
+
+Early exit and pruning decide shapes at run time (rows leave the batch, tokens are gathered away), which one
+static graph cannot express per row. So the model is cut where EAT's logic runs: one graph for the embeddings,
+one per layer, one per exit head and one for the final pooler + classifier, each with dynamic batch (and length)
+axes. :mod:`eat.deploy.onnx_runtime` runs them with EAT's own exit, compaction and pruning code in between.
+
+Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C labels, w head input width):
+
+- ``embeddings``: input_ids (B, n) int64, token_type_ids (B, n) int64 -> hidden (B, n, d)
+- ``layer_<i>`` (1-based): hidden (B, n, d), key_bias (B, n) float (0 = real key, -inf = padding, log token
+  size after merging) -> hidden (B, n, d), q_cls (B, H, 1, dh) (the `[CLS]` query, for `cls_attention`
+  pruning), k (B, H, n, dh) (keys, for pruning and merging); Q, K and V are one fused matmul
+- ``exit_<i>``: pooled (B, w) -> logits (B, C) (the pooling itself runs between segments)
+- ``final``: cls (B, d) -> logits (B, C)
+
+``manifest.json`` records the segments per precision, the model config (knobs and labels included), the
+tokenizer files copied beside them, the library versions and a sha256 of every file; a file that does not match
+its checksum is refused when loading. ``--precision int8`` adds ONNX Runtime's dynamic int8 quantization
+(``onnxruntime.quantization.quantize_dynamic``, QInt8 weights) of every segment with matrix products (all but
+the embeddings) next to the fp32 files.
+
+Knobs the export cannot express (refused with :class:`ExportError`): ``attention_window`` (the blocked window
+kernel reads overlapping strided views) and ``prune_importance="mean_attention"`` (needs every query); token
+classification models run on the torch backend only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_eat import EATConfig
+from ..modeling_eat import EATForSequenceClassification
+
+MANIFEST = "manifest.json"
+FORMAT = "eat-onnx-segments/1"
+OPSET = 17
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+INSTALL_HINT = "pip install 'eat[onnx]'"
+
+
+class ExportError(ValueError):
+    """The model or its knobs cannot be exported, or an export folder is damaged. The message says which."""
+
+
+def require_onnxruntime():
+    """The ``onnxruntime`` module, or an :class:`ExportError` with the install hint."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(f"onnxruntime is not installed; install it with: {INSTALL_HINT}") from error
+    return onnxruntime
+
+
+def check_exportable(config: EATConfig, where: str = "this model") -> None:
+    """:class:`ExportError` when a knob of ``config`` has no form in the ONNX segments."""
+    if config.attention_window is not None:
+        raise ExportError(f"{where}: attention_window={config.attention_window} cannot be expressed by the ONNX "
+                          "export (the blocked window kernel reads overlapping strided views); set "
+                          "attention_window=None or use backend torch")
+    if config.prune_importance == "mean_attention" and min(config.keep_schedule) < 1.0:
+        raise ExportError(f"{where}: prune_importance='mean_attention' needs every query of a layer; the ONNX "
+                          "segments return only the [CLS] query (use cls_attention or norm, or backend torch)")
+
+
+# ------------------------------------------------------------------------------------------- segment modules
+
+
+class EmbeddingSegment(nn.Module):
+    """Embeddings as :class:`~eat.modeling_eat.EATEmbeddings` computes them at inference (no dropout)."""
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids, token_type_ids):
+        """(B, n), (B, n) int64 -> (B, n, d)."""
+        emb = self.embeddings
+        n = input_ids.shape[1]
+        hidden = emb.word_embeddings(input_ids) + emb.position_embeddings.weight[:n]
+        if emb.token_type_embeddings is not None:
+            hidden = hidden + emb.token_type_embeddings(token_type_ids)
+        return emb.LayerNorm(hidden)
+
+
+class LayerSegment(nn.Module):
+    """One EAT layer with dense attention under an additive key bias (the same function as
+    ``EATLayer.forward`` with ``attention_window=None``), returning what pruning reads."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        attention = layer.attention.self
+        self.heads, self.head_size = attention.num_heads, attention.head_size
+        # one (3d, d) projection: exported as one initializer, so ORT runs one MatMul for Q, K and V
+        self.qkv = nn.Linear(attention.query.in_features, 3 * attention.query.out_features)
+        with torch.no_grad():
+            self.qkv.weight.copy_(torch.cat([attention.query.weight, attention.key.weight, attention.value.weight]))
+            self.qkv.bias.copy_(torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
+
+    def forward(self, hidden, key_bias):
+        """hidden (B, n, d), key_bias (B, n) -> hidden (B, n, d), q_cls (B, H, 1, dh), k (B, H, n, dh)."""
+        layer = self.layer
+        qkv = self.qkv(hidden).unflatten(-1, (3, self.heads, self.head_size))  # (B, n, 3, H, dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, dh)
+        scores = q @ k.transpose(-1, -2) * (self.head_size ** -0.5) + key_bias[:, None, None, :]  # (B, H, n, n)
+        context = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)  # (B, n, d)
+        out = layer.attention.output
+        hidden = out.LayerNorm(out.dense(context) + hidden)
+        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+        hidden = layer.output.LayerNorm(layer.output.dense(inner) + hidden)
+        return hidden, q[:, :, :1], k
+
+
+class FinalSegment(nn.Module):
+    """The last layer's head: pooler (dense + activation) on `[CLS]`, then the classifier."""
+
+    def __init__(self, model: EATForSequenceClassification):
+        super().__init__()
+        self.pooler, self.classifier = model.bert.pooler, model.classifier
+
+    def forward(self, cls):
+        """(B, d) -> (B, C)."""
+        return self.classifier(self.pooler(cls))
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            axes: dict[str, dict[int, str]]) -> None:
+    """One segment through the TorchScript-tracing exporter (fast, and dynamic axes by name)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; the parity tests check the graphs
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs, dynamic_axes=axes,
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantization of one segment (QInt8 weights, activations quantized per call)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" warning, once per segment, says nothing here
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def export_segments(model: EATForSequenceClassification, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
+                    tokenizer_dir: str | Path | None = None, source: str | None = None,
+                    force: bool = False) -> dict[str, Any]:
+    """Write ``model`` as ONNX segments plus ``manifest.json`` into ``out``; returns the manifest.
+
+    Exports from a deep copy (tracing must not touch the caller's model). precisions: "fp32" always, plus "int8"
+    for ONNX Runtime int8 segments. tokenizer_dir: a folder whose tokenizer files are copied into
+    ``out/tokenizer``. A non-empty ``out`` is refused unless ``force``.
+    """
+    if not isinstance(model, EATForSequenceClassification):
+        raise ExportError(f"{type(model).__name__}: only sequence classifiers export to ONNX segments; token "
+                          "classification models run on backend torch")
+    unknown = set(precisions) - {"fp32", "int8"}
+    if unknown:
+        raise ExportError(f"ONNX export precision {sorted(unknown)}: choose fp32 or int8")
+    check_exportable(model.config, source or "this model")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: folder exists and is not empty; choose another OUT or pass --force")
+    if "int8" in precisions:
+        require_onnxruntime()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fp32").mkdir(exist_ok=True)
+    eager = copy.deepcopy(model).float().eval()
+    config = eager.config
+    d, B, n = config.hidden_size, 2, 7
+    ids = torch.randint(3, min(config.vocab_size, 1000), (B, n))
+    types = torch.zeros(B, n, dtype=torch.long)
+    hidden = torch.randn(B, n, d)
+    bias = torch.zeros(B, n)
+    files: dict[str, dict[str, Any]] = {"fp32": {"layers": [], "exit_heads": {}}}
+    with torch.no_grad():
+        _export(EmbeddingSegment(eager.bert.embeddings), (ids, types), out / "fp32" / "embeddings.onnx",
+                ["input_ids", "token_type_ids"], ["hidden"],
+                {"input_ids": {0: "batch", 1: "length"}, "token_type_ids": {0: "batch", 1: "length"},
+                 "hidden": {0: "batch", 1: "length"}})
+        files["fp32"]["embeddings"] = "fp32/embeddings.onnx"
+        for number, layer in enumerate(eager.bert.encoder.layer, start=1):
+            name = f"fp32/layer_{number}.onnx"
+            _export(LayerSegment(layer), (hidden, bias), out / name, ["hidden", "key_bias"], ["hidden_out", "q_cls", "k"],
+                    {"hidden": {0: "batch", 1: "length"}, "key_bias": {0: "batch", 1: "length"},
+                     "hidden_out": {0: "batch", 1: "length"}, "q_cls": {0: "batch"}, "k": {0: "batch", 2: "length"}})
+            files["fp32"]["layers"].append(name)
+        for layer, head in sorted(eager.exit_heads.items(), key=lambda item: int(item[0])):
+            name = f"fp32/exit_{layer}.onnx"
+            _export(head, (torch.randn(B, head.dense.in_features),), out / name, ["pooled"], ["logits"],
+                    {"pooled": {0: "batch"}, "logits": {0: "batch"}})
+            files["fp32"]["exit_heads"][str(layer)] = name
+        _export(FinalSegment(eager), (torch.randn(B, d),), out / "fp32" / "final.onnx", ["cls"], ["logits"],
+                {"cls": {0: "batch"}, "logits": {0: "batch"}})
+        files["fp32"]["final"] = "fp32/final.onnx"
+    if "int8" in precisions:
+        (out / "int8").mkdir(exist_ok=True)
+        segments = files["fp32"]
+        int8 = {"embeddings": segments["embeddings"], "layers": [], "exit_heads": {}}  # lookups: stay fp32
+        for name in segments["layers"]:
+            _quantize_int8(out / name, out / name.replace("fp32/", "int8/"))
+            int8["layers"].append(name.replace("fp32/", "int8/"))
+        for layer, name in segments["exit_heads"].items():
+            _quantize_int8(out / name, out / name.replace("fp32/", "int8/"))
+            int8["exit_heads"][layer] = name.replace("fp32/", "int8/")
+        _quantize_int8(out / segments["final"], out / "int8" / "final.onnx")
+        int8["final"] = "int8/final.onnx"
+        files["int8"] = int8
+    tokenizer_files = []
+    if tokenizer_dir is not None:
+        for file_name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / file_name).is_file():
+                (out / "tokenizer").mkdir(exist_ok=True)
+                shutil.copy2(Path(tokenizer_dir) / file_name, out / "tokenizer" / file_name)
+                tokenizer_files.append(f"tokenizer/{file_name}")
+    manifest = {
+        "format": FORMAT, "source": source, "precisions": list(files), "segments": files,
+        "config": config.to_dict(), "knobs": config.knobs(),
+        "labels": {str(k): v for k, v in config.id2label.items()},
+        "tokenizer_files": tokenizer_files, "opset": OPSET, "versions": _versions(),
+        "sha256": {}}
+    every_file = sorted({str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST})
+    manifest["sha256"] = {name: sha256(out / name) for name in every_file}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    from .. import __version__ as eat_version
+
+    versions = {"eat": eat_version, "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover - export works without the runtime (int8 needs it)
+        pass
+    return versions
+
+
+def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of an export folder, after checking every listed file against its sha256 (``verify``).
+    Raises :class:`ExportError` naming the file that is missing or does not match."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{folder}: no {MANIFEST}; not a folder written by `eat export`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ExportError(f"{path}: not valid JSON ({error})") from None
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; export again")
+    if verify:
+        for name, digest in manifest.get("sha256", {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise ExportError(f"{file}: listed in {path} but missing; export again")
+            if sha256(file) != digest:
+                raise ExportError(f"{file}: does not match the checksum in {path} (changed or corrupt); export again")
+    return manifest
+
+
+def export_checkpoint(path: str | Path, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
+                      knobs: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+    """Load a run or model folder and export it (:func:`export_segments`); knobs are saved as its defaults."""
+    from ..checkpoints import load_classifier, model_folder
+
+    model_dir = model_folder(path)
+    model = load_classifier(str(model_dir), knobs=knobs or {})
+    return export_segments(model, out, precisions=precisions, tokenizer_dir=model_dir, source=str(path), force=force)
+
+
+__all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerSegment", "MANIFEST", "check_exportable",
+           "export_checkpoint", "export_segments", "read_manifest", "require_onnxruntime", "sha256"]
