@@ -96,6 +96,8 @@ class OperatingPoint:
     knobs: dict[str, Any] = field(default_factory=dict)
     role: str = "ablation"
     model_label: str = "eat"
+    backend: str = "torch"  # "torch" or "onnxruntime" (eat.deploy): a peer of the same point deployed otherwise
+    precision: str = "fp32"  # "fp32", "bf16" or "int8"
 
     def mechanisms(self) -> dict[str, bool]:
         """Which mechanisms this point switches on."""
@@ -172,11 +174,20 @@ def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, 
                         "max_length": bench.max_length, "batch_size": bench.batch_size, "device": env["device"],
                         "threads": env["threads"], "cpu": env["cpu"], "name": point.name,
                         **({"all_rows": all_rows} if all_rows is not None else {}),
-                        **({"objective": objective} if objective is not None else {})})
+                        **({"objective": objective} if objective is not None else {}),
+                        # peers only: rows of eager fp32 points keep their hashes
+                        **({"backend": point.backend, "precision": point.precision}
+                           if (point.backend, point.precision) != ("torch", "fp32") else {})})
 
 
 def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:
-    """The model of an operating point, knobs applied, in eval mode on ``device``."""
+    """The model of an operating point, knobs applied, in eval mode on ``device``; a point on another backend or
+    precision (a peer) through :func:`eat.deploy.load_for_inference` (called the same way)."""
+    if (point.backend, point.precision) != ("torch", "fp32"):
+        from .deploy import load_for_inference
+
+        return load_for_inference(point.checkpoint, knobs=point.knobs, precision=point.precision,
+                                  backend=point.backend).to(device)
     return load_classifier(point.checkpoint, knobs=point.knobs).to(device).eval()
 
 
@@ -197,6 +208,7 @@ def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int
     """What a results row says about what was measured and where (everything but the measurements)."""
     return {"run_id": run_id, "task": bench.task, "split": bench.split, "point": point.name, "role": point.role,
             "model": point.model_label, "checkpoint": point.checkpoint, "layers": model.config.num_hidden_layers,
+            "backend": point.backend, "precision": point.precision,
             **{f"mech_{k}": v for k, v in point.mechanisms().items()},
             "knobs": model.config.knobs(),
             "tau": point.knobs.get("exit_threshold") if point.mechanisms()["exit"] else None,
