@@ -5,6 +5,7 @@ The command-line side of the same cases is walked in ``tests/test_bad_input.py``
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -73,3 +74,89 @@ def test_bom_and_directory(tmp_path):
     assert load_table(table, "text", None, "label").label_names == ("x",)
     with pytest.raises(DataError, match="is a directory, not a data file"):
         load_table(tmp_path, "text", None, "label")
+
+
+# ------------------------------------------------------------------------------------------------- results folder
+
+
+def _append_many(folder: str, writer: int, count: int) -> int:
+    from eat.results import ResultsLog
+
+    log = ResultsLog(folder)
+    for i in range(count):
+        log.append({"config_hash": f"w{writer}-{i}", "writer": writer, "i": i})
+    return count
+
+
+def test_two_processes_appending_to_one_results_log_lose_nothing(tmp_path):
+    import multiprocessing
+
+    from eat.results import ResultsLog
+
+    # two processes, as two eat commands would be (fork: no second interpreter start-up; the writers only do file I/O)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with context.Pool(2) as pool:
+        done = pool.starmap(_append_many, [(str(tmp_path), 0, 100), (str(tmp_path), 1, 100)])
+    assert done == [100, 100]  # no exception in either writer
+    rows = ResultsLog(tmp_path).rows()
+    assert len(rows) == 200 and len({row["config_hash"] for row in rows}) == 200
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 200
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_one_atomic_writer_with_unique_temp_names(tmp_path, monkeypatch):
+    import eat.results as results
+    from eat.bench import save_json
+
+    names = []
+    original = results.os.replace
+
+    def record(src, dst):
+        names.append(Path(src).name)
+        return original(src, dst)
+
+    monkeypatch.setattr(results.os, "replace", record)
+    save_json(tmp_path / "a.json", {"x": 1})
+    save_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert len(set(names)) == 2 and all(name != "a.json.tmp" for name in names)  # never one fixed temp name
+
+
+def _tiny_table(tmp_path):
+    from eat.bench import ablation_points, bench_config_from_preset
+
+    from .conftest import tiny_model
+    from .test_bench import _encoded
+
+    folder = tmp_path / "ckpt"
+    tiny_model().save_pretrained(folder)
+    bench = bench_config_from_preset("smoke", rows=None, batch_size=8, sorted_throughput=False)
+    return ablation_points(str(folder), bench)[:3], _encoded(8), bench
+
+
+def test_force_remeasure_killed_midway_keeps_the_old_table_whole(tmp_path, monkeypatch):
+    from eat.bench import measure_points
+    from eat.results import ResultsLog
+
+    points, encoded, bench = _tiny_table(tmp_path)
+    log = ResultsLog(tmp_path / "results")
+    first = measure_points(points, encoded, bench, log, dataset_source="fixture", examples_dir=tmp_path / "examples")
+    before = log.jsonl.read_text()
+
+    def killed(self, rows, replace=False):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ResultsLog, "append_rows", killed)
+        with pytest.raises(KeyboardInterrupt):
+            measure_points(points, encoded, bench, log, dataset_source="fixture", force=True,
+                           examples_dir=tmp_path / "examples")
+    assert log.jsonl.read_text() == before  # the old table, whole, one run
+    for row in first:  # and its rows' example files are still their own
+        assert (tmp_path / row["examples_file"]).is_file()
+    # a table of rows from two runs (one point re-measured alone) is not complete: the next run measures it all
+    measure_points(points[:1], encoded, bench, log, dataset_source="fixture", force=True)
+    assert len({row["run_id"] for row in log.rows()}) == 2
+    again = measure_points(points, encoded, bench, log, dataset_source="fixture")
+    assert len(again) == 3 and len({row["run_id"] for row in log.rows()}) == 1 and len(log.rows()) == 3
+    assert measure_points(points, encoded, bench, log, dataset_source="fixture") == []

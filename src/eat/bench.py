@@ -29,7 +29,7 @@ from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
-from .results import ResultsLog, atomic_write_text, config_hash
+from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash
 from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
 from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
@@ -198,9 +198,17 @@ def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env:
     all of them. Ratios are only valid between points timed side by side in one interleaved run, so a table with
     one new point is measured again as a whole (the old rows are replaced, not duplicated)."""
     hashes = [(point, _point_hash(point, bench, dataset_source, rows, env, all_rows, objective)) for point in points]
-    if not force and all(log.has(hash_) for _, hash_ in hashes):
+    if not force and _complete_table(log, [hash_ for _, hash_ in hashes]):
         return []
     return hashes
+
+
+def _complete_table(log: ResultsLog, hashes: Sequence[str]) -> bool:
+    """Whether every point of a table is logged and all of them come from one interleaved run (one ``run_id``).
+    A table whose rows come from several runs (a ``--force`` re-measure of some of its points, or another command's
+    re-measure of a shared point) is not comparable as ratios, so it counts as unmeasured."""
+    logged = {row["config_hash"]: row.get("run_id") for row in log.rows()}
+    return all(hash_ in logged for hash_ in hashes) and len({logged[hash_] for hash_ in hashes}) <= 1
 
 
 def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int, dataset_source: str,
@@ -312,12 +320,13 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
             **whole_split.get(point.name, {}),
         }
-        if examples_dir is not None:
-            _write_examples(examples_dir / f"{hash_}.csv", lengths, exit_layer[point.name], tokens[point.name],
-                            predictions == labels)
-            row["examples_file"] = f"examples/{hash_}.csv"
-        log.append(row, replace=True)
+        if examples_dir is not None:  # named by run too: the old table's rows keep their own files until replaced
+            _write_examples(examples_dir / f"{hash_}-{run_id}.csv", lengths, exit_layer[point.name],
+                            tokens[point.name], predictions == labels)
+            row["examples_file"] = f"examples/{hash_}-{run_id}.csv"
         new_rows.append(row)
+    # the whole table in one atomic append: a run killed before it leaves the old table whole, never a mix
+    log.append_rows(new_rows, replace=True)
     return new_rows
 
 
@@ -413,8 +422,8 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
             "work": dataclasses.asdict(work[point.name]),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
         }
-        log.append(row, replace=True)
         new_rows.append(row)
+    log.append_rows(new_rows, replace=True)  # one atomic append for the table (see measure_points)
     return new_rows
 
 
@@ -722,8 +731,8 @@ def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_json(path: Path, data: Any) -> None:
-    """Write JSON atomically."""
-    atomic_write_text(path, json.dumps(data, indent=2, default=str))
+    """Write JSON atomically (:func:`eat.results.atomic_write_json`)."""
+    atomic_write_json(path, data)
 
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",

@@ -1,8 +1,11 @@
 """Results on disk: CSV and JSONL logs that are appended atomically and never truncated.
 
 Each append rewrites the file to a temporary name and swaps it in with ``os.replace``, so a crash leaves either the
-old file or the new one, never half a row. A file that cannot be read is never written over: the caller gets a
-:class:`ResultsError` naming it. Rows are keyed by ``config_hash`` so reruns skip configurations already measured.
+old file or the new one, never half a row. Appends from several processes (``eat bench`` and ``eat tune`` on one
+results folder) are serialised by a lock file beside the log (``<stem>.lock``, :mod:`filelock`), so no row is lost;
+readers need no lock, since the file they open is always a whole one. A file that cannot be read is never written
+over: the caller gets a :class:`ResultsError` naming it. Rows are keyed by ``config_hash`` so reruns skip
+configurations already measured.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ import hashlib
 import io
 import json
 import os
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 
 class ResultsError(RuntimeError):
@@ -21,15 +28,27 @@ class ResultsError(RuntimeError):
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``text`` to ``path`` atomically: a uniquely named temporary file in the same folder (so two writers
+    never share one), flushed and fsynced, then ``os.replace``. Readers see the old file or the new one, whole; a
+    crash leaves no temporary file behind (it is removed on any error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", newline="", dir=path.parent,
+                                         prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON with :func:`atomic_write_text` (values JSON cannot hold become strings)."""
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -48,6 +67,11 @@ class ResultsLog:
         self.folder = Path(folder)
         self.jsonl = self.folder / f"{stem}.jsonl"
         self.csv = self.folder / f"{stem}.csv"
+        self.lock_file = self.folder / f"{stem}.lock"
+
+    def _lock(self) -> FileLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.lock_file))
 
     def rows(self) -> list[dict[str, Any]]:
         """Every row; raises :class:`ResultsError` for a corrupt file (naming the file and line)."""
@@ -74,14 +98,22 @@ class ResultsLog:
 
     def append(self, row: dict[str, Any], *, replace: bool = False) -> None:
         """Add a row (with ``replace``, first drop rows of the same ``config_hash``: an explicit re-measurement)."""
-        if "config_hash" not in row:
+        self.append_rows([row], replace=replace)
+
+    def append_rows(self, new_rows: Sequence[dict[str, Any]], *, replace: bool = False) -> None:
+        """Add several rows in one atomic write (a table measured side by side lands whole or not at all); with
+        ``replace``, rows of the same ``config_hash`` are dropped first. Holds the log's lock while it reads and
+        rewrites, so concurrent appends from other processes are all kept."""
+        if any("config_hash" not in row for row in new_rows):
             raise ValueError("a result row needs a config_hash")
-        rows = self.rows()
-        if replace:
-            rows = [r for r in rows if r["config_hash"] != row["config_hash"]]
-        rows.append(row)
-        atomic_write_text(self.jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
-        atomic_write_text(self.csv, _to_csv(rows))
+        with self._lock():
+            rows = self.rows()
+            if replace:
+                hashes = {row["config_hash"] for row in new_rows}
+                rows = [r for r in rows if r["config_hash"] not in hashes]
+            rows.extend(new_rows)
+            atomic_write_text(self.jsonl, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+            atomic_write_text(self.csv, _to_csv(rows))
 
 
 def _flat(value: Any) -> Any:
@@ -104,4 +136,4 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-__all__ = ["ResultsLog", "ResultsError", "atomic_write_text", "config_hash"]
+__all__ = ["ResultsLog", "ResultsError", "atomic_write_text", "atomic_write_json", "config_hash"]

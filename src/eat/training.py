@@ -352,9 +352,9 @@ class RunFinishedError(RuntimeError):
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    from .results import atomic_write_json  # the one atomic writer (unique temp name, fsync, os.replace)
+
+    atomic_write_json(path, data)
 
 
 def cpu_has_native_bf16() -> bool:
