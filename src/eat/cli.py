@@ -17,7 +17,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -28,6 +27,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 _LOG_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True, width=_LOG_WIDTH)
+
+
+def _task_help() -> str:
+    """--task help: every task the tool knows (eat.tasks, cheap to import: no torch) and the user's own."""
+    from .tasks import TASKS
+
+    return ("a task: " + "; ".join(task.summary() for task in TASKS.values())
+            + "; or any name for your own table with --data-file")
+
+
+TASK_HELP = _task_help()
+LABEL_KIND_HELP = ("your own table: classes (labels are names or ids) or regression (a real value per row, e.g. a "
+                   "similarity score)")
+METRIC_HELP = ("your own table: the metric(s) to report, comma-separated, the first primary: accuracy, f1, matthews "
+               "(classes); pearson, spearman (regression). Default: accuracy, or pearson,spearman")
 
 
 @app.callback()
@@ -111,15 +125,17 @@ def knobs_from_options(knob: list[str] | None, tau: float | None, tuned: Path | 
     return knobs
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+def _progress():
+    """Live bars on a terminal; a plain line every 30 s per stage when stderr is a log file or a pipe."""
+    from .progress import make_progress
+
+    return make_progress(console)
 
 
 @app.command()
 @user_errors
 def train(
-    task: Annotated[str, typer.Option(help="sst2, qqp or mnli (or any name with --data-file)")] = "sst2",
+    task: Annotated[str, typer.Option(help=TASK_HELP)] = "sst2",
     model: Annotated[Optional[str], typer.Option(help="backbone path or hub id (default: packaged MiniLM)")] = None,
     variant: Annotated[str, typer.Option(help="eat (exit heads, joint loss), static, or half (layers 0,2,4)")] = "eat",
     preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
@@ -164,13 +180,17 @@ def train(
     text_column: Annotated[str, typer.Option()] = "text",
     text_pair_column: Annotated[Optional[str], typer.Option()] = None,
     label_column: Annotated[str, typer.Option()] = "label",
+    label_kind: Annotated[Optional[str], typer.Option(help=LABEL_KIND_HELP)] = None,
+    metric: Annotated[Optional[str], typer.Option(help=METRIC_HELP)] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's)")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
     bf16: Annotated[Optional[str], typer.Option(
         help="bf16 autocast in training: auto (CUDA only), on (CPU too; faster only with native bf16, AVX-512 BF16 or AMX: it warns where the CPU lacks it), off")] = None,
     force: Annotated[bool, typer.Option(help="start over in --out: replace a finished run or discard an interrupted one (deleted only once the new run has loaded)")] = False,
 ) -> None:
-    """Fine-tune an EAT model (or a static baseline) and print its dev accuracy. Resumes interrupted runs."""
+    """Fine-tune an EAT model (or a static baseline) and print its dev score (the task's primary metric). Resumes
+    interrupted runs. Tasks: GLUE sst2, qqp, mnli, qnli, rte, mrpc, cola, stsb (regression), wnli; conll2003 (token
+    task, NER); or your own table (--data-file, --eval-file, columns, --label-kind, --metric)."""
     from .training import train as run_training
     from .training import train_config_from_preset
 
@@ -185,7 +205,8 @@ def train(
         init_from=init_from, freeze_backbone=freeze_backbone or None, exit_layers=_layer_list(exit_layers),
         exit_pooling=exit_pooling, exit_loss_weights=_weight_list(exit_loss_weights),
         data_file=data_file, eval_file=eval_file, bf16=bf16,
-        text_column=text_column, text_pair_column=text_pair_column, label_column=label_column)
+        text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+        label_kind=label_kind, metric=metric)
     target = out_dir or Path("runs") / f"{task}-{variant}"
     with _progress() as bar:
         job = bar.add_task(f"train {task} {variant}", total=None, info="")
@@ -193,15 +214,12 @@ def train(
         def report(p: dict[str, Any]) -> None:
             info = f"loss {p['loss']:.4f}  {p['rows_per_s']:.0f} rows/s"
             bar.update(job, total=p["total"], completed=p["step"], info=info)
-            if not console.is_terminal and (p["step"] % 100 == 0 or p["step"] == p["total"]):
-                console.print(f"step {p['step']}/{p['total']} {info}")  # a log line when there is no live bar
 
         result = run_training(config, target, force=force, device=device, progress=report)
-    from .ner_data import is_token_task
+    from .tasks import metric_title
 
-    metric = "entity F1" if is_token_task(task) else "accuracy"
     for split, value in result.dev_accuracy.items():
-        out.print(f"{task} {split} {metric}: {value:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
+        out.print(f"{task} {split} {metric_title(result.dev_metric)}: {value:.2f}%  ({result.steps} steps, {result.seconds / 60:.1f} min, "
                   f"model in {result.model_dir})")
 
 
@@ -297,6 +315,19 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
     return model, tokenizer, trained, model_dir
 
 
+def _deployed(model, model_dir: Path, knobs: dict[str, Any], precision: str, backend: str):
+    """``model`` itself at fp32 on torch; else the same checkpoint and knobs at that precision / on that backend
+    (:func:`eat.deploy.load_for_inference`): the int8 or bf16 torch model, or the ONNX Runtime runner, each an
+    EAT model class that every evaluation and timing function takes as it is."""
+    if (precision, backend) == ("fp32", "torch"):
+        return model
+    from .deploy import load_for_inference
+
+    token_level = type(model).__name__ == "EATForTokenClassification"
+    return load_for_inference(model_dir, knobs=knobs, precision=precision, backend=backend,
+                              token_level=token_level).model
+
+
 @app.command("eval")
 @user_errors
 def evaluate_command(
@@ -315,6 +346,10 @@ def evaluate_command(
     limit: Annotated[Optional[int], typer.Option(help="seeded subset of the eval rows")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (CPUs with native bf16) or int8 (dynamic int8 of every "
+                                                "linear layer; see docs/backends.md)")] = "fp32",
+    backend: Annotated[str, typer.Option(help="torch, or onnxruntime (the model exported to ONNX segments first; "
+                                              "sentence tasks)")] = "torch",
 ) -> None:
     """GLUE metrics, per-exit accuracy, exit distribution and tokens kept; written as JSON/CSV beside the checkpoint."""
     from .data import encode, load_glue, load_table, task_spec
@@ -329,15 +364,24 @@ def evaluate_command(
         _evaluate_token_task(checkpoint, task, knobs, eval_file, max_length, batch_size, limit, device)
         return
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
+    model = _deployed(model, model_dir, knobs, precision, backend)
+    from .tasks import task_for_model
+    from .training import TrainConfig, config_task
+
     if eval_file:
         labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-        splits = {"validation": load_table(eval_file, text_column, text_pair_column, label_column, labels)}
-        use_f1 = False
+        regression = model.config.num_labels == 1
+        splits = {"validation": load_table(eval_file, text_column, text_pair_column, label_column,
+                                           None if regression else labels,
+                                           label_kind="regression" if regression else "classes")}
+        # the metrics the model was trained to report (its train_config), else accuracy / Pearson by its head
+        spec = (config_task(TrainConfig(**trained)) if trained.get("data_file") else
+                task_for_model(model.config.num_labels, task))
     else:
         spec = task_spec(task)
         splits = {name: load_glue(task, name) for name in spec.eval_splits}
-        use_f1 = spec.f1
-    report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs()}
+    report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs(),
+                              "precision": precision, "backend": backend}
     rows = []
     for split, data in splits.items():
         data = data.subset(limit)
@@ -346,17 +390,19 @@ def evaluate_command(
                                pad_id=tokenizer.pad_token_id or 0)
         cached = predict_encoded(model, encoded, batch_size=batch_size, device=device, cache_exits=True,
                                  pad_id=tokenizer.pad_token_id or 0)
-        summary = summarize(live, use_f1)
-        summary["per_exit_accuracy"] = summarize(cached, use_f1)["per_exit_accuracy"]
+        summary = summarize(live, task=spec)
+        summary["per_exit_metric"] = summarize(cached, task=spec)["per_exit_metric"]
         summary["source"], summary["note"] = data.source, data.note
         report[split] = summary
-        metric = "  ".join(f"{k} {summary[k]:.2f}" for k in ("accuracy", "f1") if k in summary)
+        metric = "  ".join(f"{name} {summary[name]:.2f}" for name in spec.metrics)
         out.print(f"{task} {split}: {metric}  mean exit layer {summary['mean_exit_layer']:.2f}  "
                   f"token-layer fraction {summary['token_layer_fraction']:.3f}  ({summary['rows']} rows)")
-        per_exit = "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_accuracy"].items())
-        out.print(f"  per-exit accuracy: {per_exit}")
+        per_exit = "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_metric"].items())
+        out.print(f"  per-exit {spec.primary_metric}: {per_exit}")
         rows.append({"split": split, **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}})
     tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
+    if (precision, backend) != ("fp32", "torch"):  # never overwrite the fp32 eager evaluation
+        tag += f"-{backend}-{precision}"
     target = model_dir.parent if model_dir.name == "model" else model_dir
     atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
     import pandas as pd
@@ -506,7 +552,7 @@ def _predict_files(checkpoint: Path, input_path: Path, output: Path, knobs: dict
               f"({result.shards_written} written now, {result.rows_per_s:.0f} rows/s)")
 
 
-def _bench_progress(bar: Progress):
+def _bench_progress(bar):
     jobs: dict[str, Any] = {}
 
     def update(label: str, done: int, total: int) -> None:
@@ -641,6 +687,35 @@ def bench(
     out.print(f"results in {log.csv} and {log.jsonl}")
 
 
+@app.command("export")
+@user_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="a run folder (with model/) or a model folder")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT", help="folder for the ONNX segments and manifest.json")],
+    precision: Annotated[str, typer.Option(
+        help="fp32 (segments as exported) or int8 (also ONNX Runtime dynamic-int8 segments beside them)")] = "fp32",
+    knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE saved as the export's default")] = None,
+    tuned: Annotated[Optional[Path], typer.Option(help="knobs of a point eat tune chose (tuned_<task>.json)")] = None,
+    force: Annotated[bool, typer.Option(help="write into a non-empty OUT")] = False,
+) -> None:
+    """Export a sentence classifier as ONNX segments (embeddings, each layer, each exit head, final head; dynamic
+    batch and length axes) plus a manifest (knobs, labels, tokenizer, versions, sha256 checksums). Run them with
+    --backend onnxruntime (eval, bench, tune) or eat.deploy.load_for_inference(OUT, backend="onnxruntime")."""
+    from .deploy.onnx_export import ExportError, export_checkpoint
+
+    if precision not in ("fp32", "int8"):
+        raise ValueError(f"--precision {precision!r}: ONNX export takes fp32 or int8")
+    try:
+        manifest = export_checkpoint(run, out_dir, precisions=("fp32", "int8") if precision == "int8" else ("fp32",),
+                                     knobs=knobs_from_options(knob, None, tuned), force=force)
+    except ExportError as error:
+        raise ValueError(str(error)) from None
+    segments = manifest["segments"][precision]
+    out.print(f"exported {run} to {out_dir}: embeddings, {len(segments['layers'])} layers, "
+              f"{len(segments['exit_heads'])} exit heads, final head ({', '.join(manifest['precisions'])}); "
+              f"manifest {out_dir / 'manifest.json'}")
+
+
 @app.command("tune")
 @user_errors
 def tune_command(
@@ -670,7 +745,7 @@ def tune_command(
     import torch
 
     from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json, tune
-    from .data import encode, load_glue, task_spec
+    from .data import encode, load_glue, load_table
     from .results import ResultsLog
     from .training import TrainConfig, training_data
 
@@ -702,14 +777,22 @@ def tune_command(
     if reference is not None:
         _, _, reference_trained, reference_dir = _load_checkpoint_for_task(reference, task, {})
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
+    from .training import config_task
+
+    spec = config_task(train_config)
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
                   reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size,
-                  certify=certify, **({"keep_grid": grid} if grid is not None else {}))
+                  certify=certify, task=spec, **({"keep_grid": grid} if grid is not None else {}))
     save_json(_tuned_file(results, task, batch_size), dataclasses.asdict(result))
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
-    out.print(f"calibration accuracy {result.calibration_accuracy:.2f} ({reference_name}: {result.reference_accuracy:.2f})")
+    out.print(f"calibration {spec.primary_title} {result.calibration_accuracy:.2f} ({reference_name}: "
+              f"{result.reference_accuracy:.2f})")
+    if result.drop_interval is not None:
+        out.print(f"uncertainty ({result.drop_interval['method']}, {result.drop_interval['samples']} resamples): drop "
+                  f"{result.drop_interval['drop']:.2f} points, {result.drop_interval['confidence']:.0%} upper bound "
+                  f"{result.drop_interval['upper']:.2f}")
     if result.drop_upper_bound is not None:
         out.print(f"certified: the drop is at most {result.drop_upper_bound:.2f} points with {certify:.0%} confidence "
                   f"(the bound of the chosen point, at its share of the error)")
@@ -718,16 +801,24 @@ def tune_command(
     name = _tuned_point_name(batch_size)
     points = [OperatingPoint("eat:none", str(model_dir), _everything_off(), "ablation"),
               OperatingPoint(name, str(model_dir), result.knobs, "tuned")]
-    spec = task_spec(task)
     for split in spec.eval_splits:
-        data = load_glue(task, split).subset(rows, seed=config.seed)
+        if train_config.data_file is not None:  # the user's own dev table, with the training labels
+            data = load_table(train_config.eval_file, train_config.text_column, train_config.text_pair_column,
+                              train_config.label_column,
+                              label_names=None if spec.is_regression else calibration.label_names,
+                              label_kind=train_config.label_kind)
+            data = data.subset(rows, seed=config.seed)
+        else:
+            data = load_glue(task, split).subset(rows, seed=config.seed)
         measured = measure_points(points, encode(data, tokenizer, train_config.max_length),
                               dataclasses.replace(config, split=split), ResultsLog(results),
                               dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
-                              pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}")
+                              pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
+                              task=spec)
         by_name = {row["point"]: row for row in measured}
         off, tuned = by_name["eat:none"], by_name[name]
-        out.print(f"{task} {split}: tuned accuracy {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; batch-1 p50 "
+        out.print(f"{task} {split}: tuned {spec.primary_metric} {tuned['metric_value']:.2f} vs "
+                  f"{off['metric_value']:.2f}; batch-1 p50 "
                   f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); "
                   f"batch {config.batch_size} {tuned['throughput_rows_per_s']:.0f} vs "
                   f"{off['throughput_rows_per_s']:.0f} rows/s "
@@ -781,6 +872,54 @@ def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, 
 
 @app.command()
 @user_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Option(help="a run folder (with model/) or a model folder")],
+    tuned: Annotated[Optional[Path], typer.Option(help="knobs of a point eat tune chose (tuned_<task>.json)")] = None,
+    knob: Annotated[Optional[list[str]], typer.Option(help="EAT knob NAME=VALUE over --tuned (repeatable)")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="confidence threshold (sets exit_policy=confidence)")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or int8 (bf16/int8 need eat.deploy)")] = "fp32",
+    backend: Annotated[str, typer.Option(help="torch or onnxruntime (onnxruntime needs eat.deploy)")] = "torch",
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_batch: Annotated[int, typer.Option(help="rows per batch")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(help="padded tokens (rows x longest) per batch")] = 4096,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="how long the oldest row may wait for a batch to fill (0: start when the model is free)")] = 0.0,
+    max_queue: Annotated[int, typer.Option(help="rows waiting at most; beyond: 503 + Retry-After")] = 1024,
+    max_rows_per_request: Annotated[int, typer.Option()] = 64,
+    max_body_bytes: Annotated[int, typer.Option()] = 1_000_000,
+    max_length: Annotated[int, typer.Option(help="tokens per row (longer texts are truncated)")] = 128,
+    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="deploy on Ray Serve instead of one uvicorn process")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="an existing Ray cluster (default: start one)")] = None,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray)")] = 1,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Serve a checkpoint over HTTP: POST /v1/classify (or /v1/tag), GET /health, GET /metrics, with dynamic
+    batching; rows that exit early are answered at once. See docs/serving.md."""
+    from .serving import ServeConfig
+
+    config = ServeConfig(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue, max_rows_per_request=max_rows_per_request,
+                         max_body_bytes=max_body_bytes, max_length=max_length).validate()
+    knobs = knobs_from_options(knob, tau)
+    load = dict(tuned=tuned, knobs=knobs, precision=precision, backend=backend, threads=threads)
+    if ray:
+        from .serving.ray_app import serve_on_ray
+
+        serve_on_ray(checkpoint, config=config, address=ray_address, replicas=replicas, host=host, port=port, **load)
+        return
+    if replicas != 1:
+        raise ValueError("--replicas needs --ray (one uvicorn process serves one model)")
+    from .serving.app import run_server
+    from .serving.model import load_predictor
+
+    run_server(load_predictor(checkpoint, max_length=max_length, **load), config, host=host, port=port,
+               log_level=log_level)
+
+
+@app.command()
+@user_errors
 def report(results: Annotated[Path, typer.Option("--results", help="results folder")] = Path("results/bench")) -> None:
     """Build report.md and PNG plots from a results folder."""
     from .report import build_report
@@ -793,7 +932,9 @@ def report(results: Annotated[Path, typer.Option("--results", help="results fold
 @user_errors
 def run(
     preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
-    task: Annotated[str, typer.Option(help="sst2, qqp, mnli or all")] = "sst2",
+    task: Annotated[Optional[str], typer.Option(
+        help="sst2, qqp, mnli, qnli, rte, mrpc, cola, stsb, wnli; all (sst2, qqp, mnli); glue (every one); with "
+             "--data-file any name for your own table (default: sst2, or 'custom' with --data-file)")] = None,
     runs_dir: Annotated[Optional[Path], typer.Option("--runs", help="checkpoints (default runs/<preset>)")] = None,
     results: Annotated[Optional[Path], typer.Option("--results", help="results (default runs/<preset>/results)")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
@@ -814,19 +955,40 @@ def run(
         "--length-bucketing/--no-length-bucketing",
         help="train on batches of similar length (default: the preset's); a runs folder trained either way is "
              "only resumed the same way")] = None,
+    data_file: Annotated[Optional[str], typer.Option(help="your own training table (csv/tsv/jsonl/parquet)")] = None,
+    eval_file: Annotated[Optional[str], typer.Option(help="your own dev table (every point is measured on it)")] = None,
+    text_column: Annotated[str, typer.Option()] = "text",
+    text_pair_column: Annotated[Optional[str], typer.Option()] = None,
+    label_column: Annotated[str, typer.Option()] = "label",
+    label_kind: Annotated[str, typer.Option(help=LABEL_KIND_HELP)] = "classes",
+    metric: Annotated[Optional[str], typer.Option(help=METRIC_HELP)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="backbone path or hub id the three models start from (default: the packaged MiniLM)")] = None,
 ) -> None:
-    """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable."""
+    """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable.
+    Any GLUE task (each scored by its GLUE metric) or your own table (--data-file, --eval-file)."""
     from .bench import BENCH_PRESETS
-    from .pipeline import RUN_TASKS, run_task, summary_lines
+    from .pipeline import HEADLINE_TASKS, RUN_TASKS, run_task, summary_lines
     from .training import TRAIN_PRESETS
 
     _set_threads(threads)
     if preset not in TRAIN_PRESETS or preset not in BENCH_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
-    tasks = RUN_TASKS if task == "all" else (task,)
-    for name in tasks:
-        if name not in RUN_TASKS:
-            raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)} or all")
+    user_data = None
+    if data_file is not None:
+        if task in ("all", "glue") or task in RUN_TASKS:
+            raise ValueError(f"--task {task}: with --data-file, name your own task (e.g. --task mypairs), not a GLUE one")
+        task = task or "custom"
+        user_data = dict(data_file=data_file, eval_file=eval_file, text_column=text_column,
+                         text_pair_column=text_pair_column, label_column=label_column, label_kind=label_kind,
+                         metric=metric)
+        tasks: tuple[str, ...] = (task,)
+    else:
+        task = task or "sst2"
+        tasks = HEADLINE_TASKS if task == "all" else RUN_TASKS if task == "glue" else (task,)
+        for name in tasks:
+            if name not in RUN_TASKS:
+                raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)}, all or glue (or --data-file)")
     runs_dir = runs_dir or Path("runs") / preset
     results = results or runs_dir / "results"
     for name in tasks:
@@ -834,10 +996,11 @@ def run(
             summary = run_task(name, preset, runs_dir, results, device=device,
                                train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),
                                                                   ("calibration_unit", calibration_unit),
-                                                                  ("length_bucketing", length_bucketing))
+                                                                  ("length_bucketing", length_bucketing),
+                                                                  ("model", model))
                                                 if v is not None} or None,
                                log=lambda message: console.print(message), progress=_bench_progress(bar),
-                               max_drop=max_drop, recipe=recipe, certify=certify)
+                               max_drop=max_drop, recipe=recipe, certify=certify, user_data=user_data)
         for line in summary_lines(results, name):
             out.print(line)
         out.print(f"report: {summary['report']}")
