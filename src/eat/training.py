@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .checkpoints import load_classifier, model_folder, read_config_dict
 from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
@@ -386,8 +387,14 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
             raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
                                    "here; use another --out or --force")
 
+    context = distributed.setup(device)  # under torchrun: this process's rank and device; else one process
+    device = context.device
+    if not context.is_main:
+        progress = None  # one process logs (and saves, below)
     torch.manual_seed(config.seed)
-    train_data, _, evals = training_data(config)
+    train_data, calibration_data, evals = training_data(config)
+    distributed.check_same(distributed.data_fingerprint(train_data, calibration_data),
+                           "the training rows and calibration slice", context)
     from transformers import AutoTokenizer
 
     backbone = config.model
@@ -416,19 +423,22 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     # Only now, with data, model and teacher loaded, is anything in `out` touched: a run refused on the way (a
     # missing --init-from or --teacher, a corrupt checkpoint) leaves no half-made folder, and --force deletes the
     # finished or interrupted run it replaces only once the replacement can start.
-    if force:
+    if force and context.is_main:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         (out / "train_summary.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(saved_config, dataclasses.asdict(config))
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(saved_config, dataclasses.asdict(config))
     model.to(device).train()
+    distributed.broadcast_parameters(model, context)  # a freshly initialised head starts the same everywhere
     if config.freeze_backbone:
         started = time.perf_counter()
+        # a minute's work on cached features: every torchrun process does all of it, rank 0 saves
         step = fit_exit_heads_on_frozen_backbone(model, encoded, config, make_batches, token_level, device,
                                                  tokenizer.pad_token_id or 0, progress)
-        return _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step,
-                           time.perf_counter() - started, 0, token_level, device)
+        return _finish_on_main(context, model, tokenizer, config, out, evals, train_data, encoded, step,
+                               time.perf_counter() - started, 0, token_level, device)
 
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
@@ -463,35 +473,43 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
                                                    bucket=config.length_bucketing, pad_id=tokenizer.pad_token_id or 0)):
             if index < skip:
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                extra = {"word_mask": batch["word_mask"]} if token_level else {}
-                output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
-            logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
-            extra_loss = {}
-            if teacher is not None:  # (B, C): the fixed teacher, eval mode, every mechanism off
-                with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                                                     enabled=use_bf16):
-                    extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
-                                                           batch["token_type_ids"]).logits.float()
-            loss = loss_function(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature,
-                                 **extra_loss)
+            global_rows = len(batch["labels"])  # torchrun: every process has the same global batch ...
+            batch = {k: v.to(device) for k, v in distributed.local_rows(batch, context).items()}  # ... and keeps its rows
+            share = len(batch["labels"]) / global_rows  # its part of the global batch's mean loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros((), device=device)
+            if share > 0:  # a short last batch may leave a process no rows; it still joins the all-reduce
+                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                    extra = {"word_mask": batch["word_mask"]} if token_level else {}
+                    output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
+                logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
+                extra_loss = {}
+                if teacher is not None:  # (B, C): the fixed teacher, eval mode, every mechanism off
+                    with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                                                         enabled=use_bf16):
+                        extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
+                                                               batch["token_type_ids"]).logits.float()
+                loss = loss_function(logits, batch["labels"], weights, config.distill_weight,
+                                     config.distill_temperature, **extra_loss)
+                (loss * share if context.enabled else loss).backward()
+            distributed.all_reduce_gradients(model, context)  # summed shares: the global batch's gradient
+            if context.enabled:
+                loss = torch.tensor(distributed.sum_over_processes(float(loss.detach()) * share, context))
             if config.max_grad_norm > 0:  # 0 = no clipping
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
-            rows_done += len(batch["labels"])
+            rows_done += global_rows
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 progress({"step": step, "total": total_steps, "loss": float(loss.detach()),
                           "rows_per_s": rows_done / max(elapsed, 1e-9)})
-            if step % config.checkpoint_every == 0 and step < total_steps:
+            if step % config.checkpoint_every == 0 and step < total_steps and context.is_main:
                 _save_checkpoint(model, optimizer, scheduler, step, ckpt_dir, tokenizer)
             if stop_after_steps is not None and step - resumed_step >= stop_after_steps and step < total_steps:
-                _save_checkpoint(model, optimizer, scheduler, step, ckpt_dir, tokenizer)
+                if context.is_main:
+                    _save_checkpoint(model, optimizer, scheduler, step, ckpt_dir, tokenizer)
                 stopped_early = True
                 break
             if step >= total_steps:
@@ -500,10 +518,27 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
             break
     seconds = time.perf_counter() - started
     if stopped_early:
+        distributed.barrier(context)
+        distributed.cleanup(context)
         return TrainResult(str(out), "", step, seconds, len(encoded), {}, resumed_step)
 
-    return _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step, seconds, resumed_step,
-                       token_level, device)
+    return _finish_on_main(context, model, tokenizer, config, out, evals, train_data, encoded, step, seconds,
+                           resumed_step, token_level, device)
+
+
+def _finish_on_main(context: distributed.Distributed, model, tokenizer, config: TrainConfig, out: Path, evals,
+                    train_data, encoded, step: int, seconds: float, resumed_step: int, token_level: bool,
+                    device: str) -> TrainResult:
+    """:func:`_finish_run` in rank 0 only (the others, holding the same weights, wait for it and report no dev
+    figures), then leave the torchrun process group."""
+    if context.is_main:
+        result = _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step, seconds, resumed_step,
+                             token_level, device)
+    else:
+        result = TrainResult(str(out), str(out / "model"), step, seconds, len(encoded), {}, resumed_step)
+    distributed.barrier(context)
+    distributed.cleanup(context)
+    return result
 
 
 def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_data, encoded, step: int,
