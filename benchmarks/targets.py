@@ -52,6 +52,51 @@ def token_task_targets(args, static: dict, by_point: dict) -> list[str]:
 
 
 PAIR_TASKS = ("qqp", "mnli")
+# issue #27: (target, least batch-1 speedup, most points lost in the task's primary metric)
+METRIC_TARGETS = {"cola": ("G1", 1.5, 1.0), "stsb": ("G2", 1.5, 0.5)}
+
+
+def metric_value(row: dict, suffix: str = "") -> float | None:
+    """A row's primary metric (``metric_value``; rows written before metrics had names: ``accuracy``)."""
+    value = row.get(f"metric_value{suffix}")
+    return row.get(f"accuracy{suffix}") if value is None else value
+
+
+def metric_task_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
+    """Issue #27 on a task scored by its own primary metric (CoLA: Matthews, STS-B: Pearson...): every key point
+    with that metric, and G1 / G2 judged on the tuned point at batch 1 (chosen on calibration; the drop judged on
+    the whole split when the rows carry it). Other tasks get the same lines without a verdict."""
+    name = static.get("metric") or "accuracy"
+    lines = [f"# {args.task} {split}: primary metric {name}; targets from {args.results} ({static['rows']} rows, "
+             f"{static['cpu']}, {static['device']}, {static['threads']} threads, commit {static['git_commit']})"]
+    size = static["batch_size_throughput"]
+    for point in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned"):
+        row = by_point.get(point)
+        if row is None:
+            continue
+        check_comparable(static, row)
+        lines.append(f"{point}: {name} {metric_value(row):.2f}, batch-1 p50 {row['b1_p50_ms']:.2f} ms "
+                     f"({static['b1_p50_ms'] / row['b1_p50_ms']:.2f}x), {row['throughput_rows_per_s']:.0f} rows/s at "
+                     f"batch {size} ({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), mean exit "
+                     f"layer {row['mean_exit_layer']:.2f}")
+    tuned = by_point.get("eat:tuned")
+    target = METRIC_TARGETS.get(args.task)
+    if tuned is None:
+        return lines + [f"{target[0] if target else args.task}: no tuned point measured"
+                        + (" -> MISSED" if target else ""), ""]
+    speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+    whole = metric_value(static, "_all_rows") is not None and metric_value(tuned, "_all_rows") is not None
+    suffix = "_all_rows" if whole else ""
+    drop = metric_value(static, suffix) - metric_value(tuned, suffix)
+    on = f" on all {tuned['rows_all']} rows" if whole else ""
+    line = (f"batch 1, tuned point (chosen on calibration): {speed:.2f}x static, {name} "
+            f"{metric_value(tuned, suffix):.2f} ({-drop:+.2f} points{on})")
+    if target is None:
+        return lines + [line, ""]
+    label, least_speed, most_drop = target
+    met = speed >= least_speed and drop <= most_drop
+    return lines + [f"{label} {line} -> {'MET' if met else 'MISSED'} (needs >= {least_speed}x and <= {most_drop} "
+                    f"{name} points below)", ""]
 
 
 def judged_accuracy(reference: dict, row: dict) -> tuple[float, float, str]:
@@ -187,6 +232,9 @@ def main() -> None:
             continue
         if static is not None and (args.t8 or str(static["device"]).startswith("cuda")):
             lines += gpu_targets(args, split, static, by_point)
+            continue
+        if static is not None and (args.task in METRIC_TARGETS or static.get("metric") not in (None, "accuracy")):
+            lines += metric_task_targets(args, split, static, by_point)
             continue
         if static is not None and args.task in PAIR_TASKS:
             lines += pair_task_targets(args, split, static, by_point)

@@ -94,7 +94,7 @@ def test_bad_input_messages_name_file_and_problem(tmp_path):
     with pytest.raises(DataError, match=r"latin.tsv: not UTF-8.*line 2"):
         load_table(latin, "text", None, "label")
     with pytest.raises(DataError, match="unknown task"):
-        load_glue("cola", "train", tmp_path)
+        load_glue("colb", "train", tmp_path)
     with pytest.raises(DataError, match="no file for split"):
         load_glue("sst2", "train", tmp_path)
 

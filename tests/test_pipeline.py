@@ -30,7 +30,7 @@ def test_joint_recipe_trains_eat_from_the_backbone(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [("recipe", "cascade", "unknown recipe 'cascade'"),
-                                                   ("task", "cola", "unknown task 'cola'"),
+                                                   ("task", "colb", "unknown task 'colb'"),
                                                    ("certify", 1.5, "certify: a confidence strictly between"),
                                                    ("max_drop", -1.0, "max_drop: must be >= 0")])
 def test_run_config_names_the_bad_field(field, value, message):

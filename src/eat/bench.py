@@ -30,6 +30,9 @@ from .evaluation import classification_metrics, exits_at_threshold, predict_enco
 from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
 from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash
+from .bootstrap import bootstrap_indices, paired_bootstrap_drop
+from .configuration_eat import REGRESSION_EXIT_POLICIES
+from .tasks import Task, result_fields, task_for_model
 from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
 from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
@@ -228,7 +231,8 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
                    dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
                    examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
                    progress: Callable[[str, int, int], None] | None = None,
-                   all_rows: EncodedDataset | None = None, objective: str | None = None) -> list[dict[str, Any]]:
+                   all_rows: EncodedDataset | None = None, objective: str | None = None,
+                   task: Task | None = None) -> list[dict[str, Any]]:
     """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
     throughput at ``bench.batch_size`` in arrival order (``throughput_rows_per_s``) and, with
     ``bench.sorted_throughput``, on the same rows in length-sorted batches (``throughput_sorted_rows_per_s``, with
@@ -239,7 +243,11 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     ``rows_all``: an accuracy drop on a few thousand timed rows can be a few tenths off the whole split's.
     ``objective``: what this table was measured for (e.g. ``"tune-b32"``, the batch-32 tuner's dev report). It
     enters the configuration hash, so two tables that share a point name and settings (both tuners' ``eat:none``)
-    do not replace each other's rows in one results folder."""
+    do not replace each other's rows in one results folder.
+
+    ``task``: score with the task's metrics; each row then carries ``metric`` (the primary metric's name),
+    ``metric_value``, every metric by name (``accuracy`` only when it is one), ``metric_value_batched`` and, with
+    ``all_rows``, ``metric_value_all_rows``. Without it: accuracy (and F1 with ``f1``), as rows always had."""
     env = environment(bench.device)
     rows = len(encoded)
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force,
@@ -272,12 +280,14 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     batched = [{k: v.to(bench.device) for k, v in b.items()}
                for b in batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
     labels = np.asarray(encoded.labels)
-    batch_predictions = {name: np.zeros(rows, dtype=np.int64) for name in models}
+    scorer = task if task is not None else task_for_model(num_labels)
+    batch_predictions = {name: np.zeros(rows, dtype=np.float32 if scorer.is_regression else np.int64)
+                         for name in models}
 
     def batch_call_for(model, out):
         def batch_call(b):
             result = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            out[b["index"].cpu().numpy()] = result.logits.argmax(-1).cpu().numpy()
+            out[b["index"].cpu().numpy()] = scorer.predictions(result.logits.float().cpu().numpy())
             return result
         return batch_call
 
@@ -294,21 +304,26 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         padding = {"padding_share_arrival": padding_share(batched),
                    "padding_share_sorted": padding_share(sorted_batched)}
         sorted_fields = {name: {"throughput_sorted_rows_per_s": sorted_timing[name][0], **padding} for name in models}
-    whole_split = {} if all_rows is None else _all_rows_metrics(models, all_rows, bench, f1, pad_id, progress)
+    whole_split = {} if all_rows is None else _all_rows_metrics(models, all_rows, bench, f1, pad_id, progress, task)
     new_rows = []
     for point, hash_ in todo:
         model = models[point.name]
         rows_per_s, batch_latency = batch_timing[point.name]
-        predictions = logits[point.name].argmax(-1)
-        metrics = classification_metrics(labels, predictions, f1)
-        batch_metrics = classification_metrics(labels, batch_predictions[point.name], f1)
+        predictions = scorer.predictions(logits[point.name])
+        if task is not None:
+            scored = {**result_fields(task, task.score(labels, predictions)),
+                      "metric_value_batched": task.primary(labels, batch_predictions[point.name])}
+        else:
+            metrics = classification_metrics(labels, predictions, f1)
+            batch_metrics = classification_metrics(labels, batch_predictions[point.name], f1)
+            scored = {"accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
+                      "accuracy_batched": batch_metrics["accuracy"]}
         ran = tokens[point.name] > 0
         lengths = np.asarray(encoded.lengths)
         num_layers = model.config.num_hidden_layers
         row = {
             **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
-            "accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
-            "accuracy_batched": batch_metrics["accuracy"],
+            **scored,
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s, **sorted_fields[point.name],
             **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
             "mean_exit_layer": float(exit_layer[point.name].mean()),
@@ -322,7 +337,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
         }
         if examples_dir is not None:  # named by run too: the old table's rows keep their own files until replaced
             _write_examples(examples_dir / f"{hash_}-{run_id}.csv", lengths, exit_layer[point.name],
-                            tokens[point.name], predictions == labels)
+                            tokens[point.name], _row_correct(scorer, labels, predictions))
             row["examples_file"] = f"examples/{hash_}-{run_id}.csv"
         new_rows.append(row)
     # the whole table in one atomic append: a run killed before it leaves the old table whole, never a mix
@@ -330,17 +345,31 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     return new_rows
 
 
+def _row_correct(task: Task, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    """(N,) bool per row for the examples file: the right class, or for regression within a tenth of the labels'
+    range of the label (0.5 on STS-B's 0-5 scale)."""
+    if task.is_regression:
+        span = float(np.ptp(labels)) if len(labels) else 0.0
+        return np.abs(predictions - labels) <= 0.1 * (span or 1.0)
+    return predictions == labels
+
+
 def _all_rows_metrics(models: dict[str, Any], all_rows: EncodedDataset, bench: BenchConfig, f1: bool, pad_id: int,
-                      progress: Callable[[str, int, int], None] | None) -> dict[str, dict[str, Any]]:
+                      progress: Callable[[str, int, int], None] | None,
+                      task: Task | None = None) -> dict[str, dict[str, Any]]:
     """name -> {accuracy_all_rows, f1_all_rows (when f1), rows_all}: every model's predictions on the whole split
     by :func:`~eat.evaluation.predict_encoded` (what `eat eval` runs: length-sorted batches, untimed, per-sample
     exits and pruning as when timed)."""
     metrics = {}
     for number, (name, model) in enumerate(models.items(), start=1):
         predicted = predict_encoded(model, all_rows, batch_size=bench.batch_size, device=bench.device, pad_id=pad_id)
-        scores = classification_metrics(predicted.labels, predicted.logits.argmax(-1), f1)
-        metrics[name] = {"accuracy_all_rows": scores["accuracy"], "rows_all": len(all_rows),
-                         **({"f1_all_rows": scores["f1"]} if f1 else {})}
+        if task is not None:
+            scores = task.score(predicted.labels, task.predictions(predicted.logits))
+            metrics[name] = {**result_fields(task, scores, "_all_rows"), "rows_all": len(all_rows)}
+        else:
+            scores = classification_metrics(predicted.labels, predicted.logits.argmax(-1), f1)
+            metrics[name] = {"accuracy_all_rows": scores["accuracy"], "rows_all": len(all_rows),
+                             **({"f1_all_rows": scores["f1"]} if f1 else {})}
         if progress is not None:
             progress("all rows", number, len(models))
     return metrics
@@ -432,28 +461,38 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
 
 def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus: Sequence[float], *,
               policy: str = "confidence", device: str = "cpu", pad_id: int = 0, f1: bool = False,
-              reference_correct: np.ndarray | None = None) -> list[dict]:
+              reference_correct: np.ndarray | None = None, task: Task | None = None, patience: int = 2,
+              keep_predictions: bool = False) -> list[dict]:
     """Accuracy and mean exit layer at every threshold from ONE cached pass (every head evaluated, no exits).
 
     ``reference_correct`` (N,) bool, whether a reference model got each row right: each row then also counts the
     discordant rows, ``rows_worse`` (reference right, this threshold wrong) and ``rows_better`` (the reverse), from
     which :func:`drop_upper_bound` bounds the accuracy drop.
+
+    ``task``: score each threshold with the task's metrics (``metric`` names the primary one, ``metric_value``
+    holds it); regression rules ("delta", "spread") take ``patience``. ``keep_predictions``: each row also holds
+    its (N,) predictions as ``_predicted`` (for a bootstrap bound; not for files).
     """
     cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id)
     labels = cached.labels
     rows = []
     lengths = cached.input_length
     for tau in taus:
-        chosen, layers = exits_at_threshold(cached.exit_logits, cached.exit_layers, policy, tau)
-        predictions = chosen.argmax(-1)
+        chosen, layers = exits_at_threshold(cached.exit_logits, cached.exit_layers, policy, tau, patience)
+        predictions = chosen.argmax(-1) if task is None else task.predictions(chosen)
         # token-layers this threshold would cost, from the cached per-layer token counts
         ran = np.arange(1, cached.tokens_per_layer.shape[1] + 1)[None, :] <= layers[:, None]
         token_layers = float((cached.tokens_per_layer * ran).sum() / (lengths.sum() * ran.shape[1]))
-        row = {"tau": float(tau), **classification_metrics(labels, predictions, f1),
+        scores = (classification_metrics(labels, predictions, f1) if task is None else
+                  {"metric": task.primary_metric, "metric_value": task.primary(labels, predictions),
+                   **task.score(labels, predictions)})
+        row = {"tau": float(tau), **scores,
                "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
                "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))}
         if reference_correct is not None:
             row.update(discordant_rows(reference_correct, predictions == labels))
+        if keep_predictions:
+            row["_predicted"] = predictions
         rows.append(row)
     return rows
 
@@ -484,15 +523,21 @@ def drop_upper_bound(rows_worse: int, rows_better: int, rows: int, confidence: f
     return 100.0 * (2.0 * p_upper - 1.0) * discordant / rows
 
 
-def certified_prefix(sweep: list[dict], max_drop: float, rows: int, confidence: float) -> list[dict]:
+def certified_prefix(sweep: list[dict], max_drop: float, rows: int, confidence: float,
+                     bound: Callable[[dict], float] | None = None, strict_first: bool = False) -> list[dict]:
     """Fixed-sequence testing over one threshold sweep (Learn-then-Test, as in CALM): walk the thresholds from the
     strictest (highest tau, closest to the reference) to the loosest and keep each while its drop's upper bound is
     at most ``max_drop``; stop at the first that fails. Every kept threshold then meets ``max_drop`` with
     probability >= ``confidence`` jointly, without paying for the many thresholds looked at. Each row gets its
-    ``drop_upper_bound``."""
+    ``drop_upper_bound``.
+
+    ``bound``: the row's upper bound at ``confidence`` when the exact paired accuracy bound does not apply (a
+    paired bootstrap for Matthews, F1 or Pearson); ``strict_first``: the lowest tau is the strictest (regression
+    rules, whose tau is how much the heads may still move)."""
     certified = []
-    for row in sorted(sweep, key=lambda r: -r["tau"]):
-        row["drop_upper_bound"] = drop_upper_bound(row["rows_worse"], row["rows_better"], rows, confidence)
+    for row in sorted(sweep, key=lambda r: r["tau"] if strict_first else -r["tau"]):
+        row["drop_upper_bound"] = (bound(row) if bound is not None else
+                                   drop_upper_bound(row["rows_worse"], row["rows_better"], rows, confidence))
         if row["drop_upper_bound"] > max_drop:
             break
         certified.append(row)
@@ -517,6 +562,20 @@ def tuning_tau_grid(num_labels: int, certified: bool) -> list[float]:
     return sorted({k / 100 for k in range(100 // num_labels + 1, 50)} | set(base))
 
 
+# the regression rules `tune` walks by default ("rule:patience"): PABEE's change rule over 2 and 3 heads, and the
+# band rule over 3 heads (over 2 heads it is the change rule)
+REGRESSION_TUNE_POLICIES: tuple[str, ...] = ("delta:2", "delta:3", "spread:3")
+
+
+def regression_tau_grid(labels: Sequence[float], certified: bool = False) -> list[float]:
+    """Thresholds for the regression exit rules, in the label's units: 0.5% to 50% of the labels' standard
+    deviation (STS-B: about 0.008 to 0.77 on its 0-5 scale); 60 steps when certifying (fixed-sequence testing pays
+    nothing for more), else 30. Geometric, so small thresholds, where the rules are strict, are walked finely."""
+    scale = float(np.std(np.asarray(labels, dtype=np.float64))) or 1.0
+    steps = 60 if certified else 30
+    return sorted({float(f"{scale * x:.4g}") for x in np.geomspace(0.005, 0.5, steps)})
+
+
 # the keep schedules `tune` searches by default: no pruning, then from mild to strong
 TUNE_KEEP_GRID: tuple[float | list[float], ...] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5])
 
@@ -534,13 +593,17 @@ class TuneResult:
     certify: float | None = None  # the joint confidence of the drop bound, when the tuner certified its choice
     drop_upper_bound: float | None = None  # the chosen point's certified bound on the drop (accuracy points)
     keep_grid: list[Any] | None = None  # the keep schedules searched
+    # what calibration_accuracy / reference_accuracy hold (the task's primary metric; the field names are historical)
+    metric: str = "accuracy"
+    drop_interval: dict[str, Any] | None = None  # metrics other than accuracy: the chosen drop's paired bootstrap
 
 
 def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
          latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = TUNE_KEEP_GRID,
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
-         warmup: int = 5, policies: Sequence[str] = ("confidence", "agreement"),
-         reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None) -> TuneResult:
+         warmup: int = 5, policies: Sequence[str] | None = None,
+         reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None,
+         task: Task | None = None) -> TuneResult:
     """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
     and a keep schedule on the calibration split.
 
@@ -564,6 +627,13 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
     Finalists timed within :data:`TIMING_TIE` of the fastest are a tie, broken by the least token-layer work
     (:func:`fastest_within_noise`).
+
+    ``task``: the drop is in the task's primary metric (Matthews, F1, Pearson... points; default accuracy, or
+    Pearson for a one-output model). Where that metric is not accuracy the exact paired bound does not apply:
+    ``certify`` then bounds each threshold's drop by a paired bootstrap (:mod:`eat.bootstrap`), and the chosen
+    point always gets a 90% paired-bootstrap bound (``drop_interval``). A regression model walks the regression
+    rules (``policies`` default :data:`REGRESSION_TUNE_POLICIES`, "rule:patience") over thresholds in the label's
+    units (:func:`regression_tau_grid`); a classifier the confidence and agreement rules.
     """
     if (max_drop is None) == (latency_budget_ms is None):
         raise ValueError("give exactly one of max_drop or latency_budget_ms")
@@ -575,34 +645,57 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
 
     def everything_off(path: str) -> tuple[np.ndarray, int, int]:
-        """(N,) whether the model with every mechanism off gets each calibration row right; its depth; classes."""
+        """(N,) the predictions of the model with every mechanism off on the calibration rows; depth; outputs."""
         model = load_classifier(path).to(device)
         model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
-        return off.predictions == off.labels, model.config.num_hidden_layers, model.config.num_labels
+        outputs = off.logits[:, 0] if model.config.num_labels == 1 else off.predictions
+        return outputs, model.config.num_hidden_layers, model.config.num_labels
 
-    off_correct, num_layers, num_labels = everything_off(checkpoint)  # also the exits-off candidate below
-    tau_grid = tuning_tau_grid(num_labels, certify is not None) if tau_grid is None else list(tau_grid)
-    reference_correct = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_correct
-    off_accuracy, reference_accuracy = 100.0 * float(off_correct.mean()), 100.0 * float(reference_correct.mean())
-    rows = len(reference_correct)
+    off_predicted, num_layers, num_labels = everything_off(checkpoint)  # also the exits-off candidate below
+    task = task or task_for_model(num_labels)
+    labels = np.asarray(calibration.labels)
+    regression = task.is_regression
+    if policies is None:
+        policies = REGRESSION_TUNE_POLICIES if regression else ("confidence", "agreement")
+    if tau_grid is None:
+        tau_grid = (regression_tau_grid(labels, certify is not None) if regression
+                    else tuning_tau_grid(num_labels, certify is not None))
+    tau_grid = list(tau_grid)
+    reference_predicted = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_predicted
+    off_correct, reference_correct = off_predicted == labels, reference_predicted == labels
+    off_accuracy, reference_accuracy = task.primary(labels, off_predicted), task.primary(labels, reference_predicted)
+    rows = len(labels)
+    # the exact paired bound is for accuracy; any other metric is bounded by a paired bootstrap on fixed resamples
+    exact = task.primary_metric == "accuracy"
+    resamples = None if exact else bootstrap_indices(rows)
     # The confidence each test is made at, so that all of them hold together with probability >= certify: one
     # fixed-sequence test per sweep, plus exits off against another reference run (against itself it is exact).
     tests = len(keep_grid) * len(policies) + (1 if reference_checkpoint else 0)
     per_sweep = None if certify is None else 1.0 - (1.0 - certify) / tests
+    def bootstrap_bound(confidence: float):
+        return lambda row: paired_bootstrap_drop(task, labels, reference_predicted, row["_predicted"], confidence,
+                                                 resamples)["upper"]
+
     candidates = []
     for keep in keep_grid:
         model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
-        for policy in policies:
+        for entry in policies:
+            policy, _, patience = entry.partition(":")
+            patience = int(patience) if patience else 2
             sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id,
-                              reference_correct=reference_correct)
+                              reference_correct=None if regression else reference_correct, task=task,
+                              patience=patience, keep_predictions=True)
             for row in sweep:
                 row["keep_ratio"], row["exit_policy"] = keep, policy
+                if policy in REGRESSION_EXIT_POLICIES:
+                    row["exit_patience"] = patience
             if max_drop is not None:
                 if per_sweep is not None:
-                    ok = certified_prefix(sweep, max_drop, rows, per_sweep)
+                    ok = certified_prefix(sweep, max_drop, rows, per_sweep,
+                                          bound=None if exact else bootstrap_bound(per_sweep), strict_first=regression)
                 else:
-                    ok = [r for r in sweep if r["accuracy"] >= reference_accuracy - max_drop]
+                    ok = [r for r in sweep if r["metric_value"] >= reference_accuracy - max_drop]
                 if ok:
                     candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
             else:
@@ -610,12 +703,14 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     # A threshold no calibration row meets still pays for evaluating every head (~10% at batch 1): such a point is
     # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
-    exits_off = {"tau": 1.0, "keep_ratio": 1.0, "accuracy": off_accuracy, "token_layer_fraction": 1.0,
-                 "mean_exit_layer": float(num_layers), "exit_policy": "none",
-                 **discordant_rows(reference_correct, off_correct)}
+    exits_off = {"tau": 1.0, "keep_ratio": 1.0, "metric_value": off_accuracy, "token_layer_fraction": 1.0,
+                 "mean_exit_layer": float(num_layers), "exit_policy": "none", "_predicted": off_predicted,
+                 **({"accuracy": off_accuracy} if exact else {}),
+                 **({} if regression else discordant_rows(reference_correct, off_correct))}
     if per_sweep is not None:
-        exits_off["drop_upper_bound"] = drop_upper_bound(exits_off["rows_worse"], exits_off["rows_better"], rows,
-                                                         per_sweep)
+        exits_off["drop_upper_bound"] = (
+            drop_upper_bound(exits_off["rows_worse"], exits_off["rows_better"], rows, per_sweep) if exact
+            else bootstrap_bound(per_sweep)(exits_off))
         if exits_off["drop_upper_bound"] > max_drop:
             raise ValueError(f"not even the EAT model with every mechanism off can be certified within {max_drop} "
                              f"points of the reference at {certify:.0%} confidence on {rows} calibration rows "
@@ -639,9 +734,9 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     if max_drop is not None:
         drop_from = "reference run" if reference_checkpoint else "reference"
         if certify is None:
-            condition = f"calibration accuracy >= {drop_from} - {max_drop}"
+            condition = f"calibration {task.primary_title} >= {drop_from} - {max_drop}"
         else:
-            condition = (f"accuracy >= {drop_from} - {max_drop} certified at {certify:.0%} confidence (exact paired "
+            condition = (f"{task.primary_title} >= {drop_from} - {max_drop} certified at {certify:.0%} confidence (exact paired "
                          f"bound on {rows} calibration rows, fixed-sequence over tau, Bonferroni over "
                          f"{tests} test{'s' if tests != 1 else ''})")
         tie = (f"; finalists within {TIMING_TIE:.0%} of the fastest count as tied and the one with the least "
@@ -657,12 +752,21 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
         if not fitting:
             raise ValueError(f"no operating point fits {latency_budget_ms} ms on this machine; the fastest "
                              f"measured {min(c['calibration_p50_ms'] for c in candidates):.2f} ms")
-        best = max(fitting, key=lambda c: c["accuracy"])
-        criterion = f"most accurate with calibration p50 <= {latency_budget_ms} ms"
+        best = max(fitting, key=lambda c: c["metric_value"])
+        criterion = f"highest calibration {task.primary_title} with calibration p50 <= {latency_budget_ms} ms"
     knobs = _tuned_knobs(best)
-    return TuneResult(knobs, best["accuracy"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
+    interval = None
+    if not exact:  # an uncertainty the exact bound cannot give: the chosen point's paired-bootstrap drop
+        interval = {"method": "paired percentile bootstrap", "confidence": 0.9, "samples": len(resamples),
+                    **paired_bootstrap_drop(task, labels, reference_predicted, best["_predicted"], 0.9, resamples)}
+        if max_drop is not None:
+            criterion = criterion.replace("exact paired bound", "paired bootstrap bound")
+    for candidate in candidates:
+        candidate.pop("_predicted", None)
+    return TuneResult(knobs, best["metric_value"], reference_accuracy, best.get("calibration_p50_ms"), candidates,
                       criterion, certify, best.get("drop_upper_bound"), [list(k) if isinstance(k, (list, tuple)) else k
-                                                                        for k in keep_grid])
+                                                                        for k in keep_grid],
+                      task.primary_metric, interval)
 
 
 # batches of calibration rows the batch-N tuner times each finalist on (8 left the MNLI choice to noise)
@@ -727,6 +831,8 @@ def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
              "exit_policy": candidate["exit_policy"], "exit_threshold": candidate["tau"]}
     if candidate["exit_policy"] == "agreement":
         knobs["exit_patience"] = 2
+    if candidate["exit_policy"] in REGRESSION_EXIT_POLICIES:
+        knobs["exit_patience"] = int(candidate.get("exit_patience", 2))
     return knobs
 
 

@@ -15,7 +15,10 @@ attention_block_size   None                       query block of the blocked win
 attention_backend      (any)                      window kernel: "blocked" (SDPA per block) or "flex" (compiled)
 exit_layers            None (last layer only)     1-based layers that carry an exit head, or "all"
 exit_policy            "none"                     "none", "confidence", "entropy", "patience" or "agreement"
-                                                  (the last exit_patience heads agree AND max prob >= tau)
+                                                  (the last exit_patience heads agree AND max prob >= tau);
+                                                  regression (num_labels 1): "delta" (PABEE: the last
+                                                  exit_patience predictions change by < tau each) or "spread"
+                                                  (they lie within a band narrower than tau)
 exit_threshold         (any)                      `tau`: exit when max softmax probability >= tau
 entropy_threshold      (any)                      exit when prediction entropy (nats) <= threshold
 exit_patience          (any)                      PABEE: exit after this many consecutive agreeing heads
@@ -46,7 +49,9 @@ from transformers import BertConfig
 PRUNE_IMPORTANCES = ("cls_attention", "mean_attention", "norm")
 PRUNE_MODES = ("drop", "merge")
 ATTENTION_BACKENDS = ("blocked", "flex")
-EXIT_POLICIES = ("none", "confidence", "entropy", "patience", "agreement")
+EXIT_POLICIES = ("none", "confidence", "entropy", "patience", "agreement", "delta", "spread")
+# the rules for one real-valued output (num_labels == 1, regression) and those for class probabilities
+REGRESSION_EXIT_POLICIES = ("delta", "spread")
 CLASSIFIER_ACTIVATIONS = ("tanh", "relu")
 EXIT_POOLINGS = ("cls", "mean", "pair")
 TOKEN_EXIT_KV = ("keep", "drop")
@@ -161,6 +166,14 @@ def validate_knobs(config: "EATConfig") -> None:
     _choice("prune_importance", config.prune_importance, PRUNE_IMPORTANCES)
     _choice("prune_mode", config.prune_mode, PRUNE_MODES)
     _choice("exit_policy", config.exit_policy, EXIT_POLICIES)
+    regression = getattr(config, "num_labels", 2) == 1
+    if config.exit_policy != "none" and regression and config.exit_policy not in REGRESSION_EXIT_POLICIES:
+        # softmax over one output is always 1: every row would leave at the first head
+        raise KnobError(f"exit_policy: {config.exit_policy!r} reads class probabilities; a regression model (one "
+                        f"output) exits by {' or '.join(REGRESSION_EXIT_POLICIES)}")
+    if config.exit_policy in REGRESSION_EXIT_POLICIES and not regression:
+        raise KnobError(f"exit_policy: {config.exit_policy!r} is for regression heads (one output); this model has "
+                        f"{config.num_labels} classes")
     _choice("classifier_activation", config.classifier_activation, CLASSIFIER_ACTIVATIONS)
     _choice("exit_pooling", config.exit_pooling, EXIT_POOLINGS)
     _choice("attention_backend", config.attention_backend, ATTENTION_BACKENDS)
@@ -271,5 +284,6 @@ class EATConfig(BertConfig):
         return normalize_exit_layers(self.exit_layers, self.num_hidden_layers)
 
 
-__all__ = ["EATConfig", "KnobError", "KNOB_DEFAULTS", "MECHANISMS_OFF", "normalize_keep_schedule", "normalize_exit_layers",
+__all__ = ["EATConfig", "KnobError", "KNOB_DEFAULTS", "MECHANISMS_OFF", "EXIT_POLICIES", "REGRESSION_EXIT_POLICIES",
+           "normalize_keep_schedule", "normalize_exit_layers",
            "validate_knobs"]

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .tasks import Task, get_task
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,34 +37,9 @@ class DataError(ValueError):
     """Input data cannot be used; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """A classification task: its text columns, label names and evaluation splits."""
-
-    name: str
-    text_columns: tuple[str, ...]
-    label_names: tuple[str, ...]
-    eval_splits: tuple[str, ...] = ("validation",)
-    f1: bool = False  # also report binary F1 of the positive class (QQP)
-
-
-TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", ("sentence",), ("negative", "positive")),
-    "qqp": TaskSpec("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), f1=True),
-    "mnli": TaskSpec("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-                     eval_splits=("validation_matched", "validation_mismatched")),
-}
-
-# Candidate files per (task, split), first found wins. Columns of GLUE TSVs are renamed to the parquet names.
-_LOCAL_FILES: dict[str, dict[str, list[str]]] = {
-    "sst2": {"train": ["train.parquet", "train.tsv"], "validation": ["validation.parquet", "dev.tsv"]},
-    "qqp": {"train": ["train.parquet", "train.tsv"], "validation": ["validation.parquet", "dev.tsv"]},
-    "mnli": {"train": ["train.parquet", "train.tsv", "train_sample.parquet"],
-             "validation_matched": ["validation_matched.parquet", "dev_matched.tsv"],
-             "validation_mismatched": ["validation_mismatched.parquet", "dev_mismatched.tsv"]},
-}
+# Tasks are data (eat.tasks): columns, label kind, metrics, GLUE renames and files per split. QQP's carved pair of
+# ../shared/data/glue is the one case a rule decides (carved train and carved validation go together).
 _CARVED_QQP = {"train": "train_carved.parquet", "validation": "validation_carved.parquet"}
-_TSV_RENAMES = {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label", "is_duplicate": "label"}
 
 
 @dataclass
@@ -76,6 +53,11 @@ class TextDataset:
 
     def __len__(self) -> int:
         return len(self.frame)
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the labels are real values (a regression task), read from the label column's dtype."""
+        return self.frame["label"].dtype.kind == "f"
 
     def subset(self, limit: int | None, seed: int = 0) -> "TextDataset":
         """A seeded random sample of ``limit`` rows (all rows when ``limit`` is None or larger)."""
@@ -96,28 +78,32 @@ def data_dir() -> Path | None:
     return path
 
 
-def task_spec(task: str) -> TaskSpec:
-    """The :class:`TaskSpec` of a GLUE task name; raises DataError for an unknown task."""
+def task_spec(task: str) -> Task:
+    """The :class:`~eat.tasks.Task` of a sentence-level task name (GLUE); raises DataError for an unknown task or a
+    token task (those load through :mod:`eat.ner_data`)."""
     try:
-        return TASKS[task]
-    except KeyError:
-        raise DataError(f"unknown task {task!r}; known: {', '.join(TASKS)} (or pass --data-file for your own)") from None
+        spec = get_task(task)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if spec.level != "sequence":
+        raise DataError(f"{task} is a token task (one label per word): it loads through eat.ner_data, not load_glue")
+    return spec
 
 
 def resolve_glue_file(task: str, split: str, root: Path) -> tuple[Path, str]:
     """The local file for a task split and a note on what it is (partial/carved). Raises DataError if absent."""
     task_dir = root / task
-    if task == "qqp" and not any((task_dir / name).is_file() for name in _LOCAL_FILES["qqp"]["train"]):
+    files = task_spec(task).files
+    if task == "qqp" and not any((task_dir / name).is_file() for name in files["train"]):
         # No real QQP train here: use the carved pair, never the full dev the carved train was cut from.
         if split in _CARVED_QQP and (task_dir / _CARVED_QQP[split]).is_file():
             return task_dir / _CARVED_QQP[split], "QQP, carved split (train and validation carved out of GLUE dev)"
-    candidates = _LOCAL_FILES[task].get(split)
+    candidates = files.get(split)
     if candidates is None:
-        raise DataError(f"{task} has no split {split!r}; splits: {', '.join(_LOCAL_FILES[task])}")
+        raise DataError(f"{task} has no split {split!r}; splits: {', '.join(files)}")
     for name in candidates:
         if (task_dir / name).is_file():
-            note = "MNLI, 10% train sample" if name == "train_sample.parquet" else ""
-            return task_dir / name, note
+            return task_dir / name, task_spec(task).notes.get(name, "")
     raise DataError(f"{task_dir}: no file for split {split!r} (looked for {', '.join(candidates)})")
 
 
@@ -132,15 +118,14 @@ def load_glue(task: str, split: str, root: Path | None = None) -> TextDataset:
     # dropped with a warning (a user's own table gets an error instead, so nothing is silently lost there).
     # GLUE TSV column names (sentence1, gold_label...) are renamed here, for the official files only: a user's
     # own table keeps its column names (--text-column sentence1 must find sentence1)
-    frame = read_table(path, glue=True).rename(columns=_TSV_RENAMES)
-    dataset = _frame_to_dataset(frame, str(path), spec.text_columns[0],
-                                spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label",
-                                spec.label_names, drop_empty=True)
+    frame = read_table(path, glue=True).rename(columns=dict(spec.renames))
+    dataset = _frame_to_dataset(frame, str(path), spec.text_column, spec.pair_column, spec.label_column,
+                                spec.label_names, drop_empty=True, label_kind=spec.label_kind)
     dataset.note = note
     return dataset
 
 
-def _load_glue_from_hub(spec: TaskSpec, split: str) -> TextDataset:
+def _load_glue_from_hub(spec: Task, split: str) -> TextDataset:
     try:
         import datasets
     except ImportError as error:
@@ -152,9 +137,8 @@ def _load_glue_from_hub(spec: TaskSpec, split: str) -> TextDataset:
         raise DataError(f"could not load glue/{spec.name} split {split} from the hub ({error}); "
                         "set EAT_DATA_DIR to a local copy") from error
     frame = hub.to_pandas()
-    return _frame_to_dataset(frame, f"hub:nyu-mll/glue/{spec.name}/{split}", spec.text_columns[0],
-                             spec.text_columns[1] if len(spec.text_columns) > 1 else None, "label", spec.label_names,
-                             drop_empty=True)
+    return _frame_to_dataset(frame, f"hub:nyu-mll/glue/{spec.name}/{split}", spec.text_column, spec.pair_column,
+                             spec.label_column, spec.label_names, drop_empty=True, label_kind=spec.label_kind)
 
 
 def read_table(path: Path, glue: bool = False) -> pd.DataFrame:
@@ -195,19 +179,24 @@ def _check_utf8(path: Path) -> None:
 
 
 def load_table(path: str | Path, text_column: str, text_pair_column: str | None, label_column: str,
-               label_names: Sequence[str] | None = None, drop_empty: bool = False) -> TextDataset:
+               label_names: Sequence[str] | None = None, drop_empty: bool = False,
+               label_kind: str = "classes") -> TextDataset:
     """A user table (CSV/TSV/JSONL/parquet) as a :class:`TextDataset`.
+
+    ``label_kind="regression"``: the label is a real value on every row (float32), e.g. a similarity score.
 
     Labels may be integers (ids into ``label_names``) or strings (names in ``label_names``). Without
     ``label_names`` they are inferred: sorted unique strings, or ``0..max`` for integers. Rows with an empty text
     raise :class:`DataError`, or with ``drop_empty`` are dropped with one warning naming the file and the rows.
     """
     frame = read_table(Path(path))  # the user's own column names, never GLUE's renames
-    return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names, drop_empty)
+    return _frame_to_dataset(frame, str(path), text_column, text_pair_column, label_column, label_names, drop_empty,
+                             label_kind)
 
 
 def _frame_to_dataset(frame: pd.DataFrame, source: str, text_column: str, text_pair_column: str | None,
-                      label_column: str, label_names: Sequence[str] | None, drop_empty: bool = False) -> TextDataset:
+                      label_column: str, label_names: Sequence[str] | None, drop_empty: bool = False,
+                      label_kind: str = "classes") -> TextDataset:
     for column in (text_column, text_pair_column, label_column):
         if column is not None and column not in frame.columns:
             raise DataError(f"{source}: no column {column!r} (columns: {', '.join(map(str, frame.columns))})")
@@ -218,9 +207,23 @@ def _frame_to_dataset(frame: pd.DataFrame, source: str, text_column: str, text_p
     out = pd.DataFrame({"text": _texts(frame[text_column], source, text_column)})
     if text_pair_column is not None:
         out["text_pair"] = _texts(frame[text_pair_column], source, text_pair_column)
+    if label_kind == "regression":  # one real value per row; the single output is named after the column
+        out["label"] = _real_labels(frame[label_column], source, label_column)
+        return TextDataset(out, tuple(label_names or (label_column,))[:1], source)
     labels, names = _labels(frame[label_column], source, label_column, label_names)
     out["label"] = labels
     return TextDataset(out, tuple(names), source)
+
+
+def _real_labels(column: pd.Series, source: str, name: str) -> np.ndarray:
+    """A regression label column as float32 (N,); DataError naming the rows that are blank or not a finite number."""
+    values = pd.to_numeric(column.astype("string").str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    bad = [int(i) for i in np.flatnonzero(~np.isfinite(values))]
+    if bad:
+        examples = ", ".join(f"row {r}: {column.iloc[r]!r}" for r in bad[:5])
+        raise DataError(f"{source}: column {name!r} has {len(bad)} label(s) that are not numbers ({examples}; row "
+                        "numbers count from 0, header excluded); a regression label is a real value on every row")
+    return values.astype(np.float32)
 
 
 def _empty_mask(column: pd.Series) -> pd.Series:
@@ -465,7 +468,7 @@ def carve_sentence_calibration(dataset: TextDataset, sentences: int, seed: int =
     return train, calibration
 
 
-__all__ = ["DataError", "TaskSpec", "TASKS", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
+__all__ = ["DataError", "Task", "TextDataset", "EncodedDataset", "data_dir", "task_spec",
            "resolve_glue_file", "load_glue", "load_table", "read_table", "encode", "batches", "batch_order", "collate",
            "padding_share",
            "carve_calibration", "carve_sentence_calibration"]

@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from .data import TextDataset, batches, encode
 from .modeling_eat import EATForSequenceClassification, WorkCounters
+from .tasks import Task, task_for_model
 
 
 @dataclass
@@ -95,9 +96,26 @@ def exits_at_threshold(exit_logits: np.ndarray, exit_layers: tuple[int, ...], po
 
     Same rules as the model: "confidence" exits at the first head with max probability >= threshold, "entropy" at
     the first with entropy <= threshold, "patience" when the last ``patience`` heads agree, "agreement" when they
-    agree and the max probability is >= threshold, "none" at the last head.
+    agree and the max probability is >= threshold, "none" at the last head. Regression heads ((N, E, 1)): "delta"
+    when the last ``patience`` values each moved by less than threshold, "spread" when they lie within a band
+    narrower than threshold (:func:`~eat.modeling_eat.exit_decision`).
     """
     N, E, _ = exit_logits.shape
+    if policy in ("delta", "spread"):
+        values = exit_logits[..., 0]  # (N, E)
+        passes = np.zeros((N, E), dtype=bool)
+        if policy == "delta":
+            streak = np.ones((N, E), dtype=np.int64)
+            for e in range(1, E):
+                streak[:, e] = np.where(np.abs(values[:, e] - values[:, e - 1]) < threshold, streak[:, e - 1] + 1, 1)
+            passes = streak >= patience
+        else:
+            for e in range(patience - 1, E):
+                window = values[:, e - patience + 1:e + 1]  # (N, patience) the last `patience` values
+                passes[:, e] = window.max(1) - window.min(1) < threshold
+        passes[:, -1] = True
+        slot = passes.argmax(1)
+        return exit_logits[np.arange(N), slot], np.asarray(exit_layers)[slot]
     probs = _softmax(exit_logits)
     if policy == "confidence":
         passes = probs.max(-1) >= threshold
@@ -118,9 +136,18 @@ def exits_at_threshold(exit_logits: np.ndarray, exit_layers: tuple[int, ...], po
     return exit_logits[np.arange(N), slot], np.asarray(exit_layers)[slot]
 
 
-def summarize(predictions: Predictions, f1: bool = False) -> dict[str, Any]:
-    """Metrics, exit-layer distribution, mean layers and tokens for one pass; per-exit accuracy when cached."""
-    summary: dict[str, Any] = classification_metrics(predictions.labels, predictions.predictions, f1)
+def summarize(predictions: Predictions, f1: bool = False, task: Task | None = None) -> dict[str, Any]:
+    """Metrics, exit-layer distribution, mean layers and tokens for one pass; per-exit accuracy when cached.
+
+    With a ``task``: its metrics (the primary one as ``metric`` / ``metric_value`` too) and per-exit primary metric
+    (``per_exit_metric``) instead of accuracy and F1."""
+    if task is not None:
+        predicted = task.predictions(predictions.logits)
+        scores = task.score(predictions.labels, predicted)
+        summary: dict[str, Any] = {"metric": task.primary_metric, "metric_value": scores[task.primary_metric],
+                                   **scores}
+    else:
+        summary = classification_metrics(predictions.labels, predictions.predictions, f1)
     counts = Counter(predictions.exit_layer.tolist())
     summary["rows"] = int(len(predictions.labels))
     summary["exit_distribution"] = {int(k): int(v) for k, v in sorted(counts.items())}
@@ -132,7 +159,11 @@ def summarize(predictions: Predictions, f1: bool = False) -> dict[str, Any]:
     summary["token_layers"] = predictions.work.token_layers
     summary["token_layer_fraction"] = float(predictions.tokens_per_layer.sum() /
                                             (predictions.input_length.sum() * ran.shape[1]))
-    if predictions.exit_logits is not None:
+    if predictions.exit_logits is not None and task is not None:
+        summary["per_exit_metric"] = {
+            int(layer): task.primary(predictions.labels, task.predictions(predictions.exit_logits[:, slot]))
+            for slot, layer in enumerate(predictions.exit_layers)}
+    elif predictions.exit_logits is not None:
         summary["per_exit_accuracy"] = {
             int(layer): 100.0 * accuracy_score(predictions.labels, predictions.exit_logits[:, slot].argmax(-1))
             for slot, layer in enumerate(predictions.exit_layers)}
@@ -142,6 +173,14 @@ def summarize(predictions: Predictions, f1: bool = False) -> dict[str, Any]:
 def evaluate_static_accuracy(model: EATForSequenceClassification, tokenizer, dataset: TextDataset,
                              max_length: int, device: str = "cpu") -> float:
     """Accuracy (%) of the final head with every row running all layers (exits off)."""
+    return evaluate_static_score(model, tokenizer, dataset, max_length, device, task_for_model(2))
+
+
+def evaluate_static_score(model: EATForSequenceClassification, tokenizer, dataset: TextDataset, max_length: int,
+                          device: str = "cpu", task: Task | None = None) -> float:
+    """The task's primary metric (%) of the final head with every row running all layers (exits off); without a
+    task, accuracy (Pearson for a one-output model)."""
+    task = task or task_for_model(model.config.num_labels)
     encoded = encode(dataset, tokenizer, max_length)
     policy = model.config.exit_policy
     model.config.exit_policy = "none"
@@ -149,7 +188,7 @@ def evaluate_static_accuracy(model: EATForSequenceClassification, tokenizer, dat
         predictions = predict_encoded(model, encoded, device=device, pad_id=tokenizer.pad_token_id or 0)
     finally:
         model.config.exit_policy = policy
-    return classification_metrics(predictions.labels, predictions.predictions)["accuracy"]
+    return task.primary(predictions.labels, task.predictions(predictions.logits))
 
 
 @torch.inference_mode()

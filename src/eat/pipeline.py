@@ -26,14 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from .bench import (TAU_GRID, BenchConfig, OperatingPoint, ablation_points, bench_config_from_preset, measure_points,
-                    save_json, sweep_points, tau_sweep, tune)
+                    regression_tau_grid, save_json, sweep_points, tau_sweep, tune)
 from .checkpoints import load_classifier
-from .data import encode, load_glue, task_spec
+from .configuration_eat import REGRESSION_EXIT_POLICIES
+from .data import encode, load_glue, load_table
 from .report import build_report
 from .results import ResultsLog
-from .training import TrainConfig, train, train_config_from_preset
+from .tasks import SEQUENCE_TASKS, Task
+from .training import TrainConfig, config_task, train, train_config_from_preset
 
-RUN_TASKS = ("sst2", "qqp", "mnli")
+# every sentence-level task of the registry (GLUE); `eat run --task all` runs the three headline tasks and
+# `--task glue` every one of them; a user's own table runs with --data-file / --eval-file
+RUN_TASKS = SEQUENCE_TASKS
+HEADLINE_TASKS = ("sst2", "qqp", "mnli")
+# the fields of a user's own table (RunConfig), passed on to every training config
+USER_DATA_FIELDS = ("data_file", "eval_file", "text_column", "text_pair_column", "label_column", "label_kind", "metric")
 RUN_RECIPES = ("two-stage", "joint")
 # accuracy points the tuned point may lose against the static model (calibration split)
 RUN_MAX_DROP = {"smoke": 5.0, "demo": 0.5, "paper": 0.5}
@@ -57,11 +64,22 @@ class RunConfig:
     recipe: str = "two-stage"
     max_drop: float | None = None  # None: the preset's (RUN_MAX_DROP)
     certify: float | None = None  # e.g. 0.9: the tuner certifies the drop (see `eat tune --certify`)
+    # a user's own table instead of a registered task (``task`` then only names it)
+    data_file: str | None = None
+    eval_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_kind: str = "classes"
+    metric: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.task not in RUN_TASKS:
-            raise ValueError(f"unknown task {self.task!r}; use {', '.join(RUN_TASKS)} or all")
+        if self.data_file is None and self.task not in RUN_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; use {', '.join(RUN_TASKS)}, all, glue, or --data-file "
+                             "with --eval-file for your own table")
+        if self.data_file is not None and self.eval_file is None:
+            raise ValueError("--eval-file is required with --data-file (the dev rows every point is measured on)")
         if self.recipe not in RUN_RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; recipes: {', '.join(RUN_RECIPES)}")
         if self.max_drop is not None and self.max_drop < 0:
@@ -97,8 +115,22 @@ def _train_variant(config: TrainConfig, folder: Path, log) -> Path:
     else:
         _log(f"training {config.variant} on {config.task} into {folder}", log)
         result = train(config, folder)
-        _log(f"{config.variant}: dev accuracy {result.dev_accuracy} in {result.seconds / 60:.1f} min", log)
+        _log(f"{config.variant}: dev {result.dev_metric} {result.dev_accuracy} in {result.seconds / 60:.1f} min", log)
     return folder / "model"
+
+
+def run_saved_fields(run: RunConfig) -> dict[str, Any]:
+    """The fields of ``run`` as ``run_config_<task>.json`` holds them: a user-data field is left out while it has
+    its default, so results folders written before those fields existed still resume (and compare equal)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    return {name: value for name, value in dataclasses.asdict(run).items()
+            if name not in USER_DATA_FIELDS or value != defaults[name]}
+
+
+def run_task_of(run: RunConfig) -> Task:
+    """The :class:`~eat.tasks.Task` of a run: the registered one, or the user's table as its flags describe it."""
+    return config_task(train_config_from_preset(run.preset, task=run.task,
+                                                **{name: getattr(run, name) for name in USER_DATA_FIELDS}))
 
 
 def training_configs(run: RunConfig, runs_dir: Path, train_overrides: dict[str, Any] | None = None
@@ -106,8 +138,9 @@ def training_configs(run: RunConfig, runs_dir: Path, train_overrides: dict[str, 
     """The training settings of the three models of a run ({"static", "eat", "half"}, in training order).
     ``train_overrides`` (e.g. epochs, train_limit) apply to the models fine-tuned from the backbone; the
     two-stage head fitting keeps its own epochs and learning rate."""
-    base = {**TASK_TRAINING.get(run.task, {}), **(train_overrides or {})}
-    pooling = PAIR_POOLING if len(task_spec(run.task).text_columns) == 2 else HEAD_STAGE["exit_pooling"]
+    user = {name: getattr(run, name) for name in USER_DATA_FIELDS} if run.data_file is not None else {}
+    base = {**({} if user else TASK_TRAINING.get(run.task, {})), **user, **(train_overrides or {})}
+    pooling = PAIR_POOLING if run_task_of(run).is_pair else HEAD_STAGE["exit_pooling"]
     stage = ({"eat": {**HEAD_STAGE, "exit_pooling": pooling, "init_from": str(runs_dir / run.task / "static")}}
              if run.recipe == "two-stage" else {})
     return {variant: train_config_from_preset(run.preset, task=run.task, variant=variant,
@@ -118,27 +151,37 @@ def training_configs(run: RunConfig, runs_dir: Path, train_overrides: dict[str, 
 def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, device: str = "cpu",
              train_overrides: dict[str, Any] | None = None, bench_overrides: dict[str, Any] | None = None,
              log: Callable[[str], None] | None = None, progress=None, max_drop: float | None = None,
-             recipe: str = "two-stage", certify: float | None = None) -> dict[str, Any]:
+             recipe: str = "two-stage", certify: float | None = None,
+             user_data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole main job for one task. Returns the tuned point and where the report is.
+
+    ``user_data``: a user's own table instead of a registered task (``task`` names it): ``data_file``,
+    ``eval_file``, ``text_column``, ``text_pair_column``, ``label_column``, ``label_kind`` ("classes" or
+    "regression") and ``metric`` (the first one primary), as :class:`RunConfig` holds them.
 
     max_drop: accuracy points the tuned point may lose against the static model on the calibration split
     (default: the preset's). recipe: ``two-stage`` or ``joint`` (module docstring). certify: a confidence (e.g. 0.9)
     at which the tuner must certify that drop instead of meeting it on the calibration rows alone."""
-    run = RunConfig(task, preset, recipe, max_drop, certify)
+    run = RunConfig(task, preset, recipe, max_drop, certify, **(user_data or {}))
     run.validate()
     max_drop = RUN_MAX_DROP[preset] if max_drop is None else max_drop
-    spec = task_spec(task)
+    spec = run_task_of(run)
     results_dir.mkdir(parents=True, exist_ok=True)
     run_file = results_dir / f"run_config_{task}.json"
-    if run_file.is_file() and json.loads(run_file.read_text()) != dataclasses.asdict(run):
+    if run_file.is_file() and json.loads(run_file.read_text()) != run_saved_fields(run):
         raise ValueError(f"{results_dir} holds results of another run of {task} ({run_file.read_text().strip()}); "
                          "use another --results folder")
     configs = training_configs(run, runs_dir, train_overrides)
     models = {variant: _train_variant(config, runs_dir / task / variant, log) for variant, config in configs.items()}
     eat_config = configs["eat"]
-    save_json(run_file, dataclasses.asdict(run))
+    save_json(run_file, run_saved_fields(run))
+    # the calibration slice (held out of training: same seed and size as training used) and the dev sets
+    from .training import training_data
+
+    _, calibration, _ = training_data(eat_config)
+    task_bench = regression_bench(calibration.frame["label"].to_numpy()) if spec.is_regression else {}
     bench = bench_config_from_preset(preset, task=task, device=device, max_length=eat_config.max_length,
-                                     **(bench_overrides or {}))
+                                     **{**task_bench, **(bench_overrides or {})})
     save_json(results_dir / f"bench_config_{task}.json", dataclasses.asdict(bench))
     save_json(results_dir / f"train_config_{task}.json", dataclasses.asdict(eat_config))
 
@@ -147,10 +190,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     tokenizer = AutoTokenizer.from_pretrained(str(models["eat"]))
     pad_id = tokenizer.pad_token_id or 0
 
-    # --- operating point on the calibration split (held out of training: same seed and size as training used)
-    from .training import training_data
-
-    _, calibration, _ = training_data(eat_config)
+    # --- operating point on the calibration split
     tuned_file = results_dir / f"tuned_{task}.json"
     if tuned_file.is_file():
         tuned = json.loads(tuned_file.read_text())
@@ -162,14 +202,14 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
                       max_drop=max_drop, device=device, pad_id=pad_id,
                       tau_grid=tuner_grid(bench, certify),
                       timing_rows=min(150, len(calibration)), reference_checkpoint=str(models["static"]),
-                      certify=certify)
+                      certify=certify, task=spec)
         tuned = dataclasses.asdict(result)
         save_json(tuned_file, tuned)
         _log(f"tuned {task}: {result.knobs} ({result.criterion})", log)
 
     log_file = ResultsLog(results_dir)
     for split in spec.eval_splits:
-        dev = load_glue(task, split).subset(bench.rows, seed=bench.seed)
+        dev = _dev_split(run, spec, split, calibration.label_names).subset(bench.rows, seed=bench.seed)
         encoded = encode(dev, tokenizer, eat_config.max_length)
         split_bench = dataclasses.replace(bench, split=split)
         sweep_name = task if len(spec.eval_splits) == 1 else f"{task}:{split}"  # the report's series name
@@ -178,7 +218,8 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
             import pandas as pd
 
             model = load_classifier(str(models["eat"]), knobs={"exit_layers": "all"})
-            rows = tau_sweep(model, encoded, bench.tau_grid, device=device, pad_id=pad_id, f1=spec.f1)
+            rows = tau_sweep(model, encoded, bench.tau_grid, device=device, pad_id=pad_id, task=spec,
+                             **_sweep_rule(spec, tuned["knobs"], bench))
             from .results import atomic_write_text
 
             atomic_write_text(sweep_file, pd.DataFrame(rows).to_csv(index=False))
@@ -190,10 +231,38 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
         points += sweep_points(str(models["eat"]), split_bench)
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
         measure_points(points, encoded, split_bench, log_file, dataset_source=f"{dev.source} {dev.note}".strip(),
-                       f1=spec.f1, pad_id=pad_id, examples_dir=results_dir / "examples",
+                       f1=spec.f1, pad_id=pad_id, examples_dir=results_dir / "examples", task=spec,
                        extra={"preset": preset}, progress=progress)
     report = build_report(results_dir)
     return {"task": task, "tuned": tuned["knobs"], "report": str(report)}
+
+
+def regression_bench(labels) -> dict[str, Any]:
+    """Bench settings of a regression task: its exit rule (PABEE's "delta") and thresholds in the label's units
+    (:func:`~eat.bench.regression_tau_grid` of the calibration labels) for the sweep, the ablation's exit rows
+    (the grid's middle) and the timed sweep points (a quarter, half and three quarters along it)."""
+    grid = regression_tau_grid(labels)
+    return {"exit_policy": "delta", "tau": grid[len(grid) // 2], "tau_grid": grid,
+            "tau_latency_points": [grid[len(grid) // 4], grid[len(grid) // 2], grid[3 * len(grid) // 4]]}
+
+
+def _sweep_rule(spec: Task, tuned_knobs: dict[str, Any], bench: BenchConfig) -> dict[str, Any]:
+    """The exit rule the threshold sweep replays: the tuned rule for regression (delta or spread, its patience),
+    else the bench's (confidence)."""
+    if not spec.is_regression:
+        return {}
+    policy = tuned_knobs.get("exit_policy")
+    if policy in REGRESSION_EXIT_POLICIES:
+        return {"policy": policy, "patience": int(tuned_knobs.get("exit_patience", 2))}
+    return {"policy": bench.exit_policy, "patience": 2}
+
+
+def _dev_split(run: RunConfig, spec: Task, split: str, label_names: tuple[str, ...]):
+    """A dev split of the run's task: GLUE's, or the user's ``eval_file`` (with the training labels' names)."""
+    if run.data_file is None:
+        return load_glue(run.task, split)
+    return load_table(run.eval_file, run.text_column, run.text_pair_column, run.label_column,
+                      label_names=None if spec.is_regression else label_names, label_kind=run.label_kind)
 
 
 def summary_lines(results_dir: Path, task: str) -> list[str]:
@@ -202,11 +271,19 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
     lines = []
     for name in ("static", "half-depth", "eat:none", "eat:tuned"):
         for row in [r for r in rows if r["point"] == name]:
-            lines.append(f"{task} {row['split']} {name:<11} accuracy {row['accuracy']:.2f}%  batch-1 p50 "
+            metric, value = _row_metric(row)
+            lines.append(f"{task} {row['split']} {name:<11} {metric} {value:.2f}%  batch-1 p50 "
                          f"{row['b1_p50_ms']:.2f} ms  {row['throughput_rows_per_s']:.0f} rows/s at batch "
                          f"{row['batch_size_throughput']}{_sorted_rate(row)}  mean exit layer "
                          f"{row['mean_exit_layer']:.2f}")
     return lines
+
+
+def _row_metric(row: dict) -> tuple[str, float]:
+    """(name, value) of a results row's primary metric; rows written before metrics had names hold accuracy."""
+    if row.get("metric_value") is not None:
+        return str(row.get("metric", "metric")), float(row["metric_value"])
+    return "accuracy", float(row["accuracy"])
 
 
 def _sorted_rate(row: dict) -> str:
@@ -215,5 +292,6 @@ def _sorted_rate(row: dict) -> str:
     return "" if rate is None else f" ({rate:.0f} sorted)"
 
 
-__all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "RUN_RECIPES", "HEAD_STAGE",
+__all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "HEADLINE_TASKS", "run_task_of",
+           "regression_bench", "RUN_RECIPES", "HEAD_STAGE",
            "PAIR_POOLING", "BenchConfig"]

@@ -32,6 +32,7 @@ from .checkpoints import load_classifier, model_folder, read_config_dict
 from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
 from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
                    load_table, task_spec)
+from .tasks import Task, get_task, user_task
 from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
                           keep_layers)
 from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
@@ -89,6 +90,10 @@ class TrainConfig:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    # your own table: "classes" or "regression" (a real-valued label, e.g. a similarity score), and the metric(s)
+    # to report, the first one primary (None: accuracy for classes, Pearson and Spearman for regression)
+    label_kind: str = "classes"
+    metric: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -96,6 +101,8 @@ class TrainConfig:
             raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.data_file is None and not is_token_task(self.task):
             task_spec(self.task)
+        if self.data_file is not None and not is_token_task(self.task):
+            config_task(self)  # checks label_kind and metric
         rates = ("learning_rate",) + (("head_learning_rate",) if self.head_learning_rate is not None else ())
         for name in ("epochs",) + rates:
             if getattr(self, name) <= 0:
@@ -156,16 +163,27 @@ def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 # ------------------------------------------------------------------------------------------------------- data
 
 
+def config_task(config: TrainConfig) -> Task:
+    """The :class:`~eat.tasks.Task` a training config trains for: the registered task, or the user's own table
+    (``data_file``) described by its columns, ``label_kind`` and ``metric``."""
+    if config.data_file is None:
+        return get_task(config.task)
+    return user_task(config.task, config.text_column, config.text_pair_column, config.label_column,
+                     config.label_kind, config.metric)
+
+
 def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[str, TextDataset]]:
     """(train, calibration, {eval split: dataset}) for a config: GLUE or user files (token tasks: TaggedData)."""
     if is_token_task(config.task):
         return _tagged_training_data(config)
     if config.data_file is not None:
-        full = load_table(config.data_file, config.text_column, config.text_pair_column, config.label_column)
+        full = load_table(config.data_file, config.text_column, config.text_pair_column, config.label_column,
+                          label_kind=config.label_kind)
         if config.eval_file is None:
             raise DataError("--eval-file is required with --data-file")
         evals = {"validation": load_table(config.eval_file, config.text_column, config.text_pair_column,
-                                          config.label_column, label_names=full.label_names)}
+                                          config.label_column, label_names=full.label_names,
+                                          label_kind=config.label_kind)}
     else:
         spec = task_spec(config.task)
         full = load_glue(config.task, "train")
@@ -246,13 +264,21 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
         if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
             raise ValueError(f"--init-from {source}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
                              f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
-        return load_classifier(source, id2label=id2label, knobs=knobs, token_level=token_level)
+        return _mark_regression(load_classifier(source, id2label=id2label, knobs=knobs, token_level=token_level))
     if saved.get("exit_layers"):  # a static run trained further (e.g. as long as an EAT run was), never an EAT run
         raise ValueError(f"--init-from {source}: an EAT run with exit heads; a {config.variant} model starts "
                          "from a static run or the backbone")
     model = load_classifier(source, id2label=id2label, token_level=token_level)
     if config.variant == "half":
         model = keep_layers(model, half_depth_layers(model.config.num_hidden_layers))
+    return _mark_regression(model)
+
+
+def _mark_regression(model):
+    """Set Hugging Face's ``problem_type`` of a one-output model to "regression" (what it is: MSE loss, and the
+    regression exit rules) so the saved config says so."""
+    if model.config.num_labels == 1:
+        model.config.problem_type = "regression"
     return model
 
 
@@ -308,8 +334,21 @@ def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: to
                     teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
     """Joint loss over exits: weighted cross-entropy of every head, plus distillation (KL at ``temperature``,
     the teacher detached) of every earlier head from the final head, or, with ``teacher_logits`` (B, C) from
-    another model, of every head including the final one from those. exit_logits: (B, E, C)."""
+    another model, of every head including the final one from those. exit_logits: (B, E, C).
+
+    Regression (float ``labels``, C == 1): mean squared error of every head instead, and distillation by MSE on
+    the final head's (or the teacher's) value: a real value has no temperature."""
     B, E, C = exit_logits.shape
+    if labels.is_floating_point():
+        values = exit_logits[..., 0].float()  # (B, E)
+        loss = (((values - labels[:, None].float()) ** 2).mean(0) * weights.to(values.device)).sum()
+        if distill_weight > 0 and (E > 1 or teacher_logits is not None):
+            if teacher_logits is None:
+                target, student = values[:, -1:].detach(), values[:, :-1]  # (B, 1), (B, E-1)
+            else:
+                target, student = teacher_logits.detach().float()[:, :1], values  # (B, 1), (B, E)
+            loss = loss + distill_weight * ((student - target) ** 2).mean()
+        return loss
     ce = F.cross_entropy(exit_logits.reshape(B * E, C), labels.repeat_interleave(E), reduction="none").view(B, E)
     loss = (ce.mean(0) * weights.to(ce.device)).sum()
     if distill_weight > 0 and (E > 1 or teacher_logits is not None):
@@ -344,8 +383,9 @@ class TrainResult:
     steps: int
     seconds: float
     train_rows: int
-    dev_accuracy: dict[str, float]
+    dev_accuracy: dict[str, float]  # per split, the task's primary metric (``dev_metric``; the name is historical)
     resumed_from_step: int = 0
+    dev_metric: str = "accuracy"
 
 
 class RunFinishedError(RuntimeError):
@@ -560,11 +600,13 @@ def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_d
                                      pad_id=tokenizer.pad_token_id or 0, disable_exit=True)["f1"]
                for name, data in evals.items()}
     else:
-        from .evaluation import evaluate_static_accuracy
+        from .evaluation import evaluate_static_score
 
-        dev = {name: evaluate_static_accuracy(model, tokenizer, data, config.max_length, device=device)
+        task = config_task(config)
+        dev = {name: evaluate_static_score(model, tokenizer, data, config.max_length, device=device, task=task)
                for name, data in evals.items()}
-    result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step)
+    metric_name = "entity_f1" if token_level else config_task(config).primary_metric
+    result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step, metric_name)
     summary = {**dataclasses.asdict(result), "train_source": train_data.source, "train_note": train_data.note,
                "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__}
     _atomic_write_json(out / "train_summary.json", summary)
