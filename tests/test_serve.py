@@ -513,3 +513,27 @@ def test_ray_serve_two_replicas_answer_like_the_single_machine_server(checkpoint
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# --- the load generator ---------------------------------------------------------------------------------------
+
+
+def test_load_generator_counts_every_request_once_with_malformed_ones_mixed_in(checkpoint):
+    """benchmarks/serve_load.py at a tiny size against a live server: every well-formed request answered once
+    with its own id, every malformed one rejected with a 4xx, latencies and rates filled in."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_load_script", REPO / "benchmarks" / "serve_load.py")
+    load = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = load  # its dataclasses look their module up there
+    spec.loader.exec_module(load)
+    texts = [EARLY, LATE, "the plot is thin", "a small gem"]
+    with live_server(create_app(load_predictor(checkpoint, knobs=EXITS))) as url:
+        result = asyncio.run(load.run_rate(url, texts, 200.0, requests=40, duration=10, seed=1, malformed=0.2))
+    assert result.sent == 40 and result.malformed_sent > 0
+    assert result.malformed_rejected == result.malformed_sent and result.status_counts.get("400") == \
+        result.malformed_sent
+    assert result.answered == 40 - result.malformed_sent and result.exactly_once
+    assert result.errors == result.lost == result.refused == result.duplicates == 0
+    assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms and result.throughput > 0
+    assert load.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and load.percentile([5.0], 99) == 5.0
