@@ -348,7 +348,8 @@ def test_http_errors_name_the_problem_and_a_bad_row_fails_alone(checkpoint):
                  (dict(json={"id": 1}), 422, "missing field"),
                  (dict(json={"texts": ["fine", " "]}), 422, "texts[1] is empty"),
                  (dict(json={"texts": ["a"] * 4}), 413, "at most 3 per request"),
-                 (dict(content=b'{"text": "' + b"y" * 3000 + b'"}'), 413, "at most 2000")]
+                 (dict(content=b'{"text": "' + b"y" * 3000 + b'"}'), 413, "at most 2000"),
+                 (dict(content=iter([b'{"text": "', b"z" * 3000, b'"}'])), 413, "more than 2000")]  # chunked
         for kwargs, status, message in cases:
             response = post(**kwargs)
             assert response.status_code == status and message in response.json()["error"], response.text

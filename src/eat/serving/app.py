@@ -73,8 +73,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
             return 413, {"error": f"the body has {declared} bytes; at most {config.max_body_bytes} "
                                   "(--max-body-bytes)"}, {}
+        body = bytearray()
+        async for chunk in request.stream():  # a chunked upload has no Content-Length: stop at the limit
+            body += chunk
+            if len(body) > config.max_body_bytes:
+                return 413, {"error": f"the body has more than {config.max_body_bytes} bytes "
+                                      "(--max-body-bytes)"}, {}
         try:
-            parsed = parse_request(await request.body(), max_rows=config.max_rows_per_request,
+            parsed = parse_request(bytes(body), max_rows=config.max_rows_per_request,
                                    max_body_bytes=config.max_body_bytes)
             rows = []
             for i, (text, pair) in enumerate(parsed.rows):

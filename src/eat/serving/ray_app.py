@@ -124,6 +124,8 @@ def serve_on_ray(checkpoint: str | Path, *, config: ServeConfig, address: str | 
 
     if address:
         ray.init(address=address)
+    elif host in ("127.0.0.1", "localhost"):  # a local cluster for a loopback service: keep Ray on loopback too
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
     else:
         ray.init(include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
