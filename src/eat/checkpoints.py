@@ -180,6 +180,11 @@ def load_classifier(name_or_path: str | None = None, *, num_labels: int | None =
         try:
             model = model_class.from_pretrained(name_or_path, config=config)
         except Exception as error:  # noqa: BLE001 - safetensors, OSError, torch: one clear message naming the path
+            mismatched = _shape_mismatches(Path(name_or_path), model_class, config)
+            if mismatched:  # transformers' own report is silenced in the CLI: say which shapes differ
+                raise CheckpointError(f"{Path(name_or_path) / 'config.json'} does not match the weights in "
+                                      f"{name_or_path}: {mismatched} (is hidden_size / intermediate_size / "
+                                      "num_attention_heads the one it was saved with?)") from None
             reason = "corrupt weight file" if "safetensor" in type(error).__name__.lower() else "cannot load weights"
             raise CheckpointError(f"{name_or_path}: {reason} ({error})") from error
     elif model_type == "distilbert":
@@ -202,6 +207,27 @@ def load_classifier(name_or_path: str | None = None, *, num_labels: int | None =
     if exit_heads_from_final and not _checkpoint_has_exit_heads(name_or_path):
         model.init_exit_heads_from_final()
     return model.eval()
+
+
+def _shape_mismatches(directory: Path, model_class, config: EATConfig, limit: int = 3) -> str:
+    """'name: weights (32, 32) vs config (64, 64), ...' for the first parameters whose saved shape differs from the
+    shape ``config`` asks for ('' when none differ or the weights cannot be read). The model is built on the meta
+    device: shapes only, no memory."""
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        return ""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as handle:
+            saved = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        with torch.device("meta"):
+            expected = {key: tuple(value.shape) for key, value in model_class(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the caller's own message
+        return ""
+    differ = [f"{key}: weights {saved[key]} vs config {expected[key]}" for key in expected
+              if key in saved and saved[key] != expected[key]]
+    return ", ".join(differ[:limit]) + (f" and {len(differ) - limit} more" if len(differ) > limit else "")
 
 
 def _checkpoint_has_exit_heads(name_or_path: str) -> bool:

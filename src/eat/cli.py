@@ -77,13 +77,45 @@ def user_errors(function: Callable) -> Callable:
 
         _quiet_transformers()
         try:
+            _check_flags(kwargs)
             return function(*args, **kwargs)
         except (CheckpointError, KnobError, DataError, RunFinishedError, ReportError, ResultsError, ValueError,
                 FileNotFoundError) as error:
-            console.print(f"[red]error:[/red] {error}")
+            from rich.markup import escape
+
+            # escaped: a message may hold brackets ("pip install 'eat[ner]'", "[CLS]", label lists) rich would eat
+            console.print(f"[red]error:[/red] {escape(str(error))}")
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # finished work is on disk whole (atomic writes, resumable checkpoints, one append per measured table)
+            console.print("[red]interrupted;[/red] resume with the same command (eat train, bench, tune and run "
+                          "continue from what is saved)")
+            raise typer.Exit(130) from None
 
     return wrapper
+
+
+# flags that count something: 0 or a negative number is a usage error (exit 2) naming the flag, before any work
+_AT_LEAST_ONE = ("rows", "train_limit", "eval_limit", "limit", "batch_size", "threads")
+
+
+def _check_flags(options: dict[str, Any]) -> None:
+    """One check of the counting flags and ``--device`` of every command, before anything loads or is written."""
+    for name in _AT_LEAST_ONE:
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < 1:
+            raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=f"--{name.replace('_', '-')}")
+    if options.get("max_length") is not None and options["max_length"] < 3:
+        raise typer.BadParameter(f"must be at least 3 ([CLS], one token of text, [SEP]), got {options['max_length']}",
+                                 param_hint="--max-length")
+    device = options.get("device")
+    if isinstance(device, str) and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise typer.BadParameter(f"{device!r}: no CUDA device is available (torch {torch.__version__} is "
+                                     f"{build}); use --device cpu", param_hint="--device")
 
 
 def _parse_knob_value(text: str) -> Any:
@@ -121,7 +153,14 @@ def knobs_from_options(knob: list[str] | None, tau: float | None, tuned: Path | 
         knobs.update(saved["knobs"])
     knobs.update(parse_knobs(knob))
     if tau is not None:
+        if not 0.0 < tau <= 1.0:
+            raise typer.BadParameter(f"{tau} is not a confidence threshold: it lies in (0, 1] (the largest class "
+                                     "probability must reach it; above 1 no row could ever exit)", param_hint="--tau")
         knobs.update(exit_policy="confidence", exit_threshold=tau)
+    threshold = knobs.get("exit_threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not 0.0 < threshold <= 1.0:
+        raise typer.BadParameter(f"exit_threshold={threshold}: a confidence threshold lies in (0, 1]",
+                                 param_hint="--knob")
     return knobs
 
 
@@ -294,16 +333,19 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
     train_config_file = (model_dir.parent / "train_config.json") if model_dir.name == "model" else None
     trained: dict[str, Any] = {}
     if train_config_file is not None and train_config_file.is_file():
-        trained = json.loads(train_config_file.read_text())
+        trained = _read_json_file(train_config_file)
     if task is not None and trained.get("task") not in (None, task) and trained.get("data_file") is None:
         raise CheckpointError(f"{checkpoint}: trained for task {trained.get('task')!r}, not {task!r}")
     if task is not None:
         token_level = is_token_task(task)
     else:  # what the checkpoint itself says it is
-        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or [] \
+        architectures = _read_json_file(model_dir / "config.json").get("architectures") or [] \
             if (model_dir / "config.json").is_file() else []
         token_level = is_token_task(trained.get("task", "")) or "EATForTokenClassification" in architectures
     model = load_classifier(str(model_dir), knobs=knobs, token_level=token_level)
+    _check_exit_knobs(knobs, model.config)
+    if task is not None and trained.get("data_file") is not None and task != trained.get("task"):
+        _check_own_data_labels(checkpoint, trained, model.config, task)
     if task is not None and trained.get("data_file") is None and task != "ner":
         labels = CONLL_LABELS if token_level else task_spec(task).label_names
         if model.config.num_labels != len(labels):
@@ -326,6 +368,60 @@ def _deployed(model, model_dir: Path, knobs: dict[str, Any], precision: str, bac
     token_level = type(model).__name__ == "EATForTokenClassification"
     return load_for_inference(model_dir, knobs=knobs, precision=precision, backend=backend,
                               token_level=token_level).model
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, train_config.json) as a dict; a CheckpointError naming it otherwise."""
+    from .checkpoints import CheckpointError
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); restore it or retrain into another --out") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _check_exit_knobs(knobs: dict[str, Any], config) -> None:
+    """A threshold knob with no exit policy (given or saved) would change nothing: say so instead."""
+    given = [name for name in ("exit_threshold", "entropy_threshold", "exit_patience") if name in knobs]
+    if given and "exit_policy" not in knobs and getattr(config, "exit_policy", "none") == "none":
+        from .configuration_eat import KnobError
+
+        raise KnobError(f"--knob {given[0]}={knobs[given[0]]}: this checkpoint's exit_policy is 'none', so no row "
+                        "would exit; add --knob exit_policy=confidence (or entropy, patience, agreement), or use --tau")
+
+
+def _check_own_data_labels(checkpoint: Path, trained: dict[str, Any], config, task: str) -> None:
+    """A checkpoint trained on the user's own table, asked to score a known task (e.g. SST-2 dev), must have that
+    task's labels: a 4-class head on a 2-class dev set would print a meaningless score."""
+    from .checkpoints import CheckpointError
+    from .data import DataError, task_spec
+
+    try:
+        wanted = tuple(str(name) for name in task_spec(task).label_names)
+    except DataError:
+        return  # not a known task: the user's own name
+    own = tuple(str(config.id2label[i]) for i in range(config.num_labels))
+    ids = tuple(str(i) for i in range(len(wanted)))
+    if len(own) != len(wanted) or own not in (wanted, ids):
+        raise CheckpointError(f"{checkpoint}: trained on {trained.get('data_file')} with labels {list(own)}; task "
+                              f"{task} has labels {list(wanted)}; evaluate it on its own data with --eval-file "
+                              f"(or --task {trained.get('task')})")
+
+
+def _own_eval_table(checkpoint: Path, trained: dict[str, Any], model):
+    """The dev table of a run trained on the user's own data: its ``eval_file`` and columns from train_config.json,
+    with the checkpoint's labels (a label it was not trained on is an error naming it)."""
+    from .data import load_table
+
+    if not trained.get("eval_file"):
+        raise ValueError(f"{checkpoint}: trained on {trained['data_file']} but its train_config.json names no "
+                         "eval_file to measure on")
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    return load_table(trained["eval_file"], trained.get("text_column", "text"), trained.get("text_pair_column"),
+                      trained.get("label_column", "label"), labels)
 
 
 @app.command("eval")
@@ -501,11 +597,19 @@ def predict(
             raw = sys.stdin.buffer.read()
             source = "stdin"
         try:
-            texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+            lines = raw.decode("utf-8-sig").splitlines()
         except UnicodeDecodeError as error:
             raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {error.start})") from None
+        # blank lines are skipped with a count; every result keeps its 1-based line number ("line" in --json)
+        numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
+        texts = [lines[number - 1] for number in numbers]
+        blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
+        if blank and texts:
+            console.print(f"{source}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:10]))}"
+                          f"{' ...' if len(blank) > 10 else ''}); results carry their line numbers")
     if not texts:
         raise ValueError("no text to classify (give texts as arguments, --file, or lines on stdin)")
+    _warn_truncated(tokenizer, texts, max_length, None if text else numbers)
     if isinstance(model, EATForTokenClassification):
         from .token_tasks import tag_texts
 
@@ -516,9 +620,9 @@ def predict(
                 typer.echo(" ".join(f"{word}/{tag}@{layer}" for word, tag, layer
                                     in zip(result["words"], result["tags"], result["exit_layer"])))
         return
-    for result in predict_texts(model, tokenizer, texts, max_length=max_length):
+    for index, result in enumerate(predict_texts(model, tokenizer, texts, max_length=max_length)):
         if as_json:
-            typer.echo(json.dumps(result))
+            typer.echo(json.dumps(result if text else {"line": numbers[index], **result}))
         else:
             typer.echo(f"{result['label']}\t{result['confidence']:.3f}\texit {result['exit_layer']}\t{result['text']}")
 
@@ -550,6 +654,18 @@ def _predict_files(checkpoint: Path, input_path: Path, output: Path, knobs: dict
     rejected = f", {result.rejected} rejected (see {Path(result.output) / 'rejects.jsonl'})" if result.rejected else ""
     out.print(f"{result.rows} rows predicted{rejected} into {result.shards} shards in {result.output} "
               f"({result.shards_written} written now, {result.rows_per_s:.0f} rows/s)")
+
+
+def _warn_truncated(tokenizer, texts: list[str], max_length: int, numbers: list[int] | None) -> None:
+    """One stderr line when texts are longer than --max-length tokens (they are classified on their first tokens)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]]
+    long = [i for i, length in enumerate(lengths) if length > max_length]
+    if long:
+        where = "line" if numbers is not None else "text"
+        names = ", ".join(str(numbers[i] if numbers is not None else i + 1) for i in long[:10])
+        console.print(f"[yellow]warning:[/yellow] {len(long)} of {len(texts)} text(s) are longer than --max-length "
+                      f"{max_length} tokens (up to {max(lengths[i] for i in long)}) and were truncated ({where} "
+                      f"{names}{' ...' if len(long) > 10 else ''})")
 
 
 def _bench_progress(bar):
@@ -602,7 +718,10 @@ def bench(
     config = bench_config_from_preset(preset, task=task, rows=rows, batch_size=batch_size, device=device,
                                       max_length=max_length, tau=tau, threads=torch.get_num_threads(),
                                       sorted_throughput=sorted_throughput)
-    model, tokenizer, _, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
+    model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
+    # a checkpoint trained on the user's own table is measured on its own dev table (named in train_config.json)
+    own_data = _own_eval_table(checkpoint, trained, model) if trained.get("data_file") and trained.get(
+        "task") == task else None
     baseline_dirs = {}
     for name, folder in (("static", static), ("half", half)):
         if folder is not None:
@@ -628,12 +747,12 @@ def bench(
     with open(results / "bench_configs.jsonl", "a", encoding="utf-8") as configs:
         configs.write(json.dumps({"preset": preset, "points": sorted(wanted), "checkpoint": str(checkpoint),
                                   "bench": dataclasses.asdict(config)}) + "\n")
-    for split in ("validation",) if token_level else task_spec(task).eval_splits:
+    for split in ("validation",) if token_level or own_data is not None else task_spec(task).eval_splits:
         if token_level:
             data = load_tagged(task, split).subset(config.rows, seed=config.seed)
             encoded = encode_tagged(data, tokenizer, max_length)
         else:
-            whole = load_glue(task, split)
+            whole = load_glue(task, split) if own_data is None else own_data
             data = whole.subset(config.rows, seed=config.seed)
             encoded = encode(data, tokenizer, max_length)
             # the whole split as well, when only a sample of it is timed
@@ -667,7 +786,8 @@ def bench(
                                            pad_id=tokenizer.pad_token_id or 0, progress=_bench_progress(bar))
             else:
                 new = measure_points(chosen, encoded, split_config, log, dataset_source=source,
-                                     f1=task_spec(task).f1, force=force, pad_id=tokenizer.pad_token_id or 0,
+                                     f1=own_data is None and task_spec(task).f1, force=force,
+                                     pad_id=tokenizer.pad_token_id or 0,
                                      examples_dir=results / "examples", progress=_bench_progress(bar),
                                      all_rows=all_rows)
         table = Table(title=f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} already measured")
@@ -761,6 +881,11 @@ def tune_command(
     if len(calibration) == 0:
         raise ValueError(f"{checkpoint}: trained with calibration_rows=0 (on every training row), so no held-out "
                          "calibration split exists to tune on; retrain with --calibration-rows N")
+    if len(calibration) < MIN_CALIBRATION_ROWS:  # refused before anything is tuned or written
+        raise ValueError(f"{checkpoint}: its calibration split has {len(calibration)} rows; eat tune needs at least "
+                         f"{MIN_CALIBRATION_ROWS} (each row is {100 / len(calibration):.0f} accuracy points of it); "
+                         "retrain with more rows or a larger --calibration-rows (at most 10% of the training rows "
+                         "are held out)")
     pad_id = tokenizer.pad_token_id or 0
     from .ner_data import is_token_task
 
@@ -824,6 +949,11 @@ def tune_command(
                   f"{off['throughput_rows_per_s']:.0f} rows/s "
                   f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x in arrival order, "
                   f"{tuned['throughput_sorted_rows_per_s'] / off['throughput_sorted_rows_per_s']:.2f}x length-sorted)")
+
+
+# fewest held-out rows eat tune chooses an operating point on: with fewer, one row moves the accuracy by more than 5
+# points, so no --max-drop below that means anything
+MIN_CALIBRATION_ROWS = 20
 
 
 def _tuned_file(results: Path, task: str, batch_size: int = 1) -> Path:

@@ -122,6 +122,15 @@ class TrainConfig:
                              "read every token)")
         if self.calibration_rows < 0:
             raise ValueError(f"calibration_rows: must be >= 0, got {self.calibration_rows}")
+        for name in ("train_limit", "eval_limit"):  # checked here, before training, not when evaluating after it
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1 row, got {getattr(self, name)}")
+        if is_token_task(self.task):
+            try:
+                import seqeval  # noqa: F401 - entity F1 of the dev split, computed after training
+            except ImportError:
+                raise ValueError(f"task {self.task}: entity F1 needs seqeval, which is not installed; "
+                                 "pip install 'eat[ner]' (or seqeval) and run again") from None
         if self.calibration_unit not in ("row", "sentence"):
             raise ValueError(f"calibration_unit: expected row or sentence, got {self.calibration_unit!r}")
         if self.calibration_unit == "sentence" and is_token_task(self.task):
@@ -398,6 +407,33 @@ def _atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data)
 
 
+def _load_resume_state(model_class, ckpt_dir: Path, device: str):
+    """(model, trainer state, optimizer/scheduler/RNG state) of ``checkpoint-last``; a damaged file (a run killed
+    while the disk filled, a truncated copy) is a CheckpointError naming it, raised before anything is written."""
+    from .checkpoints import CheckpointError
+
+    hint = f"delete {ckpt_dir} or pass --force to start over"
+    try:
+        model = model_class.from_pretrained(ckpt_dir)
+    except Exception as error:  # noqa: BLE001 - safetensors, OSError, torch: one message naming the folder
+        raise CheckpointError(f"{ckpt_dir / 'model.safetensors'}: the resumable checkpoint's weights cannot be "
+                              f"read ({type(error).__name__}: {error}); {hint}") from None
+    try:
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["global_step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{ckpt_dir / 'trainer_state.json'}: unreadable ({error}); {hint}") from None
+    try:
+        saved = torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True)
+        missing = {"optimizer", "scheduler", "rng"} - set(saved)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+    except Exception as error:  # noqa: BLE001 - a truncated zip, a missing file, a foreign pickle
+        raise CheckpointError(f"{ckpt_dir / 'optimizer.pt'}: the optimizer state cannot be read "
+                              f"({type(error).__name__}: {error}); {hint}") from None
+    return model, state, saved
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN computes bf16 natively on this CPU (AVX-512 with BF16 or AMX). Without it, bf16 autocast on
     the CPU is emulated: on an AVX2-only EPYC (Zen 3, 2 threads) the static SST-2 `paper` run took 4.5 minutes for
@@ -421,7 +457,11 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
         raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
     saved_config = out / "train_config.json"
     if ckpt_dir.is_dir() and saved_config.is_file() and not force:
-        previous = json.loads(saved_config.read_text())
+        try:
+            previous = json.loads(saved_config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{saved_config}: not valid JSON ({error}); the interrupted run's settings are unknown: "
+                            "use --force to start over or another --out") from None
         if previous != dataclasses.asdict(config):
             changed = sorted(k for k in previous if previous.get(k) != dataclasses.asdict(config).get(k))
             raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
@@ -453,9 +493,9 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     resumed_step = 0
     if not force and ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
-        model = model_class.from_pretrained(ckpt_dir)
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        model, state, resume_state = _load_resume_state(model_class, ckpt_dir, device)
         resumed_step = state["global_step"]
+        logger.warning("%s: resuming from step %d (checkpoint-last; --force starts over)", out, resumed_step)
     else:
         model = build_model(config, train_data.label_names)
         state = {"global_step": 0}
@@ -492,7 +532,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if resumed_step:
-        saved = torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True)
+        saved = resume_state  # read (and checked) before anything in `out` was touched
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
