@@ -247,7 +247,8 @@ def free_port() -> int:
 class Server:
     """`eat serve` in a subprocess on 127.0.0.1 (started, waited for /health, stopped with SIGTERM)."""
 
-    def __init__(self, checkpoint: str, tuned: str | None, threads: int | None, extra: list[str], log: Path | None):
+    def __init__(self, checkpoint: str, tuned: str | None, threads: int | None, extra: list[str], log: Path | None,
+                 cpus: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "eat.cli", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
@@ -256,6 +257,8 @@ class Server:
             command += ["--tuned", tuned]
         if threads:
             command += ["--threads", str(threads)]
+        if cpus:  # pin the server (taskset), so that the load generator does not share its cores
+            command = ["taskset", "-c", cpus, *command]
         self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--eat", help="run folder of the EAT model (started with eat serve)")
     parser.add_argument("--tuned", help="tuned_<task>.json for --eat (eat serve --tuned)")
     parser.add_argument("--threads", type=int, default=2, help="server torch threads (and the in-process model's)")
+    parser.add_argument("--server-cpus", help="pin each server to these cores (taskset -c, e.g. 0,1); the load "
+                                                  "generator should then run on others (taskset -c 2,3 python ...)")
     parser.add_argument("--serve-args", default="", help="extra eat serve options, the same for every server")
     parser.add_argument("--rates", default="", help="comma list of request rates per second to run")
     parser.add_argument("--search", action="store_true", help="find the highest rate with p99 <= --slo-ms")
@@ -364,7 +369,7 @@ def main() -> None:
             server_log = args.server_log / f"{name}.log" if args.server_log else None
             if server_log:
                 server_log.parent.mkdir(parents=True, exist_ok=True)
-            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), server_log)
+            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), server_log, args.server_cpus)
             server.wait_ready()
             url = server.url
         else:
@@ -417,7 +422,7 @@ def main() -> None:
         for name, checkpoint, tuned in servers:  # S2: both at half of static's sustainable rate, one at a time
             if name not in ("static", "eat"):
                 continue
-            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), None)
+            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), None, args.server_cpus)
             try:
                 server.wait_ready()
                 result = asyncio.run(run_rate(server.url, texts, half, requests=args.requests,
