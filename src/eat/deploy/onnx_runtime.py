@@ -12,6 +12,8 @@ benchmark times both, interleaved), spinning threads steal the cores of the next
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -151,7 +153,7 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
     return model.eval()
 
 
-_EXPORT_CACHE: dict[tuple[str, str], Path] = {}
+_EXPORT_CACHE: dict[str, Path] = {}
 
 
 def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
@@ -171,13 +173,20 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
         model_dir = model_folder(path)
         if _is_token_checkpoint(model_dir):
             raise ExportError(f"{path}: a token classification model; those run on backend torch only")
-        key = (str(model_dir.resolve()), precision)
+        from ..checkpoints import read_config_dict
+
+        # the knobs must have an ONNX form before anything is exported (the checkpoint's own, then the caller's)
+        probe = EATConfig.from_dict(read_config_dict(str(model_dir)))
+        probe.set_knobs(**(knobs or {}))
+        check_exportable(probe, f"{path} with these knobs")
+        key = str(model_dir.resolve())
         if key not in _EXPORT_CACHE:
-            # the window knob is switched off for the export (the segments run dense attention); the caller's
-            # knobs are applied to the runner and checked there (they only steer the logic between segments)
+            # both precisions at once (a benchmark's peers want both); the window knob is off in the export (the
+            # check above refused a window the caller keeps); the caller's knobs are applied to the runner
             exported = Path(tempfile.mkdtemp(prefix="eat-onnx-"))
-            export_checkpoint(model_dir, exported, precisions=("fp32", "int8") if precision == "int8" else ("fp32",),
-                              knobs={"attention_window": None}, force=True)
+            export_checkpoint(model_dir, exported, precisions=("fp32", "int8"), knobs={"attention_window": None},
+                              force=True)
+            atexit.register(shutil.rmtree, exported, True)  # sessions hold their graphs; the files can go
             _EXPORT_CACHE[key] = exported
         folder = _EXPORT_CACHE[key]
     model = build_ort_model(folder, knobs=knobs, precision=precision, threads=threads)
