@@ -424,6 +424,18 @@ def _own_eval_table(checkpoint: Path, trained: dict[str, Any], model):
                       trained.get("label_column", "label"), labels)
 
 
+def _peer_points(points: list, peers: str | None) -> list:
+    """The peers (eat.deploy.peers) of the static and tuned points among ``points``; notes on peers left out go to
+    the console."""
+    from .deploy.peers import available_peers, parse_peers, peer_points
+
+    names, notes = available_peers(parse_peers(peers), explicit=peers is not None)
+    new, more = peer_points(points, names)
+    for note in notes + more:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    return new
+
+
 @app.command("eval")
 @user_errors
 def evaluate_command(
@@ -705,6 +717,10 @@ def bench(
         "--sorted-throughput/--arrival-only",
         help="also time batch throughput on length-sorted batches (a second throughput pass); --arrival-only "
              "times arrival order alone")] = True,
+    peers: Annotated[Optional[str], typer.Option(
+        help="the static model and the tuned points also on these backends, each its own row timed in the same "
+             "run: comma list of torch-int8, torch-bf16, ort-fp32, ort-int8, or none (default "
+             "torch-int8,ort-fp32,ort-int8; ONNX Runtime ones left out with a note when it is not installed)")] = None,
 ) -> None:
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
@@ -779,6 +795,7 @@ def bench(
                                              json.loads(path.read_text())["knobs"], "tuned"))
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
+        chosen += [] if token_level else _peer_points(chosen, peers)
         with _progress() as bar:
             source = f"{data.source} {data.note}".strip()
             if token_level:
