@@ -31,6 +31,7 @@ from .checkpoints import load_classifier
 from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .data import encode, load_glue, load_table
 from .report import build_report
+from .deploy.peers import PEERS
 from .results import ResultsLog
 from .tasks import SEQUENCE_TASKS, Task
 from .training import TrainConfig, config_task, train, train_config_from_preset
@@ -229,6 +230,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
                                  patience=tuned["knobs"].get("exit_patience"))
         points.append(OperatingPoint("eat:tuned", str(models["eat"]), tuned["knobs"], "tuned"))
         points += sweep_points(str(models["eat"]), split_bench)
+        points += _peer_points(points, log)
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
         measure_points(points, encoded, split_bench, log_file, dataset_source=f"{dev.source} {dev.note}".strip(),
                        f1=spec.f1, pad_id=pad_id, examples_dir=results_dir / "examples", task=spec,
@@ -265,14 +267,28 @@ def _dev_split(run: RunConfig, spec: Task, split: str, label_names: tuple[str, .
                       label_names=None if spec.is_regression else label_names, label_kind=run.label_kind)
 
 
+def _peer_points(points: list[OperatingPoint], log) -> list[OperatingPoint]:
+    """The static model and the tuned point also as a CPU user would deploy them (PyTorch int8, ONNX Runtime fp32
+    and int8; :mod:`eat.deploy.peers`), timed in the same interleaved run; peers this machine cannot run are
+    left out with a logged note."""
+    from .deploy.peers import DEFAULT_PEERS, available_peers, peer_points
+
+    names, notes = available_peers(DEFAULT_PEERS, explicit=False)
+    new, more = peer_points(points, names)
+    for note in notes + more:
+        _log(f"note: {note}", log)
+    return new
+
+
 def summary_lines(results_dir: Path, task: str) -> list[str]:
     """One line per key point: accuracy and batch-1 latency of static, half-depth and tuned EAT."""
     rows = [r for r in ResultsLog(results_dir).rows() if r["task"] == task]
     lines = []
-    for name in ("static", "half-depth", "eat:none", "eat:tuned"):
+    for name in ("static", *(f"static:{peer}" for peer in PEERS), "half-depth", "eat:none", "eat:tuned",
+                 *(f"eat:tuned:{peer}" for peer in PEERS)):
         for row in [r for r in rows if r["point"] == name]:
             metric, value = _row_metric(row)
-            lines.append(f"{task} {row['split']} {name:<11} {metric} {value:.2f}%  batch-1 p50 "
+            lines.append(f"{task} {row['split']} {name:<20} {metric} {value:.2f}%  batch-1 p50 "
                          f"{row['b1_p50_ms']:.2f} ms  {row['throughput_rows_per_s']:.0f} rows/s at batch "
                          f"{row['batch_size_throughput']}{_sorted_rate(row)}  mean exit layer "
                          f"{row['mean_exit_layer']:.2f}")
