@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import load_classifier
+from .deploy.quantize import apply_precision
 from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
@@ -598,7 +599,7 @@ class TuneResult:
     drop_interval: dict[str, Any] | None = None  # metrics other than accuracy: the chosen drop's paired bootstrap
 
 
-def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None = None,
+def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32", max_drop: float | None = None,
          latency_budget_ms: float | None = None, keep_grid: Sequence[float | list[float]] = TUNE_KEEP_GRID,
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
          warmup: int = 5, policies: Sequence[str] | None = None,
@@ -646,7 +647,10 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
     def everything_off(path: str) -> tuple[np.ndarray, int, int]:
         """(N,) the predictions of the model with every mechanism off on the calibration rows; depth; outputs."""
-        model = load_classifier(path).to(device)
+        # the tuned model at its own ``precision`` (int8: exits and pruning read the int8 model's outputs); a
+        # reference run stays fp32, so the allowed drop is counted from the static model as deployed today
+        model = apply_precision(load_classifier(path), precision if path == checkpoint else "fp32",
+                                inplace=True).to(device)
         model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
         outputs = off.logits[:, 0] if model.config.num_labels == 1 else off.predictions
@@ -679,7 +683,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
 
     candidates = []
     for keep in keep_grid:
-        model = load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}).to(device)
+        model = apply_precision(load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}),
+                                precision, inplace=True).to(device)
         for entry in policies:
             policy, _, patience = entry.partition(":")
             patience = int(patience) if patience else 2
@@ -719,7 +724,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, max_drop: float | None
     candidates.append(exits_off)
     models = {}
     for i, cand in enumerate(candidates):
-        models[str(i)] = load_classifier(checkpoint, knobs=_tuned_knobs(cand)).to(device)
+        models[str(i)] = apply_precision(load_classifier(checkpoint, knobs=_tuned_knobs(cand)), precision,
+                                         inplace=True).to(device)
     if batch_size > 1:
         _time_throughput(models, _first_rows(calibration, max(timing_rows, THROUGHPUT_TIMING_BATCHES * batch_size)),
                          candidates, batch_size, device, pad_id)

@@ -877,6 +877,9 @@ def tune_command(
              "'1.0;1.0,0.8;0.9,0.7;0.9,0.6;0.8,0.5'); with --certify, fewer schedules leave more error to each")] = None,
     threads: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    precision: Annotated[str, typer.Option(
+        help="tune the model at this precision: fp32, bf16 or int8 (its exits and pruning read its own outputs; "
+             "the drop still counts from the fp32 reference); saved as tuned_<task>[_bN]_<precision>.json")] = "fp32",
 ) -> None:
     """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
     import torch
@@ -907,6 +910,8 @@ def tune_command(
     from .ner_data import is_token_task
 
     if is_token_task(task):
+        if precision != "fp32":
+            raise ValueError("--precision: token tasks are tuned at fp32 (eat.deploy runs their int8 model)")
         if certify is not None:
             raise ValueError("--certify bounds a sentence-level accuracy drop; token tasks are tuned on entity F1 "
                              "without it")
@@ -925,8 +930,9 @@ def tune_command(
     result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
                   latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
                   reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size,
-                  certify=certify, task=spec, **({"keep_grid": grid} if grid is not None else {}))
-    save_json(_tuned_file(results, task, batch_size), dataclasses.asdict(result))
+                  certify=certify, task=spec, precision=precision,
+                  **({"keep_grid": grid} if grid is not None else {}))
+    save_json(_tuned_file(results, task, batch_size, precision), {**dataclasses.asdict(result), "precision": precision})
     out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
     reference_name = "everything off" if reference is None else str(reference)
     out.print(f"calibration {spec.primary_title} {result.calibration_accuracy:.2f} ({reference_name}: "
@@ -940,9 +946,10 @@ def tune_command(
                   f"(the bound of the chosen point, at its share of the error)")
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows,
                                       **({"batch_size": batch_size} if batch_size > 1 else {}))
-    name = _tuned_point_name(batch_size)
-    points = [OperatingPoint("eat:none", str(model_dir), _everything_off(), "ablation"),
-              OperatingPoint(name, str(model_dir), result.knobs, "tuned")]
+    peer = "" if precision == "fp32" else f":torch-{precision}"  # an int8 tuner reports its int8 points
+    name = _tuned_point_name(batch_size) + peer
+    points = [OperatingPoint("eat:none" + peer, str(model_dir), _everything_off(), "ablation", precision=precision),
+              OperatingPoint(name, str(model_dir), result.knobs, "tuned", precision=precision)]
     for split in spec.eval_splits:
         if train_config.data_file is not None:  # the user's own dev table, with the training labels
             data = load_table(train_config.eval_file, train_config.text_column, train_config.text_pair_column,
@@ -958,7 +965,7 @@ def tune_command(
                               pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
                               task=spec)
         by_name = {row["point"]: row for row in measured}
-        off, tuned = by_name["eat:none"], by_name[name]
+        off, tuned = by_name["eat:none" + peer], by_name[name]
         out.print(f"{task} {split}: tuned {spec.primary_metric} {tuned['metric_value']:.2f} vs "
                   f"{off['metric_value']:.2f}; batch-1 p50 "
                   f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); "
@@ -973,9 +980,11 @@ def tune_command(
 MIN_CALIBRATION_ROWS = 20
 
 
-def _tuned_file(results: Path, task: str, batch_size: int = 1) -> Path:
-    """Where `eat tune` saves its choice: tuned_<task>.json (batch-1 objective) or tuned_<task>_bN.json."""
-    return results / (f"tuned_{task}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}.json")
+def _tuned_file(results: Path, task: str, batch_size: int = 1, precision: str = "fp32") -> Path:
+    """Where `eat tune` saves its choice: tuned_<task>.json (batch-1 objective) or tuned_<task>_bN.json; a tuner
+    of another precision adds it (tuned_<task>_int8.json), so the fp32 choice is never replaced."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return results / (f"tuned_{task}{suffix}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}{suffix}.json")
 
 
 def _tuned_point_name(batch_size: int) -> str:
