@@ -44,3 +44,37 @@ def test_pipeline_on_ray_matches_plain_run(tmp_path, data_dir, tiny_backbone, mo
         {(r["point"], r["split"]): r["accuracy"] for r in plain if r["point"] != "eat:tuned"}
     for name in ("tuned_sst2.json", "run_config_sst2.json", "tau_sweep_sst2.csv", "report.md"):
         assert (tmp_path / "results" / name).is_file() and (tmp_path / "plain" / name).is_file(), name
+
+
+def test_eat_run_ray_passes_the_run_settings(tmp_path, monkeypatch):
+    """`eat run --ray ADDRESS` hands the tasks and the same run settings to run_tasks_ray (no Ray started here)."""
+    from typer.testing import CliRunner
+
+    import eat.pipeline_ray
+    from eat.cli import app
+
+    seen = {}
+
+    def capture(tasks, preset, runs_dir, results_dir, **kwargs):
+        seen.update(tasks=tuple(tasks), preset=preset, runs=runs_dir, **kwargs)
+        return []
+
+    monkeypatch.setattr(eat.pipeline_ray, "run_tasks_ray", capture)
+    result = CliRunner().invoke(app, ["run", "--preset", "smoke", "--task", "all", "--runs", str(tmp_path),
+                                      "--ray", "ray://head:10001", "--train-cpus", "2", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen["tasks"] == ("sst2", "qqp", "mnli") and seen["address"] == "ray://head:10001"
+    assert seen["train_cpus"] == 2 and seen["run_kwargs"]["train_overrides"] == {"epochs": 1.0}
+    assert seen["run_kwargs"]["recipe"] == "two-stage"
+
+
+def test_a_cluster_without_timing_slots_is_refused(monkeypatch):
+    import eat.pipeline_ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0}}])
+    with pytest.raises(ValueError, match="offers the 'timing_slot' resource"):
+        eat.pipeline_ray.timing_node_cpus()
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 8.0, "timing_slot": 1.0}},
+                                               {"Alive": True, "Resources": {"CPU": 4.0, "timing_slot": 1.0}},
+                                               {"Alive": False, "Resources": {"CPU": 2.0, "timing_slot": 1.0}}])
+    assert eat.pipeline_ray.timing_node_cpus() == 4

@@ -1120,6 +1120,10 @@ def run(
     metric: Annotated[Optional[str], typer.Option(help=METRIC_HELP)] = None,
     model: Annotated[Optional[str], typer.Option(
         help="backbone path or hub id the three models start from (default: the packaged MiniLM)")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="schedule on Ray: 'local' (a Ray on this machine), 'auto' or a cluster address; trainings run as Ray "
+             "tasks, each timing stage alone on a whole node (docs/scale-out.md)")] = None,
+    train_cpus: Annotated[int, typer.Option(help="with --ray: CPUs (and torch threads) per training")] = 1,
 ) -> None:
     """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable.
     Any GLUE task (each scored by its GLUE metric) or your own table (--data-file, --eval-file)."""
@@ -1147,14 +1151,23 @@ def run(
                 raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)}, all or glue (or --data-file)")
     runs_dir = runs_dir or Path("runs") / preset
     results = results or runs_dir / "results"
+    train_overrides = {k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),
+                                         ("calibration_unit", calibration_unit), ("length_bucketing", length_bucketing),
+                                         ("model", model)) if v is not None} or None
+    if ray is not None:
+        from .pipeline_ray import run_tasks_ray
+
+        run_tasks_ray(tasks, preset, runs_dir, results, address=ray, train_cpus=train_cpus, log=console.print,
+                      run_kwargs=dict(device=device, train_overrides=train_overrides, max_drop=max_drop,
+                                      recipe=recipe, certify=certify, user_data=user_data))
+        for name in tasks:
+            for line in summary_lines(results, name):
+                out.print(line)
+        out.print(f"report: {results / 'report.md'}")
+        return
     for name in tasks:
         with _progress() as bar:
-            summary = run_task(name, preset, runs_dir, results, device=device,
-                               train_overrides={k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),
-                                                                  ("calibration_unit", calibration_unit),
-                                                                  ("length_bucketing", length_bucketing),
-                                                                  ("model", model))
-                                                if v is not None} or None,
+            summary = run_task(name, preset, runs_dir, results, device=device, train_overrides=train_overrides,
                                log=lambda message: console.print(message), progress=_bench_progress(bar),
                                max_drop=max_drop, recipe=recipe, certify=certify, user_data=user_data)
         for line in summary_lines(results, name):
