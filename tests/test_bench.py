@@ -380,7 +380,11 @@ def test_tune_for_batch_throughput_ranks_by_rows_per_second(tmp_path, tiny_backb
     speeds = [c["calibration_rows_per_s"] for c in result.candidates]
     assert len(speeds) >= 2 and all(s > 0 for s in speeds)
     assert "highest batch-8 throughput" in result.criterion
-    best = max(result.candidates, key=lambda c: c["calibration_rows_per_s"])
+    # the fastest, or a finalist timed within the tie tolerance of it with less work: which one depends on this
+    # machine's timing, so the rule is checked on the timings recorded, not a winner assumed
+    from eat.bench import fastest_within_noise
+
+    best = fastest_within_noise(result.candidates, "calibration_rows_per_s", higher_is_faster=True)
     assert result.calibration_accuracy == best["accuracy"]
     with pytest.raises(ValueError, match="needs max_drop"):
         tune(str(folder), _encoded(8), latency_budget_ms=5.0, batch_size=8)
