@@ -232,7 +232,11 @@ def _check_init_calibration(config: TrainConfig, start: Path, flag: str = "--ini
     saved = start.parent / "train_config.json" if start.name == "model" else start / "train_config.json"
     if config.calibration_rows == 0 or not saved.is_file():
         return  # nothing to tune on, or a plain model folder (a backbone: it never saw this task's rows)
-    differ = calibration_differences(dataclasses.asdict(config), json.loads(saved.read_text()))
+    try:
+        other = json.loads(saved.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{flag} {start}: {saved} is not valid JSON ({error})") from None
+    differ = calibration_differences(dataclasses.asdict(config), other)
     if differ:
         raise ValueError(f"{flag} {start}: it held out another calibration slice ({', '.join(differ)}), so "
                          "it trained on rows this run would tune on; train both with the same calibration settings")
