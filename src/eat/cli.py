@@ -575,7 +575,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="large-file mode: rows per model call (length-sorted)")] = 32,
     chunk_rows: Annotated[int, typer.Option(help="large-file mode: input rows per chunk = per output shard")] = 10_000,
     strict: Annotated[bool, typer.Option(help="large-file mode: stop on the first unreadable row")] = False,
-    precision: Annotated[str, typer.Option(help="large-file mode: fp32, bf16 or int8 (needs eat.deploy)")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 (native-bf16 CPUs) or int8 (docs/backends.md)")] = "fp32",
     backend: Annotated[str, typer.Option(help="large-file mode: torch or onnxruntime (needs eat.deploy)")] = "torch",
     threads: Annotated[Optional[int], typer.Option(help="torch threads (per Ray actor with --ray)")] = None,
     ray: Annotated[Optional[str], typer.Option(
@@ -596,7 +596,8 @@ def predict(
     knobs = knobs_from_options(knob, tau, tuned)
     from .modeling_eat import EATForTokenClassification
 
-    model, tokenizer, _, _ = _load_checkpoint_for_task(checkpoint, None, knobs)
+    model, tokenizer, _, model_dir = _load_checkpoint_for_task(checkpoint, None, knobs)
+    model = _deployed(model, model_dir, knobs, precision, backend)  # int8 / bf16 / ONNX Runtime (eat.deploy)
     if text:
         texts = list(text)
     else:

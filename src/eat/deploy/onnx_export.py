@@ -254,17 +254,17 @@ def export_segments(model: EATForSequenceClassification, out: str | Path, *, pre
 
 
 def _versions() -> dict[str, str]:
-    import onnx
+    """Versions of the libraries that made the export (those installed)."""
+    import importlib
 
     from .. import __version__ as eat_version
 
-    versions = {"eat": eat_version, "torch": torch.__version__, "onnx": onnx.__version__}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:  # pragma: no cover - export works without the runtime (int8 needs it)
-        pass
+    versions = {"eat": eat_version, "torch": torch.__version__}
+    for name in ("onnx", "onnxruntime"):
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except ImportError:  # pragma: no cover - fp32 export needs neither; int8 checked for onnxruntime before
+            pass
     return versions
 
 
