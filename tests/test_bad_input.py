@@ -336,3 +336,23 @@ def render_markdown() -> str:
 
 if __name__ == "__main__":  # pragma: no cover - regenerates the docs page
     sys.stdout.write(render_markdown())
+
+
+def test_own_data_checkpoint_is_tuned_on_its_own_tables(tmp_path, tiny_backbone):
+    """With enough rows to hold out 20 calibration rows, `eat tune` tunes an own-data run and reports its point on
+    the eval table the run names (no --data-file flag needed: the run knows its data)."""
+    from eat.cli import app
+    from eat.results import ResultsLog
+    from eat.training import train, train_config_from_preset
+
+    table = tmp_path / "big.csv"
+    table.write_text("text,label\n" + "".join(f"film {i} was {'good' if i % 2 else 'bad'},{i % 2}\n"
+                                               for i in range(220)), encoding="utf-8")
+    run = tmp_path / "run"
+    train(train_config_from_preset("smoke", task="mine", model=tiny_backbone, data_file=str(table),
+                                   eval_file=str(table), eval_limit=16), run)
+    result = runner.invoke(app, ["tune", "--checkpoint", str(run), "--task", "mine", "--max-drop", "5", "--rows", "8",
+                                 "--results", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "chosen on 22 calibration rows" in result.output and (tmp_path / "r" / "tuned_mine.json").is_file()
+    assert all(row["dataset"].startswith(str(table)) for row in ResultsLog(tmp_path / "r").rows())
