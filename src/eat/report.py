@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .results import ResultsError, ResultsLog, atomic_write_text  # noqa: E402
+from .tasks import METRICS, metric_title  # noqa: E402
 
 
 class ReportError(RuntimeError):
@@ -44,6 +45,11 @@ def load_results(folder: Path) -> pd.DataFrame:
     # one series per task and evaluation split (MNLI has two)
     splits_per_task = frame.groupby("task")["split"].nunique()
     frame["series"] = [f"{t}:{s}" if splits_per_task[t] > 1 else t for t, s in zip(frame["task"], frame["split"])]
+    # the value every table and plot shows: the row's primary metric (``metric_value``); rows written before
+    # metrics had names hold it in ``accuracy`` (entity F1 for token tasks, which ``metric`` names)
+    legacy = frame["accuracy"] if "accuracy" in frame.columns else pd.Series(float("nan"), index=frame.index)
+    frame["metric_named"] = frame["metric_value"].notna() if "metric_value" in frame.columns else False
+    frame["metric_value"] = frame["metric_value"].fillna(legacy) if "metric_value" in frame.columns else legacy
     return frame
 
 
@@ -60,9 +66,12 @@ def check_comparable(reference, row) -> None:
 
 
 def metric_name(data: pd.DataFrame) -> str:
-    """What the ``accuracy`` column holds for these rows: "entity F1" for token tasks, else "accuracy"."""
-    if "metric" in data.columns and (data["metric"] == "entity_f1").any():
-        return "entity F1"
+    """The name of the primary metric these rows' ``metric_value`` holds ("accuracy", "Matthews corr.", "Pearson r",
+    "entity F1"...): their ``metric`` field; "accuracy" for rows written before metrics had names."""
+    if "metric" in data.columns:
+        named = data["metric"].dropna()
+        if len(named):
+            return metric_title(str(named.iloc[-1]))
     return "accuracy"
 
 
@@ -100,19 +109,19 @@ def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
 def _frontier_panel(ax, data: pd.DataFrame, x: str, higher_is_better: bool, label: str) -> None:
     """One accuracy-vs-cost scatter with the Pareto points circled and joined; x is a column of ``data``."""
     cost = data.assign(_cost=-data[x] if higher_is_better else data[x])
-    front = pareto_front(cost, cost="_cost")
+    front = pareto_front(cost, cost="_cost", value="metric_value")
     colors = {"ablation": "tab:blue", "tau": "tab:orange", "keep": "tab:green", "window": "tab:purple",
               "tuned": "tab:red", "baseline": "black"}
     for role, group in data.groupby("role"):
         marker = "*" if role == "baseline" else "o"
-        ax.scatter(group[x], group["accuracy"], label=role, c=colors.get(role, "gray"), marker=marker,
+        ax.scatter(group[x], group["metric_value"], label=role, c=colors.get(role, "gray"), marker=marker,
                    s=140 if role == "baseline" else 40, zorder=3)
     frontier = data[front].sort_values(x)
-    ax.plot(frontier[x], frontier["accuracy"], "--", color="gray", zorder=2, label="Pareto frontier")
-    ax.scatter(frontier[x], frontier["accuracy"], facecolors="none", edgecolors="red", s=160, zorder=4)
+    ax.plot(frontier[x], frontier["metric_value"], "--", color="gray", zorder=2, label="Pareto frontier")
+    ax.scatter(frontier[x], frontier["metric_value"], facecolors="none", edgecolors="red", s=160, zorder=4)
     for _, row in data.iterrows():
         if row["role"] in ("baseline", "tuned") or front.loc[row.name]:
-            ax.annotate(row["point"], (row[x], row["accuracy"]), fontsize=7, xytext=(4, 4),
+            ax.annotate(row["point"], (row[x], row["metric_value"]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
     ax.set_xlabel(label)
     ax.set_ylabel(f"{metric_name(data)} (%)")
@@ -136,8 +145,6 @@ def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
         batch = int(env["batch_size_throughput"]) if pd.notna(env.get("batch_size_throughput")) else "N"
         _frontier_panel(right, data, "speedup_batch", True,
                         f"batch-{batch} throughput speedup over static (arrival order, same run)")
-        for ax, column in ((left, "speedup_b1"), (right, "speedup_batch")):
-            _mark_fastest_static_peer(ax, data, column)
         left_out = len(everything) - len(data)
         note = f"; {left_out} row(s) of runs without a static row not shown" if left_out else ""
         fig.suptitle(f"{task}: {metric_name(data)} vs speedup ({env['device']}, {env['threads']} threads{note})",
@@ -200,8 +207,9 @@ def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
     axes[0].set_xlabel("batch-1 median latency (ms)")
     axes[1].barh(names, data["throughput_rows_per_s"], color="tab:green")
     axes[1].set_xlabel(f"throughput at batch {int(data.iloc[0]['batch_size_throughput'])} (rows/s)")
-    axes[2].barh(names, data["accuracy"], color="tab:orange")
-    low = max(0.0, float(data["accuracy"].min()) - 5)
+    axes[2].barh(names, data["metric_value"], color="tab:orange")
+    lowest = float(data["metric_value"].min())
+    low = max(0.0, lowest - 5) if lowest >= 0 else lowest - 5  # a correlation can fall below 0
     axes[2].set_xlim(low, 100)
     axes[2].set_xlabel(f"{metric_name(data)} (%)")
     for ax in axes[1:]:
@@ -250,8 +258,7 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
         if has_sorted:
             speeds = f"{row['speedup_sorted']:.2f}x" if pd.notna(row["speedup_sorted"]) else "-"
         sorted_cells = f" {row['throughput_sorted_rows_per_s']:.0f} | {speeds} |" if has_sorted else ""
-        f1 = f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
-        accuracy = f"{row['accuracy']:.2f}{f1}"
+        accuracy = f"{row['metric_value']:.2f}{_other_metrics(row)}"
         run = f"{row['run_id']} | " if several_runs else ""
         lines.append(f"| {row['point']} | {row['role']} | {run}{accuracy} | {row['b1_p50_ms']:.2f} | "
                      f"{row['b1_p90_ms']:.2f} | {row['b1_p99_ms']:.2f} | {speed1} | "
@@ -269,67 +276,14 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     return "\n".join(lines)
 
 
-def _is_static(points: pd.Series) -> pd.Series:
-    """Rows of the static model on any backend: ``static`` and its peers ``static:<backend>-<precision>``."""
-    return (points == "static") | points.astype(str).str.startswith("static:")
-
-
-def _mark_fastest_static_peer(ax, data: pd.DataFrame, column: str) -> None:
-    """A dotted vertical line at the fastest static peer's speedup (x = ``column``), when the rows have peers."""
-    statics = data[_is_static(data["point"])]
-    if len(statics) < 2 or statics[column].isna().all():
-        return
-    best = statics.loc[statics[column].idxmax()]
-    ax.axvline(best[column], color="black", linestyle=":", linewidth=1, zorder=1)
-    ax.annotate(f"fastest static peer ({best['point']})", (best[column], ax.get_ylim()[0]), fontsize=6,
-                rotation=90, xytext=(2, 4), textcoords="offset points")
-
-
-def peer_speedups(data: pd.DataFrame) -> pd.DataFrame:
-    """``data`` with ``peer_speedup_b1``, ``peer_speedup_batch`` (and ``peer_speedup_sorted``) and the names of
-    the peers they are against: each row against the FASTEST static peer of its own run (``static`` or any
-    ``static:<backend>-<precision>`` row; the fastest by each measure separately: batch-1 median, throughput).
-    As :func:`run_speedups`, ratios are never formed across runs. NaN where a run has no static row."""
-    data = data.copy()
-    runs = data["run_id"] if "run_id" in data.columns and data["run_id"].notna().all() else pd.Series(0, data.index)
-    measures = [("b1", "b1_p50_ms", False), ("batch", "throughput_rows_per_s", True)]
-    if "throughput_sorted_rows_per_s" in data.columns and data["throughput_sorted_rows_per_s"].notna().all():
-        measures.append(("sorted", "throughput_sorted_rows_per_s", True))
-    for key, column, higher in measures:
-        data[f"peer_speedup_{key}"] = float("nan")
-        data[f"peer_{key}"] = None
-        for run in runs.unique():
-            in_run = runs == run
-            statics = data[in_run & _is_static(data["point"])]
-            if not len(statics):
-                continue
-            best = statics.loc[statics[column].idxmax() if higher else statics[column].idxmin()]
-            ratio = data.loc[in_run, column] / best[column] if higher else best[column] / data.loc[in_run, column]
-            data.loc[in_run, f"peer_speedup_{key}"] = ratio
-            data.loc[in_run, f"peer_{key}"] = best["point"]
-    return data
-
-
-def peer_speedup_table(frame: pd.DataFrame, task: str) -> str:
-    """Markdown table of every row's speedups against the fastest static peer of its run (batch 1, batch
-    throughput, length-sorted throughput when measured), or "" when no run of this task has static peers."""
-    data = frame[frame["series"] == task]
-    if not data["point"].astype(str).str.startswith("static:").any():
-        return ""
-    data = peer_speedups(data)
-    has_sorted = "peer_speedup_sorted" in data.columns
-    lines = ["| point | backend | precision | vs fastest static, b1 | vs fastest static, batch |"
-             + (" vs fastest static, sorted |" if has_sorted else ""),
-             "|---|---|---|---|---|" + ("---|" if has_sorted else "")]
-    for _, row in data.iterrows():
-        cells = [f"{row[f'peer_speedup_{k}']:.2f}x ({row[f'peer_{k}']})" if pd.notna(row[f"peer_speedup_{k}"])
-                 else "-" for k in (("b1", "batch", "sorted") if has_sorted else ("b1", "batch"))]
-        lines.append(f"| {row['point']} | {row.get('backend') if pd.notna(row.get('backend')) else 'torch'} | "
-                     f"{row.get('precision') if pd.notna(row.get('precision')) else 'fp32'} | {' | '.join(cells)} |")
-    lines += ["", "Each row against the fastest static deployment of its own run (in parentheses), by each measure "
-              "separately: static as Hugging Face-style eager fp32 and its peers (PyTorch int8, ONNX Runtime fp32 and "
-              "int8), timed interleaved with every other row on the same rows."]
-    return "\n".join(lines)
+def _other_metrics(row: pd.Series) -> str:
+    """" (F1 88.10)": a row's metrics besides its primary one. Rows that name their metric list every other one
+    the task has (e.g. Spearman beside Pearson); older rows only F1, which they had when the task reports it."""
+    if bool(row.get("metric_named", False)) and row.get("metric") in METRICS:
+        others = [f"{metric_title(name)} {row[name]:.2f}" for name in METRICS
+                  if name != row["metric"] and name in row and pd.notna(row.get(name)) and METRICS[name].function]
+        return f" ({', '.join(others)})" if others else ""
+    return f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
 
 
 def build_report(folder: str | Path) -> Path:
@@ -349,6 +303,9 @@ def build_report(folder: str | Path) -> Path:
         data = frame[frame["series"] == task]
         safe = task.replace(":", "_")
         sections += [f"## {task}", "", f"Data: {data.iloc[0]['dataset']} ({int(data.iloc[0]['rows'])} rows).", ""]
+        if bool(data["metric_named"].any()):  # rows that name their metric and its value (since #27)
+            sections += [f"Primary metric: {metric_name(data)} (`{data['metric'].dropna().iloc[-1]}`, in percent); "
+                         "every table, plot and tuner below uses it.", ""]
         plot_frontier(frame, task, plots / f"{safe}_frontier.png")
         sections += [f"![frontier](plots/{safe}_frontier.png)", ""]
         if len(data[data["role"].isin(["ablation", "baseline"])]):
@@ -375,9 +332,10 @@ def build_report(folder: str | Path) -> Path:
         if sweep_file.is_file():
             sweep = pd.read_csv(sweep_file)
             fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot(sweep["mean_exit_layer"], sweep["accuracy"], "-o", markersize=3)
+            value = sweep["metric_value"] if "metric_value" in sweep.columns else sweep["accuracy"]
+            ax.plot(sweep["mean_exit_layer"], value, "-o", markersize=3)
             ax.set_xlabel("mean exit layer")
-            ax.set_ylabel("accuracy (%)")
+            ax.set_ylabel(f"{metric_title(str(sweep['metric'].iloc[0])) if 'metric' in sweep.columns else 'accuracy'} (%)")
             ax.set_title(f"{task}: tau sweep from cached head outputs", fontsize=9)
             ax.grid(alpha=0.3)
             fig.tight_layout()
@@ -385,9 +343,6 @@ def build_report(folder: str | Path) -> Path:
             plt.close(fig)
             sections += [f"![tau sweep](plots/{safe}_tau_sweep.png)", ""]
         sections += ["### Summary", "", summary_table(frame, task), ""]
-        peers = peer_speedup_table(frame, task)
-        if peers:
-            sections += ["### Against the fastest static peer", "", peers, ""]
         tuned_file = folder / f"tuned_{task.split(':')[0]}.json"
         if tuned_file.is_file():
             tuned = json.loads(tuned_file.read_text())
@@ -397,7 +352,11 @@ def build_report(folder: str | Path) -> Path:
                          f"{tuned.get('calibration_' + kind, float('nan')):.2f} vs reference "
                          f"{tuned.get('reference_' + kind, float('nan')):.2f}"
                          + (f"; certified bound on the drop {tuned['drop_upper_bound']:.2f} points"
-                            if tuned.get("drop_upper_bound") is not None else "") + ".", ""]
+                            if tuned.get("drop_upper_bound") is not None else "")
+                         + (f"; {tuned['drop_interval']['method']}: drop {tuned['drop_interval']['drop']:.2f}, "
+                            f"{tuned['drop_interval']['confidence']:.0%} upper bound "
+                            f"{tuned['drop_interval']['upper']:.2f} points"
+                            if tuned.get("drop_interval") else "") + ".", ""]
         run_file = folder / f"run_config_{task.split(':')[0]}.json"
         if run_file.is_file():  # written by `eat run`: how the models were built
             run = json.loads(run_file.read_text())
