@@ -145,6 +145,8 @@ def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
         batch = int(env["batch_size_throughput"]) if pd.notna(env.get("batch_size_throughput")) else "N"
         _frontier_panel(right, data, "speedup_batch", True,
                         f"batch-{batch} throughput speedup over static (arrival order, same run)")
+        for ax, column in ((left, "speedup_b1"), (right, "speedup_batch")):
+            _mark_fastest_static_peer(ax, data, column)
         left_out = len(everything) - len(data)
         note = f"; {left_out} row(s) of runs without a static row not shown" if left_out else ""
         fig.suptitle(f"{task}: {metric_name(data)} vs speedup ({env['device']}, {env['threads']} threads{note})",
@@ -286,6 +288,69 @@ def _other_metrics(row: pd.Series) -> str:
     return f" (F1 {row['f1']:.2f})" if "f1" in row and pd.notna(row.get("f1")) else ""
 
 
+def _is_static(points: pd.Series) -> pd.Series:
+    """Rows of the static model on any backend: ``static`` and its peers ``static:<backend>-<precision>``."""
+    return (points == "static") | points.astype(str).str.startswith("static:")
+
+
+def _mark_fastest_static_peer(ax, data: pd.DataFrame, column: str) -> None:
+    """A dotted vertical line at the fastest static peer's speedup (x = ``column``), when the rows have peers."""
+    statics = data[_is_static(data["point"])]
+    if len(statics) < 2 or statics[column].isna().all():
+        return
+    best = statics.loc[statics[column].idxmax()]
+    ax.axvline(best[column], color="black", linestyle=":", linewidth=1, zorder=1)
+    ax.annotate(f"fastest static peer ({best['point']})", (best[column], ax.get_ylim()[0]), fontsize=6,
+                rotation=90, xytext=(2, 4), textcoords="offset points")
+
+
+def peer_speedups(data: pd.DataFrame) -> pd.DataFrame:
+    """``data`` with ``peer_speedup_b1``, ``peer_speedup_batch`` (and ``peer_speedup_sorted``) and the names of
+    the peers they are against: each row against the FASTEST static peer of its own run (``static`` or any
+    ``static:<backend>-<precision>`` row; the fastest by each measure separately: batch-1 median, throughput).
+    As :func:`run_speedups`, ratios are never formed across runs. NaN where a run has no static row."""
+    data = data.copy()
+    runs = data["run_id"] if "run_id" in data.columns and data["run_id"].notna().all() else pd.Series(0, data.index)
+    measures = [("b1", "b1_p50_ms", False), ("batch", "throughput_rows_per_s", True)]
+    if "throughput_sorted_rows_per_s" in data.columns and data["throughput_sorted_rows_per_s"].notna().all():
+        measures.append(("sorted", "throughput_sorted_rows_per_s", True))
+    for key, column, higher in measures:
+        data[f"peer_speedup_{key}"] = float("nan")
+        data[f"peer_{key}"] = None
+        for run in runs.unique():
+            in_run = runs == run
+            statics = data[in_run & _is_static(data["point"])]
+            if not len(statics):
+                continue
+            best = statics.loc[statics[column].idxmax() if higher else statics[column].idxmin()]
+            ratio = data.loc[in_run, column] / best[column] if higher else best[column] / data.loc[in_run, column]
+            data.loc[in_run, f"peer_speedup_{key}"] = ratio
+            data.loc[in_run, f"peer_{key}"] = best["point"]
+    return data
+
+
+def peer_speedup_table(frame: pd.DataFrame, task: str) -> str:
+    """Markdown table of every row's speedups against the fastest static peer of its run (batch 1, batch
+    throughput, length-sorted throughput when measured), or "" when no run of this task has static peers."""
+    data = frame[frame["series"] == task]
+    if not data["point"].astype(str).str.startswith("static:").any():
+        return ""
+    data = peer_speedups(data)
+    has_sorted = "peer_speedup_sorted" in data.columns
+    lines = ["| point | backend | precision | vs fastest static, b1 | vs fastest static, batch |"
+             + (" vs fastest static, sorted |" if has_sorted else ""),
+             "|---|---|---|---|---|" + ("---|" if has_sorted else "")]
+    for _, row in data.iterrows():
+        cells = [f"{row[f'peer_speedup_{k}']:.2f}x ({row[f'peer_{k}']})" if pd.notna(row[f"peer_speedup_{k}"])
+                 else "-" for k in (("b1", "batch", "sorted") if has_sorted else ("b1", "batch"))]
+        lines.append(f"| {row['point']} | {row.get('backend') if pd.notna(row.get('backend')) else 'torch'} | "
+                     f"{row.get('precision') if pd.notna(row.get('precision')) else 'fp32'} | {' | '.join(cells)} |")
+    lines += ["", "Each row against the fastest static deployment of its own run (in parentheses), by each measure "
+              "separately: static as Hugging Face-style eager fp32 and its peers (PyTorch int8, ONNX Runtime fp32 and "
+              "int8), timed interleaved with every other row on the same rows."]
+    return "\n".join(lines)
+
+
 def build_report(folder: str | Path) -> Path:
     """Build ``report.md`` and its PNGs from a results folder; returns the report path."""
     folder = Path(folder)
@@ -343,6 +408,9 @@ def build_report(folder: str | Path) -> Path:
             plt.close(fig)
             sections += [f"![tau sweep](plots/{safe}_tau_sweep.png)", ""]
         sections += ["### Summary", "", summary_table(frame, task), ""]
+        peers = peer_speedup_table(frame, task)
+        if peers:
+            sections += ["### Against the fastest static peer", "", peers, ""]
         tuned_file = folder / f"tuned_{task.split(':')[0]}.json"
         if tuned_file.is_file():
             tuned = json.loads(tuned_file.read_text())
