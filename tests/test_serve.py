@@ -148,13 +148,19 @@ class Recorder:
         deliver(list(range(len(rows))), [{"row": row} for row in rows])
 
 
+async def _until_running(batcher) -> None:
+    """Wait until the worker has taken the queued rows (they are running, none is waiting)."""
+    while batcher.queue_depth or not batcher.in_flight:
+        await asyncio.sleep(0.005)
+
+
 def test_batcher_caps_batches_by_rows_and_padded_tokens_in_arrival_order():
     async def scenario():
         recorder = Recorder(gate=threading.Event())
         batcher = DynamicBatcher(recorder, max_batch=3, max_batch_tokens=40, max_wait_ms=0)
         batcher.start()
         first = batcher.submit(["held"], [5])  # occupies the worker until the gate opens
-        await asyncio.sleep(0.05)
+        await _until_running(batcher)
         rows = ["a", "b", "c", "d", "long", "e"]
         tokens = [5, 5, 5, 5, 20, 5]
         futures = batcher.submit(rows, tokens)
@@ -173,7 +179,7 @@ def test_batcher_caps_batches_by_rows_and_padded_tokens_in_arrival_order():
 def test_batcher_waits_up_to_max_wait_for_a_batch_to_fill():
     async def scenario():
         recorder = Recorder()
-        batcher = DynamicBatcher(recorder, max_batch=4, max_wait_ms=300)
+        batcher = DynamicBatcher(recorder, max_batch=4, max_wait_ms=1000)
         batcher.start()
         futures = batcher.submit(["a"], [3])
         await asyncio.sleep(0.05)  # well inside max_wait: the batch is still open
@@ -206,7 +212,7 @@ def test_batcher_refuses_a_request_that_overflows_the_queue_and_drains_on_close(
         batcher = DynamicBatcher(Recorder(gate), max_batch=1, max_queue=3)
         batcher.start()
         held = batcher.submit(["held"], [1])
-        await asyncio.sleep(0.05)
+        await _until_running(batcher)
         queued = batcher.submit(["a", "b"], [1, 1])
         with pytest.raises(QueueFull, match="queue is full"):
             batcher.submit(["c", "d"], [1, 1])  # 2 + 2 > 3: refused whole
@@ -242,6 +248,29 @@ def test_batcher_answers_early_rows_before_the_batch_ends(checkpoint):
     assert stats.batch_sizes == [2]
     assert early["exit_layer"] == 1 and late["exit_layer"] > 1
     assert order == ["early", "late"] and stats.early_rows == 1
+
+
+def test_a_model_without_the_hook_is_answered_at_the_end_and_a_nan_row_fails_alone(checkpoint):
+    """A model that ignores on_exit (another backend) still answers every row, from its output; a row whose output
+    is not finite gets an error (JSON has no NaN) and the other rows their answers."""
+    from types import SimpleNamespace
+
+    from eat.serving.model import Predictor
+
+    class NanModel:
+        config = tiny_config(num_labels=2)
+
+        def __call__(self, ids, mask, types, **unused):
+            logits = torch.zeros(ids.shape[0], 2)
+            logits[1] = float("nan")
+            return SimpleNamespace(logits=logits, exit_layer=torch.full((ids.shape[0],), 4), tokens_per_layer=None)
+
+    predictor = Predictor(NanModel(), load_predictor(checkpoint).tokenizer)
+    got = {}
+    predictor.run([predictor.encode(text) for text in (EARLY, LATE, EARLY)],
+                  lambda indices, answers: got.update(zip(indices, answers)))
+    assert sorted(got) == [0, 1, 2] and "non-finite" in got[1]["error"]
+    assert got[0]["exit_layer"] == got[2]["exit_layer"] == 4 and got[0]["confidence"] == 0.5
 
 
 # --- the protocol ---------------------------------------------------------------------------------------------
@@ -363,8 +392,7 @@ def test_http_errors_name_the_problem_and_a_bad_row_fails_alone(checkpoint):
         async def overflow():
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 held = asyncio.create_task(client.post("/v1/classify", json={"text": "hold"}))
-                while app.state.batcher.in_flight == 0:  # the held row is in the worker
-                    await asyncio.sleep(0.01)
+                await _until_running(app.state.batcher)  # the held row is in the worker, none is waiting
                 queued = asyncio.create_task(client.post("/v1/classify", json={"texts": ["q1", "q2", "q3"]}))
                 while app.state.batcher.queue_depth < 3:
                     await asyncio.sleep(0.01)

@@ -7,6 +7,7 @@ at an early layer are delivered then (the model's ``on_exit`` hook), before the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,9 @@ class Predictor:
         probabilities = logits.float().softmax(-1).tolist()  # (k, C)
         answers = []
         for i, probs, layer, kept in zip(indices, probabilities, layers, tokens):
+            if not all(math.isfinite(p) for p in probs):  # JSON has no NaN; the other rows are still fine
+                answers.append({"error": f"model error: non-finite output at layer {int(layer)}"})
+                continue
             best = max(range(len(probs)), key=probs.__getitem__)
             answers.append({"label": self.labels[best], "label_id": best, "confidence": probs[best],
                             "probabilities": dict(zip(self.labels, probs)), "exit_layer": int(layer),
