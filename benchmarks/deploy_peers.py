@@ -1,0 +1,151 @@
+"""Issue #24's measurements in one command: EAT against the static model as deployed (D1, D2, D5).
+
+    .venv/bin/python benchmarks/deploy_peers.py --runs runs/demo/sst2 --tuned runs/demo/results/tuned_sst2.json \\
+        --out benchmarks/results/deploy_peers [--rows 40] [--threads 2]
+
+Given the trained runs ``RUNS/static`` and ``RUNS/eat`` and the point `eat tune` chose:
+
+1. D1 and D2, one interleaved `eat bench` run on SST-2 dev (every row unless ``--rows``): static as eager fp32
+   and its peers (PyTorch int8, ONNX Runtime fp32 and int8), EAT's exits-off / exit / prune+exit rows and its
+   tuned point on the same backends; batch 1 (latency), batch 32 in arrival order and in length-sorted batches.
+   Results in ``OUT/bench`` (results.jsonl/.csv, report.md with the frontier plot).
+2. D5, the int8 accuracy cost on every dev row (untimed, length-bucketed batches as `eat eval`): the static model
+   and the tuned EAT point at fp32, PyTorch int8 and ONNX Runtime int8 (``OUT/d5_int8_cost.csv``).
+3. ``OUT/targets.md``: D1 (EAT on its fastest backend vs the fastest static peer at batch 1, >= 1.8x at <= 0.5
+   points below static fp32), D2 (the same at batch 32, >= 1.5x, arrival order; length-sorted reported) and D5
+   (<= 0.5 points on SST-2), each MET or MISSED with the figures.
+
+Timing needs a quiet machine: nothing else running on its cores (the script sets the thread count; 2 by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+PEERS = "torch-int8,ort-fp32,ort-int8"
+
+
+def _eat() -> list[str]:
+    """The eat command of this interpreter's environment."""
+    return [sys.executable, "-m", "eat.cli"]
+
+
+def run_bench(args, out: Path) -> Path:
+    """D1 / D2: one `eat bench` run (tuned table + peers) into OUT/bench; returns the results folder."""
+    results = out / "bench"
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(args.tuned, results / "tuned_sst2.json")  # `--points tuned` reads the point from the results folder
+    command = [*_eat(), "bench", "--checkpoint", str(args.runs / "eat"), "--static", str(args.runs / "static"),
+               "--task", "sst2", "--preset", "demo", "--points", "tuned", "--peers", PEERS, "--batch-size", "32",
+               "--threads", str(args.threads), "--results", str(results), "--force"]
+    if args.rows:
+        command += ["--rows", str(args.rows)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    subprocess.run([*_eat(), "report", "--results", str(results)], check=True)
+    return results
+
+
+def run_d5(args, out: Path) -> list[dict]:
+    """D5: accuracy of static and tuned EAT at fp32 / torch int8 / ORT int8 on every dev row (or --rows)."""
+    import torch
+
+    from eat.data import encode, load_glue
+    from eat.deploy import load_for_inference, read_tuned
+    from eat.evaluation import classification_metrics, predict_encoded
+
+    torch.set_num_threads(args.threads)
+    tuned = read_tuned(args.tuned)
+    rows = []
+    data = load_glue("sst2", "validation").subset(args.rows, seed=0)
+    for model_name, folder, knobs in (("static", args.runs / "static", {}), ("eat:tuned", args.runs / "eat", tuned)):
+        for backend, precision in (("torch", "fp32"), ("torch", "int8"), ("onnxruntime", "int8")):
+            model = load_for_inference(folder, knobs=knobs, precision=precision, backend=backend)
+            encoded = encode(data, model.tokenizer, 128)
+            start = time.perf_counter()
+            predicted = predict_encoded(model.model, encoded, batch_size=64, pad_id=model.tokenizer.pad_token_id or 0)
+            accuracy = classification_metrics(predicted.labels, predicted.logits.argmax(-1))["accuracy"]
+            rows.append({"model": model_name, "backend": backend, "precision": precision, "rows": len(encoded),
+                         "accuracy": accuracy, "mean_exit_layer": float(predicted.exit_layer.mean()),
+                         "seconds_untimed_pass": round(time.perf_counter() - start, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "d5_int8_cost.csv", index=False)
+    return rows
+
+
+def judge(results: Path, d5: list[dict], out: Path) -> list[str]:
+    """targets.md: D1, D2 (arrival order; length-sorted reported) and D5 from the bench rows and the D5 table."""
+    from eat.results import ResultsLog
+
+    rows = ResultsLog(results).rows()
+    run_id = [r for r in rows if r["point"] == "static"][-1]["run_id"]
+    rows = {r["point"]: r for r in rows if r["run_id"] == run_id}
+    statics = {k: v for k, v in rows.items() if k == "static" or k.startswith("static:")}
+    eats = {k: v for k, v in rows.items() if k.startswith("eat:tuned")}
+    base = rows["static"]
+    first = next(iter(rows.values()))
+    lines = [f"# Issue #24 targets: SST-2 dev, {base['rows']} rows, {first['cpu']}, {first['threads']} threads, "
+             f"commit {first['git_commit']}, run {run_id}", ""]
+
+    def best(group, column, higher):
+        return max(group.items(), key=lambda kv: kv[1][column] * (1 if higher else -1))
+
+    for target, column, higher, goal in (("D1 batch 1", "b1_p50_ms", False, 1.8),
+                                         ("D2 batch 32, arrival order", "throughput_rows_per_s", True, 1.5),
+                                         ("D2 batch 32, length-sorted (reported)", "throughput_sorted_rows_per_s",
+                                          True, 1.5)):
+        peer_name, peer = best(statics, column, higher)
+        # the fastest EAT row that keeps the accuracy bar, else the fastest of all (then it misses on accuracy)
+        within = {k: v for k, v in eats.items() if base["accuracy"] - v["accuracy"] <= 0.5}
+        eat_name, eat = best(within or eats, column, higher)
+        ratio = eat[column] / peer[column] if higher else peer[column] / eat[column]
+        drop = base["accuracy"] - eat["accuracy"]
+        met = ratio >= goal and drop <= 0.5
+        lines.append(f"- {target}: fastest EAT {eat_name} vs fastest static peer {peer_name}: {ratio:.2f}x "
+                     f"(goal >= {goal}x); its accuracy {eat['accuracy']:.2f} vs static fp32 {base['accuracy']:.2f} "
+                     f"({-drop:+.2f}, goal >= -0.50) -> {'MET' if met else 'MISSED'}")
+    lines += ["", "| point | accuracy | b1 p50 ms | rows/s b32 | rows/s b32 sorted | mean exit |", "|---|---|---|---|---|---|"]
+    for name, row in {**statics, **eats}.items():
+        lines.append(f"| {name} | {row['accuracy']:.2f} | {row['b1_p50_ms']:.2f} | {row['throughput_rows_per_s']:.0f} | "
+                     f"{row.get('throughput_sorted_rows_per_s', float('nan')):.0f} | {row['mean_exit_layer']:.2f} |")
+    lines += ["", f"## D5: int8 accuracy cost ({d5[0]['rows']} dev rows, untimed)", ""]
+    for model in ("static", "eat:tuned"):
+        fp32 = next(r for r in d5 if r["model"] == model and r["precision"] == "fp32")
+        for row in (r for r in d5 if r["model"] == model and r["precision"] == "int8"):
+            cost = fp32["accuracy"] - row["accuracy"]
+            lines.append(f"- {model} {row['backend']} int8: {row['accuracy']:.2f} vs fp32 {fp32['accuracy']:.2f} "
+                         f"(cost {cost:+.2f} points; goal <= 0.50) -> {'MET' if cost <= 0.5 else 'MISSED'}")
+    (out / "targets.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/demo/sst2"), help="folder with static/ and eat/ runs")
+    parser.add_argument("--tuned", type=Path, default=Path("runs/demo/results/tuned_sst2.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_peers"))
+    parser.add_argument("--rows", type=int, default=None, help="seeded sample of dev rows (default: all 872)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    for needed in (args.runs / "static", args.runs / "eat", args.tuned):
+        if not needed.exists():
+            raise SystemExit(f"{needed}: missing (train with `eat run` first, or pass --runs / --tuned)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run_bench(args, args.out)
+    d5 = run_d5(args, args.out)
+    judge(results, d5, args.out)
+
+
+if __name__ == "__main__":
+    main()
