@@ -2,8 +2,9 @@
 
 Per rate it reports throughput, p50 / p90 / p99 latency, errors, and an exactly-once check (every request carries
 an id; each id must come back exactly once, in the answer to that request). ``--search`` finds the highest rate a
-server sustains (p99 within ``--slo-ms``, no error, nothing lost, throughput at least 90% of the send rate). ``--overhead`` times
-single requests one at a time against the model called in-process at batch 1 (server overhead at low load).
+server sustains (p99 within ``--slo-ms``, no error, nothing lost, throughput at least 90% of the send rate).
+``--overhead`` times single requests one at a time against the model called in-process at batch 1 (server
+overhead at low load).
 
 It can start the servers itself (``--static RUN`` and ``--eat RUN --tuned FILE``, one after the other, never at
 the same time, with the same ``eat serve`` settings), or load a server already running (``--url``). Loopback only.

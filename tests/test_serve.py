@@ -9,7 +9,6 @@ scaled up, so layer-1 confidence differs between texts: at tau 0.85 EARLY leaves
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket

@@ -50,7 +50,8 @@ def _row(item: Any, where: str) -> tuple[str, str | None]:
     if isinstance(item, dict):
         unknown = sorted(set(item) - {"text", "text_pair"})
         if unknown:
-            raise RequestError(422, f"{where}: unknown field {unknown[0]!r} (a row has 'text' and optional 'text_pair')")
+            raise RequestError(422, f"{where}: unknown field {unknown[0]!r} (a row has 'text' and optional "
+                                    "'text_pair')")
         if "text" not in item:
             raise RequestError(422, f"{where}: missing field 'text'")
         pair = item.get("text_pair")

@@ -62,6 +62,7 @@ def build_ray_app(checkpoint: str | Path, *, config: ServeConfig, replicas: int 
             return await asyncio.to_thread(run_rows, self.predictor, rows)
 
         async def __call__(self, request: Request) -> JSONResponse:
+            """Route a request: /health, or /v1/classify and /v1/tag with the single-machine server's format."""
             from .protocol import RequestError, parse_request, response_body
 
             path = request.url.path.rstrip("/")
