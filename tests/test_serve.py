@@ -495,6 +495,8 @@ def test_serve_command_refuses_bad_settings_with_one_line(checkpoint, tmp_path):
     assert result.exit_code == 2 and "--max-batch-tokens 64 is below --max-length 128" in result.output
     result = CliRunner().invoke(app, ["serve", "--checkpoint", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "nothing" in result.output
+    result = CliRunner().invoke(app, ["serve", "--checkpoint", str(checkpoint), "--replicas", "2"])
+    assert result.exit_code == 2 and "--replicas needs --ray" in result.output
 
 
 # --- Ray Serve ------------------------------------------------------------------------------------------------

@@ -1066,8 +1066,9 @@ def serve(
 
         serve_on_ray(checkpoint, config=config, address=ray_address, replicas=replicas, host=host, port=port, **load)
         return
-    if replicas != 1:
-        raise ValueError("--replicas needs --ray (one uvicorn process serves one model)")
+    if replicas != 1 or ray_address:
+        raise ValueError(f"{'--replicas' if replicas != 1 else '--ray-address'} needs --ray (one uvicorn process "
+                         "serves one model)")
     from .serving.app import run_server
     from .serving.model import load_predictor
 
