@@ -94,7 +94,7 @@ def test_bench_appends_and_resumes(trained_tiny, tmp_path):
     # the short table: exits off, exit, prune+exit and the tuned point (no baselines given here)
     short = tmp_path / "short"
     args = ("bench", "--checkpoint", str(trained_tiny), "--task", "sst2", "--preset", "smoke", "--results",
-            str(short), "--points", "tuned", "--rows", "12")
+            str(short), "--points", "tuned", "--rows", "12", "--peers", "none")  # peers: tests/test_peers.py
     missing = _invoke(*args)
     assert missing.exit_code == 2 and "no " in missing.output and "tuned_sst2.json" in missing.output
     short.mkdir()
