@@ -231,6 +231,10 @@ def test_a_tiny_similarity_model_trains_its_exit_heads_and_exits(tmp_path, tiny_
         layers = torch.cat([model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).exit_layer
                             for b in batches(encoded, 16)])
     assert float(layers.float().mean()) == pytest.approx(finalists[("delta", 2)]["mean_exit_layer"])
+    from eat.evaluation import predict_texts
+
+    answer = predict_texts(model, tokenizer, ["A man is playing a flute."], ["A man plays the flute."])[0]
+    assert set(answer) == {"text", "score", "exit_layer", "tokens"} and np.isfinite(answer["score"])
 
 
 # ------------------------------------------------------------------------------------------------ real data

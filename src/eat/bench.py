@@ -33,7 +33,7 @@ from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
 from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash
 from .bootstrap import bootstrap_indices, paired_bootstrap_drop
 from .configuration_eat import REGRESSION_EXIT_POLICIES
-from .tasks import Task, result_fields, task_for_model
+from .tasks import TASKS, Task, result_fields, task_for_model
 from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
 from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
@@ -128,7 +128,7 @@ def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
              "exit_policy": (policy if policy not in (None, "none") else bench.exit_policy) if exit_ else "none",
              "exit_threshold": tau if tau is not None else bench.tau,
              "exit_layers": "all" if exit_ else None}
-    if knobs["exit_policy"] in ("agreement", "patience"):
+    if knobs["exit_policy"] in ("agreement", "patience") + REGRESSION_EXIT_POLICIES:
         knobs["exit_patience"] = patience or 2
     return knobs
 
@@ -281,6 +281,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     batched = [{k: v.to(bench.device) for k, v in b.items()}
                for b in batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
     labels = np.asarray(encoded.labels)
+    task = task if task is not None else _default_task(bench.task, num_labels)
     scorer = task if task is not None else task_for_model(num_labels)
     batch_predictions = {name: np.zeros(rows, dtype=np.float32 if scorer.is_regression else np.int64)
                          for name in models}
@@ -344,6 +345,15 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
     # the whole table in one atomic append: a run killed before it leaves the old table whole, never a mix
     log.append_rows(new_rows, replace=True)
     return new_rows
+
+
+def _default_task(name: str, num_labels: int) -> Task | None:
+    """The task to score with when the caller names none: the registered task ``name`` when its head matches the
+    model's, else Pearson for a one-output model, else None (accuracy, and F1 when asked, as rows always had)."""
+    registered = TASKS.get(name)
+    if registered is not None and registered.level == "sequence" and registered.num_labels == num_labels:
+        return registered
+    return task_for_model(1, name) if num_labels == 1 else None
 
 
 def _row_correct(task: Task, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:

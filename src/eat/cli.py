@@ -637,7 +637,9 @@ def predict(
         if as_json:
             typer.echo(json.dumps(result if text else {"line": numbers[index], **result}))
         else:
-            typer.echo(f"{result['label']}\t{result['confidence']:.3f}\texit {result['exit_layer']}\t{result['text']}")
+            answer = (f"{result['score']:.3f}" if "score" in result  # a regression model: its value
+                      else f"{result['label']}\t{result['confidence']:.3f}")
+            typer.echo(f"{answer}\texit {result['exit_layer']}\t{result['text']}")
 
 
 def _predict_files(checkpoint: Path, input_path: Path, output: Path, knobs: dict[str, Any], tuned: Path | None,

@@ -194,7 +194,8 @@ def evaluate_static_score(model: EATForSequenceClassification, tokenizer, datase
 @torch.inference_mode()
 def predict_texts(model: EATForSequenceClassification, tokenizer, texts: list[str], pairs: list[str] | None = None,
                   *, max_length: int = 128, device: str = "cpu") -> list[dict[str, Any]]:
-    """Classify raw texts one by one (batch 1, as a latency-sensitive caller would): label, confidence, exit layer."""
+    """Classify raw texts one by one (batch 1, as a latency-sensitive caller would): label, confidence, exit layer
+    (a regression model: its ``score`` instead of label and confidence)."""
     if not texts:
         return []
     model.eval().to(device)
@@ -206,6 +207,10 @@ def predict_texts(model: EATForSequenceClassification, tokenizer, texts: list[st
                             return_tensors="pt")
         token_types = encoded.get("token_type_ids")
         out = model(encoded["input_ids"].to(device), None, None if token_types is None else token_types.to(device))
+        if model.config.num_labels == 1:  # a regression head: its value, not a class
+            results.append({"text": text, "score": float(out.logits[0, 0]), "exit_layer": int(out.exit_layer[0]),
+                            "tokens": int(encoded["input_ids"].shape[1])})
+            continue
         probs = out.logits.float().softmax(-1)[0]
         label_id = int(probs.argmax())
         results.append({"text": text, "label": model.config.id2label.get(label_id, str(label_id)),
