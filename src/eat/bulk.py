@@ -504,14 +504,16 @@ def open_output(output: Path, settings: dict[str, Any], label_names: tuple[str, 
             differ = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
             raise ValueError(f"--output {output}: holds predictions made with other settings "
                              f"({', '.join(differ) or 'labels'}); use another --output folder (or delete it)")
-        return manifest
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output}: a folder with other files and no {MANIFEST}; give an empty or new folder")
-    (output / "shards").mkdir(parents=True, exist_ok=True)
+    else:
+        if output.exists() and any(output.iterdir()):
+            raise ValueError(f"--output {output}: a folder with other files and no {MANIFEST}; give an empty or "
+                             "new folder")
+        output.mkdir(parents=True, exist_ok=True)
+        manifest = {"version": MANIFEST_VERSION, "settings": settings, "labels": list(label_names), "shards": {},
+                    "files": {}, "complete": False}
+        _atomic_write_json(manifest_file, manifest)  # first: a job killed from here on is resumable
+    (output / "shards").mkdir(exist_ok=True)
     (output / "rejects").mkdir(exist_ok=True)
-    manifest = {"version": MANIFEST_VERSION, "settings": settings, "labels": list(label_names), "shards": {},
-                "files": {}, "complete": False}
-    _atomic_write_json(manifest_file, manifest)
     return manifest
 
 
