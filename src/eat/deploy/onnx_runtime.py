@@ -59,6 +59,7 @@ class OrtEmbeddings(_Segment):
     """``embeddings`` segment: (B, n) ids (and token types) -> (B, n, d)."""
 
     def forward(self, input_ids, token_type_ids=None):
+        """(B, n) ids and token types (None = all 0) -> (B, n, d); refuses inputs past the position limit."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         limit = self.max_positions
@@ -74,6 +75,7 @@ class OrtLayer(_Segment):
     q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads."""
 
     def forward(self, hidden, ctx):
+        """hidden (B, n, d) and the batch's attention context -> (hidden, q_cls, k, attention scores computed)."""
         if ctx.radius is not None:  # refused at load; a guard against knobs set on the config afterwards
             raise ExportError("attention_window cannot run on the ONNX Runtime backend")
         B, n, _ = hidden.shape
@@ -97,6 +99,7 @@ class OrtHead(_Segment):
         self.dense.in_features = in_features
 
     def forward(self, pooled):
+        """(B, w) -> (B, C)."""
         return self.run(pooled=pooled)[0]
 
 
@@ -105,6 +108,7 @@ class OrtFinal(_Segment):
     after it is the identity)."""
 
     def forward(self, cls):
+        """(B, d) -> (B, C)."""
         return self.run(cls=cls)[0]
 
 

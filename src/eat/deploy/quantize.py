@@ -1,8 +1,10 @@
 """Reduced-precision copies of EAT models for CPU inference: dynamic int8 and bf16.
 
 int8 is PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``, the ``x86`` engine: fbgemm
-with oneDNN fallbacks): weights stored as int8 per output channel, activations quantized per call from their
-own range, int32 accumulation. Chosen by measurement on a Zen 4 EPYC (see ``docs/backends.md``). Every linear
+with oneDNN fallbacks): weights stored as int8 with one scale per output channel, activations quantized per call
+from their own range (one scale per call), int32 accumulation. Chosen by measurement on a Zen 4 EPYC (see
+``docs/backends.md``): the ``onednn`` engine was slower; per-channel weights were no slower than per-tensor and
+suit the fused QKV weight, whose three blocks have ranges of their own. Every linear
 layer is quantized: the Q, K, V projections as ONE fused (d -> 3 d) int8 matmul
 (:attr:`~eat.modeling_eat.EATSelfAttention.fused_qkv`), the attention output, the feed-forward, the pooler, the
 classifier and every exit head. Embeddings and LayerNorms stay fp32 (they are lookups and reductions, not
@@ -62,7 +64,7 @@ def quantize_int8(model: nn.Module, *, engine: str = "x86", inplace: bool = Fals
     them). ``engine``: PyTorch's quantized engine (``x86``, ``fbgemm``, ``onednn``), set process-wide because the
     packed weights are made for it. Returns the model in eval mode; the input model is left alone unless
     ``inplace``."""
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     if engine not in torch.backends.quantized.supported_engines:
         raise PrecisionError(f"quantized engine {engine!r} is not in this torch build "
@@ -79,7 +81,7 @@ def quantize_int8(model: nn.Module, *, engine: str = "x86", inplace: bool = Fals
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
         warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
-        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return model
 
 
