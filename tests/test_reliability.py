@@ -160,3 +160,16 @@ def test_force_remeasure_killed_midway_keeps_the_old_table_whole(tmp_path, monke
     again = measure_points(points, encoded, bench, log, dataset_source="fixture")
     assert len(again) == 3 and len({row["run_id"] for row in log.rows()}) == 1 and len(log.rows()) == 3
     assert measure_points(points, encoded, bench, log, dataset_source="fixture") == []
+
+
+def test_threshold_range_depends_on_the_exit_rule():
+    """A confidence threshold lies in (0, 1]; a regression rule's threshold is in the label's units (may exceed 1)."""
+    import typer
+
+    from eat.cli import knobs_from_options
+
+    assert knobs_from_options(["exit_policy=delta", "exit_threshold=2.5"], None)["exit_threshold"] == 2.5
+    with pytest.raises(typer.BadParameter, match="must be > 0"):
+        knobs_from_options(["exit_policy=spread", "exit_threshold=0"], None)
+    with pytest.raises(typer.BadParameter, match=r"lies in \(0, 1\]"):
+        knobs_from_options(["exit_policy=confidence", "exit_threshold=2.5"], None)

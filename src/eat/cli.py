@@ -158,9 +158,19 @@ def knobs_from_options(knob: list[str] | None, tau: float | None, tuned: Path | 
                                      "probability must reach it; above 1 no row could ever exit)", param_hint="--tau")
         knobs.update(exit_policy="confidence", exit_threshold=tau)
     threshold = knobs.get("exit_threshold")
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and not 0.0 < threshold <= 1.0:
-        raise typer.BadParameter(f"exit_threshold={threshold}: a confidence threshold lies in (0, 1]",
-                                 param_hint="--knob")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        from .configuration_eat import REGRESSION_EXIT_POLICIES
+
+        # a regression rule's threshold is in the label's units (a change of the predicted score), so it may
+        # exceed 1; a class-probability threshold cannot
+        if knobs.get("exit_policy") in REGRESSION_EXIT_POLICIES:
+            if threshold <= 0:
+                raise typer.BadParameter(f"exit_threshold={threshold}: a regression exit threshold (the largest "
+                                         "change of the prediction that counts as settled) must be > 0",
+                                         param_hint="--knob")
+        elif not 0.0 < threshold <= 1.0:
+            raise typer.BadParameter(f"exit_threshold={threshold}: a confidence threshold lies in (0, 1]",
+                                     param_hint="--knob")
     return knobs
 
 
