@@ -510,3 +510,20 @@ def test_certified_tuning_walks_a_finer_grid_near_one(tmp_path, monkeypatch):
     below_half = [k / 100 for k in range(34, 50)]
     assert seen[2] == below_half + list(bench_module.CERTIFY_TAU_GRID)
     assert seen[3] == below_half + list(bench_module.TAU_GRID)
+
+
+def test_an_interrupted_mnli_run_that_measured_one_split_keeps_its_sweep_plot(tmp_path):
+    """The pipeline names MNLI's sweep file by split (it is evaluated on two); the report must find it even when
+    only one split has been measured so far (it used to call the series plain 'mnli' and lose the plot)."""
+    from eat.results import series_name, sweep_file
+
+    log = ResultsLog(tmp_path)
+    for row in _fixture_rows():
+        log.append({**row, "task": "mnli", "split": "validation_matched"})
+    sweep = sweep_file(tmp_path, series_name("mnli", "validation_matched", 2))
+    assert sweep.name == "tau_sweep_mnli_validation_matched.csv"
+    pd.DataFrame({"tau": [0.5, 0.9], "accuracy": [80.0, 84.0], "mean_exit_layer": [2.0, 4.0]}).to_csv(sweep,
+                                                                                                        index=False)
+    text = build_report(tmp_path).read_text()
+    assert "mnli:validation_matched" in text
+    assert "plots/mnli_validation_matched_tau_sweep.png" in text

@@ -32,7 +32,8 @@ from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .data import encode, load_glue, load_table
 from .report import build_report
 from .deploy.peers import PEERS
-from .results import ResultsLog
+from .results import ResultsLog, series_name
+from .results import sweep_file as results_sweep_file
 from .tasks import SEQUENCE_TASKS, Task
 from .training import TrainConfig, config_task, train, train_config_from_preset
 
@@ -213,8 +214,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
         dev = _dev_split(run, spec, split, calibration.label_names).subset(bench.rows, seed=bench.seed)
         encoded = encode(dev, tokenizer, eat_config.max_length)
         split_bench = dataclasses.replace(bench, split=split)
-        sweep_name = task if len(spec.eval_splits) == 1 else f"{task}:{split}"  # the report's series name
-        sweep_file = results_dir / f"tau_sweep_{sweep_name.replace(':', '_')}.csv"
+        sweep_file = results_sweep_file(results_dir, series_name(task, split, len(spec.eval_splits)))
         if not sweep_file.is_file():
             import pandas as pd
 

@@ -15,8 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .results import ResultsError, ResultsLog, atomic_write_text  # noqa: E402
-from .tasks import METRICS, metric_title  # noqa: E402
+from .results import ResultsError, ResultsLog, atomic_write_text, series_name  # noqa: E402
+from .results import sweep_file as results_sweep_file  # noqa: E402
+from .tasks import METRICS, TASKS, metric_title  # noqa: E402
 
 
 class ReportError(RuntimeError):
@@ -43,8 +44,11 @@ def load_results(folder: Path) -> pd.DataFrame:
         raise ReportError(f"{folder}: no results to report (run `eat bench` or `eat run` first)")
     frame = pd.DataFrame(rows)
     # one series per task and evaluation split (MNLI has two)
-    splits_per_task = frame.groupby("task")["split"].nunique()
-    frame["series"] = [f"{t}:{s}" if splits_per_task[t] > 1 else t for t, s in zip(frame["task"], frame["split"])]
+    # (by the splits the task is evaluated on, not those measured so far: an interrupted MNLI run that measured one
+    # split still names its series, and finds its sweep file, as the pipeline did)
+    measured_splits = frame.groupby("task")["split"].nunique()
+    frame["series"] = [series_name(t, s, len(TASKS[t].eval_splits) if t in TASKS else measured_splits[t])
+                       for t, s in zip(frame["task"], frame["split"])]
     # the value every table and plot shows: the row's primary metric (``metric_value``); rows written before
     # metrics had names hold it in ``accuracy`` (entity F1 for token tasks, which ``metric`` names)
     legacy = frame["accuracy"] if "accuracy" in frame.columns else pd.Series(float("nan"), index=frame.index)
@@ -393,7 +397,7 @@ def build_report(folder: str | Path) -> Path:
                 plot_tokens_vs_length(pd.read_csv(examples_path), f"{task} {row['point']}: tokens kept",
                                       plots / f"{safe}_tokens_vs_length.png")
                 sections += [f"![tokens kept](plots/{safe}_tokens_vs_length.png)", ""]
-        sweep_file = folder / f"tau_sweep_{task.replace(':', '_')}.csv"
+        sweep_file = results_sweep_file(folder, task)
         if sweep_file.is_file():
             sweep = pd.read_csv(sweep_file)
             fig, ax = plt.subplots(figsize=(5, 3.5))

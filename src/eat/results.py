@@ -51,6 +51,17 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def series_name(task: str, split: str, split_count: int) -> str:
+    """A task's evaluation split as reports and file names call it: the task alone when the task is evaluated on
+    one split, ``task:split`` when on several (MNLI's matched and mismatched), whatever was measured so far."""
+    return f"{task}:{split}" if split_count > 1 else task
+
+
+def sweep_file(folder: str | Path, series: str) -> Path:
+    """Where the threshold sweep of one series lives (written by the pipeline, read by the report)."""
+    return Path(folder) / f"tau_sweep_{series.replace(':', '_')}.csv"
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able configuration (sorted keys)."""
     text = json.dumps(config, sort_keys=True, default=str)
