@@ -385,15 +385,9 @@ def _load_torch_classifier(config: BulkConfig):
 
 
 def _tuned_knobs(path: str) -> dict[str, Any]:
-    try:
-        saved = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--tuned {path}: no such file") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--tuned {path}: not valid JSON ({error})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("knobs"), dict):
-        raise ValueError(f"--tuned {path}: no 'knobs' object; expected a file written by eat tune")
-    return saved["knobs"]
+    from .results import read_tuned_knobs
+
+    return read_tuned_knobs(path)
 
 
 def predict_frame(predictor: Predictor, frame: pd.DataFrame, *, max_length: int, batch_size: int) -> pd.DataFrame:

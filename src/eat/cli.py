@@ -141,16 +141,9 @@ def knobs_from_options(knob: list[str] | None, tau: float | None, tuned: Path | 
     NAME=VALUE`` over them; ``--tau`` is shorthand for the confidence exit policy."""
     knobs: dict[str, Any] = {}
     if tuned is not None:
-        try:
-            saved = json.loads(tuned.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--tuned {tuned}: no such file (eat tune writes tuned_<task>.json into its "
-                                    "--results folder)") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--tuned {tuned}: not valid JSON ({error})") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("knobs"), dict):
-            raise ValueError(f"--tuned {tuned}: no 'knobs' object; expected a file written by eat tune")
-        knobs.update(saved["knobs"])
+        from .results import read_tuned_knobs
+
+        knobs.update(read_tuned_knobs(tuned))
     knobs.update(parse_knobs(knob))
     if tau is not None:
         if not 0.0 < tau <= 1.0:

@@ -51,6 +51,27 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def read_tuned_knobs(tuned: str | Path | dict[str, Any], flag: str = "--tuned") -> dict[str, Any]:
+    """The knobs of an operating point `eat tune` saved (a ``tuned_<task>.json`` path, or its content as a dict).
+
+    Every entry point that takes a tuned point reads it here, so a missing, non-JSON or foreign file gets the same
+    message everywhere, naming ``flag`` and the path."""
+    if isinstance(tuned, dict):
+        saved: Any = tuned
+    else:
+        try:
+            saved = json.loads(Path(tuned).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{flag} {tuned}: no such file (eat tune writes tuned_<task>.json into its "
+                                    "--results folder)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{flag} {tuned}: not valid JSON ({error})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("knobs"), dict):
+        raise ValueError(f"{flag} {tuned if not isinstance(tuned, dict) else '(dict)'}: no 'knobs' object; expected "
+                         "a file written by eat tune")
+    return dict(saved["knobs"])
+
+
 def series_name(task: str, split: str, split_count: int) -> str:
     """A task's evaluation split as reports and file names call it: the task alone when the task is evaluated on
     one split, ``task:split`` when on several (MNLI's matched and mismatched), whatever was measured so far."""

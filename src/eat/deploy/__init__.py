@@ -73,20 +73,9 @@ def read_tuned(tuned: str | Path | dict[str, Any] | None) -> dict[str, Any]:
     """The knobs of a point `eat tune` saved: a ``tuned_<task>.json`` path or its parsed content (None = none)."""
     if tuned is None:
         return {}
-    if isinstance(tuned, dict):
-        saved = tuned
-    else:
-        path = Path(tuned)
-        try:
-            saved = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"tuned file {path}: no such file (eat tune writes tuned_<task>.json)") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"tuned file {path}: not valid JSON ({error})") from None
-    knobs = saved.get("knobs") if isinstance(saved, dict) else None
-    if not isinstance(knobs, dict):
-        raise ValueError(f"tuned {tuned}: no 'knobs' object; expected a file written by eat tune")
-    return dict(knobs)
+    from ..results import read_tuned_knobs
+
+    return read_tuned_knobs(tuned, flag="tuned")
 
 
 def _is_token_checkpoint(model_dir: Path) -> bool:

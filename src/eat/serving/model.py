@@ -181,15 +181,9 @@ def _load_plain(checkpoint: Path, tuned, knobs, threads):
         torch.set_num_threads(threads)
     merged: dict[str, Any] = {}
     if tuned is not None:
-        try:
-            saved = json.loads(Path(tuned).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"--tuned {tuned}: no such file") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--tuned {tuned}: not valid JSON ({error})") from None
-        if not isinstance(saved, dict) or not isinstance(saved.get("knobs"), dict):
-            raise ValueError(f"--tuned {tuned}: no 'knobs' object; expected a file written by eat tune")
-        merged.update(saved["knobs"])
+        from ..results import read_tuned_knobs
+
+        merged.update(read_tuned_knobs(tuned))
     merged.update(knobs or {})
     model_dir = model_folder(checkpoint)
     config_file = model_dir / "config.json"
