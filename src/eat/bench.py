@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification, WorkCounters
 from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
-from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash
+from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash, new_run_id
 from .bootstrap import bootstrap_indices, paired_bootstrap_drop
 from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .tasks import TASKS, Task, result_fields, task_for_model
@@ -255,7 +253,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
                        None if all_rows is None else len(all_rows), objective)
     if not todo:
         return []
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from
+    run_id = new_run_id()  # the interleaved run these rows come from
     models = {point.name: load_point(point, bench.device) for point, _ in todo}
     singles = [collate(encoded, [i], pad_id) for i in range(rows)]
     singles = [{k: v.to(bench.device) for k, v in s.items()} for s in singles]
@@ -408,7 +406,7 @@ def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagge
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
     if not todo:
         return []
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # the interleaved run these rows come from
+    run_id = new_run_id()  # the interleaved run these rows come from
     models = {point.name: load_classifier(point.checkpoint, knobs=point.knobs, token_level=True).to(bench.device).eval()
               for point, _ in todo}
     singles = [{k: v.to(bench.device) for k, v in collate_tagged(encoded, [i], pad_id).items()} for i in range(rows)]

@@ -51,6 +51,15 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def new_run_id() -> str:
+    """A fresh id for one interleaved measuring run: time, process and a random part (two runs in the same second
+    of one process, as in a fast test or a quick rerun, must not share an id, or a mixed table looks whole)."""
+    import time
+    import uuid
+
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def read_tuned_knobs(tuned: str | Path | dict[str, Any], flag: str = "--tuned") -> dict[str, Any]:
     """The knobs of an operating point `eat tune` saved (a ``tuned_<task>.json`` path, or its content as a dict).
 
