@@ -22,7 +22,7 @@ from .batcher import BatcherClosed, DynamicBatcher, QueueFull
 from .config import ServeConfig
 from .metrics import ServeMetrics
 from .model import Predictor
-from .protocol import RequestError, parse_request, response_body
+from .protocol import RequestError, encode_rows, parse_request, response_body, wrong_kind_message
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         if not state["ready"]:
             return 503, {"error": state.get("error", "the model is warming up")}, retry
         if predictor.kind != route:
-            return 404, {"error": f"this server's model is a {'tagging' if predictor.kind == 'tag' else 'sentence'}"
-                                  f" model: use POST /v1/{predictor.kind}"}, {}
+            return 404, {"error": wrong_kind_message(predictor.kind)}, {}
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
             return 413, {"error": f"the body has {declared} bytes; at most {config.max_body_bytes} "
@@ -82,12 +81,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         try:
             parsed = parse_request(bytes(body), max_rows=config.max_rows_per_request,
                                    max_body_bytes=config.max_body_bytes)
-            rows = []
-            for i, (text, pair) in enumerate(parsed.rows):
-                try:
-                    rows.append(predictor.encode(text, pair))
-                except ValueError as error:
-                    raise RequestError(422, f"row {i}: {error}") from None
+            rows = encode_rows(parsed, predictor.encode)
         except RequestError as error:
             return error.status, {"error": error.message}, {}
         try:

@@ -104,6 +104,23 @@ def parse_request(body: bytes, *, max_rows: int, max_body_bytes: int) -> ParsedR
     return ParsedRequest(request_id, rows)
 
 
+def encode_rows(parsed: ParsedRequest, encode) -> list[Any]:
+    """Each row of a parsed request through ``encode(text, pair)`` (the predictor's tokenizer step); a row it refuses
+    (empty after tokenizing, too long, ...) is a 422 naming the row. Shared by the single-machine and Ray servers."""
+    rows = []
+    for i, (text, pair) in enumerate(parsed.rows):
+        try:
+            rows.append(encode(text, pair))
+        except ValueError as error:
+            raise RequestError(422, f"row {i}: {error}") from None
+    return rows
+
+
+def wrong_kind_message(kind: str) -> str:
+    """The 404 message for a request to the other model kind's route (``kind`` is this server's: classify or tag)."""
+    return (f"this server's model is a {'tagging' if kind == 'tag' else 'sentence'} model: use POST /v1/{kind}")
+
+
 def response_body(request_id: Any, answers: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """The HTTP status and JSON body for a request's answers: 200 when at least one row was answered, 500 when
     every row failed (each failed row says why)."""

@@ -63,7 +63,7 @@ def build_ray_app(checkpoint: str | Path, *, config: ServeConfig, replicas: int 
 
         async def __call__(self, request: Request) -> JSONResponse:
             """Route a request: /health, or /v1/classify and /v1/tag with the single-machine server's format."""
-            from .protocol import RequestError, parse_request, response_body
+            from .protocol import RequestError, encode_rows, parse_request, response_body, wrong_kind_message
 
             path = request.url.path.rstrip("/")
             predictor = self.predictor
@@ -75,18 +75,11 @@ def build_ray_app(checkpoint: str | Path, *, config: ServeConfig, replicas: int 
                 return JSONResponse({"error": f"no route {request.method} {path}; use POST /v1/classify, "
                                               "POST /v1/tag or GET /health"}, status_code=404)
             if route != predictor.kind:
-                return JSONResponse({"error": f"this server's model is a "
-                                              f"{'tagging' if predictor.kind == 'tag' else 'sentence'} model: use "
-                                              f"POST /v1/{predictor.kind}"}, status_code=404)
+                return JSONResponse({"error": wrong_kind_message(predictor.kind)}, status_code=404)
             try:
                 parsed = parse_request(await request.body(), max_rows=config.max_rows_per_request,
                                        max_body_bytes=config.max_body_bytes)
-                rows = []
-                for i, (text, pair) in enumerate(parsed.rows):
-                    try:
-                        rows.append(predictor.encode(text, pair))
-                    except ValueError as error:
-                        raise RequestError(422, f"row {i}: {error}") from None
+                rows = encode_rows(parsed, predictor.encode)
             except RequestError as error:
                 return JSONResponse({"error": error.message}, status_code=error.status)
             answers = await asyncio.gather(*(self._answer_rows(row) for row in rows))
