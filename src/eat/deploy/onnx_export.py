@@ -17,8 +17,8 @@ Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C
 ``manifest.json`` records the segments per precision, the model config (knobs and labels included), the
 tokenizer files copied beside them, the library versions and a sha256 of every file; a file that does not match
 its checksum is refused when loading. ``--precision int8`` adds ONNX Runtime's dynamic int8 quantization
-(``onnxruntime.quantization.quantize_dynamic``, QInt8 weights) of every segment with matrix products (all but
-the embeddings) next to the fp32 files.
+(``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, one scale per output channel) of every
+segment with matrix products (all but the embeddings) next to the fp32 files.
 
 Knobs the export cannot express (refused with :class:`ExportError`): ``attention_window`` (the blocked window
 kernel reads overlapping strided views) and ``prune_importance="mean_attention"`` (needs every query); token
@@ -156,7 +156,12 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
 
 
 def _quantize_int8(source: Path, target: Path) -> None:
-    """ONNX Runtime's dynamic int8 quantization of one segment (QInt8 weights, activations quantized per call)."""
+    """ONNX Runtime's dynamic int8 quantization of one segment: QInt8 weights with one scale per output channel,
+    activations quantized per call.
+
+    Per channel, as the torch backend (``per_channel_dynamic_qconfig``): with one scale per weight matrix (ORT's
+    default) the SST-2 demo models lost 0.81 accuracy points on all 872 dev rows at batch 1 (static 83.03 ->
+    82.22, EAT tuned 83.03 -> 82.22); per channel they score 83.26 / 83.37 (AMD EPYC Zen 5, this export)."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -165,7 +170,7 @@ def _quantize_int8(source: Path, target: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" warning, once per segment, says nothing here
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)
 
