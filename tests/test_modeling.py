@@ -645,3 +645,29 @@ def test_flex_backend_matches_blocked_kernel():
         a, b = blocked(ids, mask), flex(ids, mask)
     assert torch.allclose(a.logits, b.logits, atol=1e-4)
     assert b.work.attention_scores == 2 * 4 * 128 * 128  # one 128x128 block per row and layer: honest count
+
+
+def test_pruning_ties_go_to_the_earlier_token_in_both_task_models():
+    # one selection rule for sentence and token models: the most important tokens, exact ties to the earlier
+    # position (the sentence loop used topk and the token loop a double argsort, whose tie orders differed and
+    # could depend on a row's padding); untrained LayerNorms give many hidden states exactly the same norm
+    importance = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 2.0, float("nan")]])
+    real = torch.tensor([[True] * 6 + [False]])
+    protected = torch.tensor([[True] + [False] * 6])
+    keep = modeling_eat._keep_most_important(importance, real, protected, torch.tensor([3]))
+    assert keep.tolist() == [[True, True, True, False, False, False, False]]
+    padded = modeling_eat._keep_most_important(torch.cat([importance[:, :6], torch.zeros(1, 9)], 1),
+                                               torch.cat([real[:, :6], torch.zeros(1, 9, dtype=torch.bool)], 1),
+                                               torch.cat([protected[:, :6], torch.zeros(1, 9, dtype=torch.bool)], 1),
+                                               torch.tensor([3]))
+    assert padded[:, :6].tolist() == keep[:, :6].tolist() and not padded[:, 6:].any()
+    # end to end: norm pruning on tied norms keeps the same tokens for a row alone and inside a padded batch
+    model = tiny_model(seed=5, keep_ratio=0.5, prune_importance="norm")
+    lengths = (17, 9, 30, 4, 12)
+    ids, mask = mixed_batch(seed=6, lengths=lengths)
+    with torch.no_grad():
+        batched = model.bert(ids, mask)
+        for i, n in enumerate(lengths):
+            alone = model.bert(ids[i:i + 1, :n])
+            kept = batched.token_positions[i][batched.attention_mask[i]]
+            assert kept.tolist() == alone.token_positions[0][alone.attention_mask[0]].tolist()

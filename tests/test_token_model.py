@@ -201,3 +201,38 @@ def test_bad_token_knobs():
         tiny_config(token_exit_kv="maybe")
     with pytest.raises(KnobError, match="token_exit_window"):
         tiny_config(token_exit_window=-1)
+
+
+def test_negative_entropy_threshold_turns_token_exits_off():
+    # nothing has a negative entropy, so exits are off: as for sentence models, only the final head runs (the
+    # token loop used to evaluate every head on every token and let none leave)
+    model = tiny_tagger()
+    ids, mask = mixed_batch(lengths=(12, 6, 9))
+    words = word_mask_for(mask)
+    with torch.no_grad():
+        model.config.set_knobs(exit_policy="entropy", entropy_threshold=-0.1)
+        off = model(ids, mask, word_mask=words)
+        model.config.set_knobs(exit_policy="none")
+        none = model(ids, mask, word_mask=words)
+    real = mask.bool()
+    assert (off.token_exit_layer[real] == 4).all()
+    assert off.work.exit_head_rows == none.work.exit_head_rows == int(mask.sum())  # the final head only
+    assert torch.equal(off.logits[real], none.logits[real])
+
+
+@pytest.mark.parametrize("token", [False, True])
+def test_missing_exit_heads_are_named_and_added_from_the_final_head(token):
+    from eat.modeling_eat import EATForSequenceClassification
+
+    torch.manual_seed(0)
+    model = (EATForTokenClassification if token else EATForSequenceClassification)(tiny_config()).eval()
+    model.config.set_knobs(exit_layers=[2, 4])
+    ids, mask = mixed_batch(lengths=(7, 5))
+    with pytest.raises(ValueError, match=r"names layers \[2\] that have no exit head"):
+        model(ids, mask)
+    model.add_exit_heads([2, 4])
+    assert sorted(model.exit_heads) == ["2"]
+    assert torch.equal(model.exit_heads["2"].classifier.weight, model.classifier.weight)  # a copy of the final head
+    with torch.no_grad():
+        out = model(ids, mask, output_exit_logits=True, disable_exit=True)
+    assert out.exit_logits.shape[1] == 2 and not torch.isnan(out.exit_logits[:, 0]).all()

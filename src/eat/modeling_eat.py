@@ -19,7 +19,7 @@ attention), the layer loop (pruning, exits, compaction); everything else compute
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,39 @@ def _band_views_apply(q, k, v, key_mask, dropout_p: float) -> bool:
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
+def _interior_band_attention(q, k, v, out_blocks, block_masks, key_bias, radius: int, g: int, block: int,
+                             width: int, first_inner: int, end_inner: int) -> None:
+    """The interior query blocks of :func:`sliding_window_attention` (those whose band lies wholly in [g, n)),
+    each row's blocks in one flash call on overlapping strided views of its keys; the global keys' softmax is
+    merged in through the log-sum-exps. Writes blocks [first_inner, end_inner) of ``out_blocks``
+    (B, num_blocks, block, H, dh); block_masks: (B, num_blocks, 1, block, g + width)."""
+    B = q.shape[0]
+    dh = q.shape[-1]
+    count = end_inner - first_inner
+    scale = 1.0 / math.sqrt(dh)
+    for row in range(B):
+        queries = _blocks_view(q, row, first_inner * block, count, block, block)  # (count, H, block, dh)
+        keys, values = (_blocks_view(t, row, first_inner * block - radius, count, block, width) for t in (k, v))
+        if key_bias is None:  # one (1, 1, block, W) mask broadcast over the blocks: SDPA reads 1/count of it
+            band_mask = block_masks[row, first_inner:first_inner + 1, :, :, g:].expand(count, -1, -1, -1)
+        else:  # merge-mode key biases differ from block to block
+            band_mask = block_masks[row, first_inner:end_inner, :, :, g:]  # (count, 1, block, W)
+        band_out, band_lse = _FLASH_CPU(queries, keys, values, attn_mask=band_mask)  # lse: (count, H, block)
+        # The global keys' own softmax: scores (count, H, block, g), then both merged by their log-sum-exps.
+        glob_scores = torch.matmul(queries, k[row, :, :g].transpose(-1, -2)) * scale
+        if key_bias is not None:
+            glob_scores = glob_scores + key_bias[row, :g]
+        if g == 1:  # one global key (`[CLS]`): its softmax is 1, its output its value row
+            glob_lse, glob_out = glob_scores[..., 0], v[row, :, :1]  # (count, H, block), (H, 1, dh)
+        else:
+            glob_lse = glob_scores.logsumexp(-1)
+            glob_out = torch.matmul(torch.softmax(glob_scores, -1), v[row, :, :g])  # (count, H, block, dh)
+        # softmax mass on the band; the kernel's lse is float32 whatever the inputs' dtype
+        band_share = torch.sigmoid(band_lse - glob_lse.float()).unsqueeze(-1).to(band_out.dtype)
+        merged = torch.lerp(glob_out, band_out, band_share)
+        out_blocks[row, first_inner:end_inner] = merged.transpose(1, 2)
+
+
 def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: int | None = None,
                              key_mask=None, key_bias=None, dropout_p: float = 0.0, mask=None, index=None):
     """Sliding-window attention with global leading tokens, computed block by block.
@@ -168,29 +201,8 @@ def sliding_window_attention(q, k, v, radius: int, num_global: int = 1, block: i
         if end_inner <= first_inner:  # no interior block (short input): every block in the gathering pass
             first_inner, end_inner = 0, 0
     if end_inner > first_inner:
-        count = end_inner - first_inner
-        scale = 1.0 / math.sqrt(dh)
-        for row in range(B):
-            queries = _blocks_view(q, row, first_inner * block, count, block, block)  # (count, H, block, dh)
-            keys, values = (_blocks_view(t, row, first_inner * block - radius, count, block, width) for t in (k, v))
-            if key_bias is None:  # one (1, 1, block, W) mask broadcast over the blocks: SDPA reads 1/count of it
-                band_mask = block_masks[row, first_inner:first_inner + 1, :, :, g:].expand(count, -1, -1, -1)
-            else:  # merge-mode key biases differ from block to block
-                band_mask = block_masks[row, first_inner:end_inner, :, :, g:]  # (count, 1, block, W)
-            band_out, band_lse = _FLASH_CPU(queries, keys, values, attn_mask=band_mask)  # lse: (count, H, block)
-            # The global keys' own softmax: scores (count, H, block, g), then both merged by their log-sum-exps.
-            glob_scores = torch.matmul(queries, k[row, :, :g].transpose(-1, -2)) * scale
-            if key_bias is not None:
-                glob_scores = glob_scores + key_bias[row, :g]
-            if g == 1:  # one global key (`[CLS]`): its softmax is 1, its output its value row
-                glob_lse, glob_out = glob_scores[..., 0], v[row, :, :1]  # (count, H, block), (H, 1, dh)
-            else:
-                glob_lse = glob_scores.logsumexp(-1)
-                glob_out = torch.matmul(torch.softmax(glob_scores, -1), v[row, :, :g])  # (count, H, block, dh)
-            # softmax mass on the band; the kernel's lse is float32 whatever the inputs' dtype
-            band_share = torch.sigmoid(band_lse - glob_lse.float()).unsqueeze(-1).to(band_out.dtype)
-            merged = torch.lerp(glob_out, band_out, band_share)
-            out_blocks[row, first_inner:end_inner] = merged.transpose(1, 2)
+        _interior_band_attention(q, k, v, out_blocks, block_masks, key_bias, radius, g, block, width,
+                                 first_inner, end_inner)
 
     # Edge blocks (or every block): gathered keys, query blocks grouped so the gathered buffers stay small.
     padded_q = F.pad(q, (0, 0, 0, n_pad - n)) if n_pad != n else q
@@ -727,6 +739,18 @@ class WorkCounters:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def count_layer(self, padded_tokens: int, scores: int) -> None:
+        """One layer ran on ``padded_tokens`` token slots (rows x length, padding included) and computed
+        ``scores`` attention scores."""
+        self.padded_token_layers += padded_tokens
+        self.attention_scores += scores
+
+    def finish(self, tokens_per_layer, exit_layer) -> None:
+        """Totals at the end of a pass: tokens_per_layer (B, L) real (token models: query) tokens per layer,
+        exit_layer (B,) layers each sample ran."""
+        self.token_layers = int(tokens_per_layer.sum())
+        self.layers_run = int(exit_layer.sum())
+
 
 @dataclass
 class _AttentionContext:
@@ -827,6 +851,103 @@ class _TokenState:
         return self.context
 
 
+def _early_exit_enabled(config: EATConfig, training: bool, disable_exit: bool) -> bool:
+    """Whether anything (a row, or a token of a token model) may leave before the last layer. Never in training
+    or with ``disable_exit``, and never under a rule nothing can pass: no policy, a confidence threshold above 1,
+    a negative entropy threshold (then the heads before the last are not even evaluated)."""
+    return (not training and not disable_exit and config.exit_policy != "none"
+            and not (config.exit_policy == "confidence" and config.exit_threshold > 1.0)
+            and not (config.exit_policy == "entropy" and config.entropy_threshold < 0.0))
+
+
+@dataclass(frozen=True)
+class _ExitPlan:
+    """Which heads one forward pass evaluates, shared by the sentence and the token layer loop.
+
+    layers: the head positions (1-based, the last layer's included; empty without heads); early_exit: anything
+    may leave early (:func:`_early_exit_enabled`); evaluate_all: every head on everything still running
+    (training, or every head's logits asked for)."""
+
+    layers: tuple[int, ...]
+    early_exit: bool
+    evaluate_all: bool
+
+    @classmethod
+    def of(cls, config: EATConfig, layers, training: bool, disable_exit: bool,
+           output_exit_logits: bool) -> "_ExitPlan":
+        """The plan of a pass over ``config`` with heads after ``layers``."""
+        return cls(tuple(layers), _early_exit_enabled(config, training, disable_exit), training or output_exit_logits)
+
+    def runs_head(self, layer_number: int, last: bool) -> bool:
+        """Whether the head after ``layer_number`` is evaluated: the last layer's always (it gives the final
+        output), the others when something may leave there or every head's logits are wanted."""
+        return layer_number in self.layers and (last or self.early_exit or self.evaluate_all)
+
+
+def _put_nan_filled(target, shape, index, values):
+    """``target.index_put(index, values)``; when target is None, a NaN-filled tensor of ``shape`` (values' dtype
+    and device) is made first. NaN marks what no head wrote (rows or tokens that were not evaluated there)."""
+    if target is None:
+        target = values.new_full(shape, float("nan"))
+    return target.index_put(index, values)
+
+
+def _prune_target(lengths, real, protected, ratio: float):
+    """(B,) tokens each row keeps when pruned to ``ratio``: ceil(ratio * lengths), never fewer than its real
+    protected tokens. lengths: (B,) real tokens; real, protected: (B, n) bool."""
+    target = torch.ceil(lengths.to(torch.float32) * ratio).long()
+    return torch.maximum(target, (protected & real).sum(1))
+
+
+def _keep_most_important(importance, real, protected, target):
+    """(B, n) bool: each row's ``target`` (B,) most important real tokens, protected ones first (target never
+    exceeds a row's real tokens). importance: (B, n); real, protected: (B, n) bool. Ties go to the earlier
+    position (a stable sort), so a row's choice depends neither on its padding nor on the rows beside it."""
+    importance = importance.masked_fill(protected, float("inf")).masked_fill(~real, float("-inf"))
+    order = importance.argsort(dim=1, descending=True, stable=True)[:, :int(target.max())]  # (B, k) best first
+    ranks = torch.arange(order.shape[1], device=order.device)[None, :]
+    return torch.zeros_like(real).scatter_(1, order, ranks < target[:, None])
+
+
+@dataclass
+class _RowRun:
+    """What one pass of :meth:`EATModel.forward` has decided so far, in the input batch's order.
+
+    exit_layer: (B,) layers each row ran; results: (B, C) logits of the head each row left at (made at the first
+    answer); exit_logits: (B, E, C) every evaluated head's logits (when the plan evaluates them all);
+    tokens_per_layer: (B, L) real tokens entering each layer; finished_hidden: (rows, hidden, mask, positions)
+    of each group of rows that stopped, for :meth:`EATModel._scatter_finished`."""
+
+    batch: int
+    plan: _ExitPlan
+    exit_head: object
+    on_exit: object
+    return_hidden: bool
+    exit_layer: torch.Tensor
+    tokens_per_layer: torch.Tensor
+    work: WorkCounters = field(default_factory=WorkCounters)
+    results: torch.Tensor | None = None
+    exit_logits: torch.Tensor | None = None
+    finished_hidden: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, input_ids, num_layers: int, plan: _ExitPlan, exit_head, on_exit, return_hidden: bool) -> "_RowRun":
+        """A fresh pass over a batch input_ids (B, n): every row runs every layer until it leaves."""
+        B, device = input_ids.shape[0], input_ids.device
+        return cls(batch=B, plan=plan, exit_head=exit_head, on_exit=on_exit, return_hidden=return_hidden,
+                   exit_layer=torch.full((B,), num_layers, dtype=torch.long, device=device),
+                   tokens_per_layer=torch.zeros(B, num_layers, dtype=torch.long, device=device))
+
+    def answer(self, layer_number: int, rows, logits, lengths, early: bool) -> None:
+        """Rows ``rows`` (k,) have their final ``logits`` (k, C) from the head after ``layer_number`` (``early``:
+        before the last layer); lengths (k,): their real tokens in that layer. Records them and tells on_exit."""
+        self.results = _put_nan_filled(self.results, (self.batch, logits.shape[-1]), (rows,), logits)
+        if early:
+            self.exit_layer = self.exit_layer.index_put((rows,), torch.full_like(rows, layer_number))
+        if self.on_exit is not None:
+            self.on_exit(layer_number, rows, logits, lengths)
+
+
 @dataclass
 class EATEncoderOutput(ModelOutput):
     """Output of `EATModel`.
@@ -875,9 +996,11 @@ class EATModel(EATPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
+        """The word embeddings (Hugging Face's accessor)."""
         return self.embeddings.word_embeddings
 
     def set_input_embeddings(self, value):
+        """Replace the word embeddings (Hugging Face's accessor)."""
         self.embeddings.word_embeddings = value
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, exit_head=None,
@@ -898,96 +1021,80 @@ class EATModel(EATPreTrainedModel):
         nothing in the computation.
         """
         config = self.config
-        B, n = input_ids.shape
-        device = input_ids.device
-        num_layers = config.num_hidden_layers
         schedule = config.keep_schedule
         state = self._initial_state(input_ids, attention_mask, schedule, token_type_ids)
         hidden = self.embeddings(input_ids, token_type_ids)  # (B, n, d)
-
-        exit_layers = config.exit_layer_list if exit_head is not None else ()
-        exit_slot = {layer: slot for slot, layer in enumerate(exit_layers)}
-        early_exit = (not self.training and not disable_exit and config.exit_policy != "none"
-                      and not (config.exit_policy == "confidence" and config.exit_threshold > 1.0)
-                      and not (config.exit_policy == "entropy" and config.entropy_threshold < 0.0))
-        evaluate_all_heads = self.training or output_exit_logits
-
-        work = WorkCounters()
-        tokens_trace: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        exit_layer = torch.full((B,), num_layers, dtype=torch.long, device=device)
-        results = None  # (B, C) logits of the head each sample left at
-        exit_logits = None  # (B, E, C)
-        finished_hidden: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        plan = _ExitPlan.of(config, config.exit_layer_list if exit_head is not None else (), self.training,
+                            disable_exit, output_exit_logits)
+        run = _RowRun.start(input_ids, config.num_hidden_layers, plan, exit_head, on_exit, return_hidden)
 
         for index, layer in enumerate(self.encoder.layer):
             layer_number = index + 1
-            tokens_trace.append((index, state.rows, state.lengths))
-            ctx = state.attention_context(config)
-            hidden, q, k, scores = layer(hidden, ctx)
-            work.padded_token_layers += hidden.shape[0] * hidden.shape[1]
-            work.attention_scores += scores
-
-            # --- early exit: evaluate this layer's head, let confident rows leave the batch ----------------------
-            slot = exit_slot.get(layer_number)
-            last = layer_number == num_layers
-            if slot is not None and (last or early_exit or evaluate_all_heads):
-                logits = exit_head(layer_number, hidden, state)  # (B, C)
-                work.exit_head_rows += logits.shape[0]
-                if results is None:
-                    results = logits.new_full((B, logits.shape[-1]), float("nan"))
-                if evaluate_all_heads:
-                    if exit_logits is None:
-                        exit_logits = logits.new_full((B, len(exit_layers), logits.shape[-1]), float("nan"))
-                    exit_logits = exit_logits.index_put((state.rows, torch.full_like(state.rows, slot)), logits)
-                if last:
-                    results = results.index_put((state.rows,), logits)
-                    if on_exit is not None:
-                        on_exit(layer_number, state.rows, logits, state.lengths)
+            last = layer_number == config.num_hidden_layers
+            run.tokens_per_layer[state.rows, index] = state.lengths  # real tokens entering this layer
+            hidden, q, k, scores = layer(hidden, state.attention_context(config))  # hidden (R, n, d)
+            run.work.count_layer(hidden.shape[0] * hidden.shape[1], scores)
+            if plan.runs_head(layer_number, last):
+                hidden, q, k, state = self._exit_step(run, layer_number, last, hidden, state, q, k,
+                                                      keep_qk=schedule[index] < 1.0)
+                if state is None:  # every row has left
                     break
-                if early_exit:
-                    leave, state.streak, state.previous = exit_decision(
-                        logits, config.exit_policy, config.exit_threshold, config.entropy_threshold,
-                        config.exit_patience, state.streak, state.previous)
-                    if bool(leave.any()):
-                        rows = state.rows[leave]
-                        results = results.index_put((rows,), logits[leave])
-                        exit_layer = exit_layer.index_put((rows,), torch.full_like(rows, layer_number))
-                        if on_exit is not None:
-                            on_exit(layer_number, rows, logits[leave], state.lengths[leave])
-                        if return_hidden:
-                            finished_hidden.append(self._finished(hidden, state, leave))
-                        if bool(leave.all()):
-                            state = None
-                            break
-                        hidden = state.select_rows(~leave, hidden)
-                        if schedule[index] < 1.0:  # pruning below still needs this layer's q, k of the rows left
-                            width = hidden.shape[1]
-                            q, k = q[~leave][:, :, :width], k[~leave][:, :, :width]
-
             # --- token pruning / merging after this layer ---------------------------------------------------------
-            ratio = schedule[index]
-            if ratio < 1.0 and not last:
-                hidden = self._reduce_tokens(hidden, state, ratio, q, k)
+            if schedule[index] < 1.0 and not last:
+                hidden = self._reduce_tokens(hidden, state, schedule[index], q, k)
 
         if state is not None and return_hidden:
-            finished_hidden.append(self._finished(hidden, state, None))
+            run.finished_hidden.append(self._finished(hidden, state, None))
+        return self._encoder_output(run, hidden.shape[-1])
 
-        tokens_per_layer = torch.zeros(B, num_layers, dtype=torch.long, device=device)
-        for index, rows, lengths in tokens_trace:
-            tokens_per_layer[rows, index] = lengths
-        work.token_layers = int(tokens_per_layer.sum())
-        work.layers_run = int(exit_layer.sum())
+    # --- helpers of the loop ----------------------------------------------------------------------------------
+    def _exit_step(self, run: "_RowRun", layer_number: int, last: bool, hidden, state: _TokenState, q, k,
+                   keep_qk: bool):
+        """Early exit after ``layer_number``: evaluate its head on the rows still running (hidden (R, n, d)),
+        record what is final and let the rows the exit rule passes leave the batch. keep_qk: pruning after this
+        layer reads its q, k (B, H, n, dh), so they follow the rows that stay. Returns (hidden, q, k, state) of
+        the rows that stay; state is None when every row has left."""
+        config, plan = self.config, run.plan
+        logits = run.exit_head(layer_number, hidden, state)  # (R, C)
+        run.work.exit_head_rows += logits.shape[0]
+        if plan.evaluate_all:
+            slot = torch.full_like(state.rows, plan.layers.index(layer_number))
+            run.exit_logits = _put_nan_filled(run.exit_logits, (run.batch, len(plan.layers), logits.shape[-1]),
+                                              (state.rows, slot), logits)
+        if last:  # the last head answers every row still running
+            run.answer(layer_number, state.rows, logits, state.lengths, early=False)
+            return hidden, q, k, state
+        if not plan.early_exit:
+            return hidden, q, k, state
+        leave, state.streak, state.previous = exit_decision(
+            logits, config.exit_policy, config.exit_threshold, config.entropy_threshold, config.exit_patience,
+            state.streak, state.previous)  # leave: (R,) bool
+        if not bool(leave.any()):
+            return hidden, q, k, state
+        run.answer(layer_number, state.rows[leave], logits[leave], state.lengths[leave], early=True)
+        if run.return_hidden:
+            run.finished_hidden.append(self._finished(hidden, state, leave))
+        if bool(leave.all()):
+            return hidden, q, k, None
+        hidden = state.select_rows(~leave, hidden)
+        if keep_qk:
+            width = hidden.shape[1]  # select_rows trimmed the padding columns nobody needs
+            q, k = q[~leave][:, :, :width], k[~leave][:, :, :width]
+        return hidden, q, k, state
 
-        output = EATEncoderOutput(exit_layer=exit_layer, tokens_per_layer=tokens_per_layer, exit_logits=exit_logits,
-                                  exit_outputs=results, work=work)
-        if return_hidden:
-            last_hidden, mask, positions = self._scatter_finished(finished_hidden, B, hidden.shape[-1])
+    def _encoder_output(self, run: "_RowRun", d: int) -> EATEncoderOutput:
+        """The pass's output: counters totalled, and (return_hidden) every row's hidden states where it stopped,
+        back in input order, with the pooler on their `[CLS]`."""
+        run.work.finish(run.tokens_per_layer, run.exit_layer)
+        output = EATEncoderOutput(exit_layer=run.exit_layer, tokens_per_layer=run.tokens_per_layer,
+                                  exit_logits=run.exit_logits, exit_outputs=run.results, work=run.work)
+        if run.return_hidden:
+            last_hidden, mask, positions = self._scatter_finished(run.finished_hidden, run.batch, d)
             output.last_hidden_state, output.attention_mask, output.token_positions = last_hidden, mask, positions
             if self.pooler is not None:
                 output.pooler_output = self.pooler(last_hidden[:, 0])
         return output
 
-    # --- helpers of the loop ----------------------------------------------------------------------------------
     def _initial_state(self, input_ids, attention_mask, schedule: tuple[float, ...],
                        token_type_ids=None) -> _TokenState:
         """Bookkeeping for a fresh batch; checks that padding is on the right."""
@@ -1021,8 +1128,7 @@ class EATModel(EATPreTrainedModel):
         dropping the least important ones or merging them (ToMe). hidden (B, n, d) -> (B, k, d)."""
         config = self.config
         real = state.key_mask if state.key_mask is not None else torch.ones_like(state.protected)
-        target = torch.ceil(state.lengths.to(torch.float32) * ratio).long()
-        target = torch.maximum(target, (state.protected & real).sum(1))
+        target = _prune_target(state.lengths, real, state.protected, ratio)  # (B,)
         if bool((target >= state.lengths).all()):
             return hidden
         if config.prune_mode == "drop":
@@ -1032,10 +1138,7 @@ class EATModel(EATPreTrainedModel):
                 importance = mean_attention_importance(q, k, state.key_mask)
             else:
                 importance = hidden.norm(dim=-1)
-            importance = importance.masked_fill(state.protected, float("inf")).masked_fill(~real, float("-inf"))
-            top = importance.topk(int(target.max()), dim=1).indices  # (B, k) most important first
-            ranks = torch.arange(top.shape[1], device=top.device)[None, :]
-            keep = torch.zeros_like(real).scatter_(1, top, ranks < target[:, None])
+            keep = _keep_most_important(importance, real, state.protected, target)  # (B, n)
             index, valid = compaction_index(keep, target)
             return state.gather_tokens(hidden, index, valid, target)
         # merge: keys of this layer (B, n, H * dh) are the similarity metric, as in ToMe
@@ -1114,7 +1217,41 @@ class EATSequenceClassifierOutput(ModelOutput):
     work: WorkCounters | None = None
 
 
-class EATForSequenceClassification(EATPreTrainedModel):
+class _ExitHeads:
+    """Exit-head management shared by both task models. ``exit_heads`` (an ``nn.ModuleDict`` keyed by layer
+    number) holds a head after every layer of ``config.exit_layers`` but the last, whose head is the final one.
+    A task model names its head class (``_exit_head_class``) and how a head starts as the final head
+    (``_start_from_final``)."""
+
+    _exit_head_class: type
+
+    def _start_from_final(self, head: nn.Module) -> None:
+        raise NotImplementedError
+
+    def init_exit_heads_from_final(self) -> None:
+        """Start every exit head as a copy of the final head: a better start than random."""
+        for head in self.exit_heads.values():
+            self._start_from_final(head)
+
+    def add_exit_heads(self, layers) -> None:
+        """Add (untrained, copied from the final head) exit heads after ``layers`` and set ``exit_layers``."""
+        self.config.set_knobs(exit_layers=list(layers) if not isinstance(layers, str) else layers)
+        for layer in self.config.exit_layer_list[:-1]:
+            if str(layer) not in self.exit_heads:
+                head = self._exit_head_class(self.config).to(self.classifier.weight.device,
+                                                             self.classifier.weight.dtype)
+                self._start_from_final(head)
+                self.exit_heads[str(layer)] = head
+
+    def _check_exit_heads(self) -> None:
+        """ValueError when ``exit_layers`` names a layer that has no exit head in this model."""
+        missing = [layer for layer in self.config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
+        if missing:
+            raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
+                             "add heads with add_exit_heads() (and train them) or change exit_layers")
+
+
+class EATForSequenceClassification(_ExitHeads, EATPreTrainedModel):
     """EAT encoder + a classification head after the last layer (`bert.pooler` + `classifier`, BERT's names) and
     an exit head (`exit_heads.<layer>`) after every other layer of ``config.exit_layers``."""
 
@@ -1128,10 +1265,11 @@ class EATForSequenceClassification(EATPreTrainedModel):
                                          if layer != config.num_hidden_layers})
         self.post_init()
 
-    def init_exit_heads_from_final(self) -> None:
-        """Start every exit head as a copy of the final head (pooler + classifier): a better start than random."""
-        for head in self.exit_heads.values():
-            head.copy_final_head(self.bert.pooler.dense, self.classifier)
+    _exit_head_class = EATExitHead
+
+    def _start_from_final(self, head: EATExitHead) -> None:
+        """Make ``head`` a copy of the final head (pooler dense + classifier, :meth:`EATExitHead.copy_final_head`)."""
+        head.copy_final_head(self.bert.pooler.dense, self.classifier)
 
     def _head(self, layer: int, hidden, state):
         """Logits (B, C) of the head after ``layer`` from hidden (B, n, d): the final head reads the `[CLS]`
@@ -1148,10 +1286,7 @@ class EATForSequenceClassification(EATPreTrainedModel):
                 output_exit_logits: bool = False, disable_exit: bool = False, on_exit=None, **unused):
         """Classify a batch with per-sample early exit. input_ids etc.: (B, n). ``on_exit(layer, rows, logits, tokens)``
         is called as rows' final logits become known (see `EATModel.forward`)."""
-        missing = [layer for layer in self.config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
-        if missing:
-            raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
-                             "add heads with add_exit_heads() (and train them) or change exit_layers")
+        self._check_exit_heads()
         width = exit_head_width(self.config)
         if any(head.dense.in_features != width for head in self.exit_heads.values()):
             raise ValueError(f"exit_pooling {self.config.exit_pooling!r} reads {width} features, but this model's exit "
@@ -1169,15 +1304,6 @@ class EATForSequenceClassification(EATPreTrainedModel):
                                            tokens_per_layer=encoded.tokens_per_layer,
                                            exit_logits=encoded.exit_logits, exit_layers=self.config.exit_layer_list,
                                            work=encoded.work)
-
-    def add_exit_heads(self, layers) -> None:
-        """Add (untrained, copied from the final head) exit heads after ``layers`` and set ``exit_layers``."""
-        self.config.set_knobs(exit_layers=list(layers) if not isinstance(layers, str) else layers)
-        for layer in self.config.exit_layer_list[:-1]:
-            if str(layer) not in self.exit_heads:
-                head = EATExitHead(self.config).to(self.classifier.weight.device, self.classifier.weight.dtype)
-                head.copy_final_head(self.bert.pooler.dense, self.classifier)
-                self.exit_heads[str(layer)] = head
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1257,7 +1383,94 @@ def token_exit_decision(logits, labelled, active, policy: str, tau: float, entro
     return confident & labelled & active, streak, previous
 
 
-class EATForTokenClassification(EATPreTrainedModel):
+@dataclass
+class _RunningRows:
+    """The rows of a token batch that still have queries in this layer, and their slices of the (B, n) masks.
+
+    rows: (R,) their batch index; all_rows: every row runs (the slices are then the full tensors, no copy);
+    active, alive, real: (R, n) their query, key/value and real-token masks at input positions."""
+
+    rows: torch.Tensor
+    all_rows: bool
+    active: torch.Tensor
+    alive: torch.Tensor
+    real: torch.Tensor
+
+    def pick(self, tensor):
+        """``tensor`` (B, ...) restricted to the running rows (the tensor itself when every row runs)."""
+        return tensor if self.all_rows else tensor[self.rows]
+
+
+@dataclass
+class _LayerStep:
+    """One layer of the token loop on the running rows: row_hidden (R, n, d) their states at input positions;
+    updated (R, m, d) the query states the layer computed; query_index, query_valid (R, m) those queries' input
+    positions and which are real (filler slots are not); scores: attention scores computed."""
+
+    row_hidden: torch.Tensor
+    updated: torch.Tensor
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    scores: int
+
+
+@dataclass
+class _TokenRun:
+    """State of one pass of the token-level layer loop. Tokens never move: every (B, n) tensor is at input
+    positions.
+
+    hidden: (B, n, d); real: real tokens; labelled: tokens whose label is read; owner: the labelled token whose
+    exit each token follows (:func:`token_exit_owner`); protected: never pruned; alive: tokens others attend to
+    (keys/values); active: tokens still updated (queries); token_exit_layer: the layer each token's label was
+    read after (0: not yet, padding, pruned); tokens_per_layer: (B, L) queries per layer; logits: (B, n, C) the
+    labels read so far (NaN elsewhere); head_logits: every evaluated head's (B, n, C), when the plan evaluates
+    them all; streak, previous: per-token patience state (None until a patience rule has run)."""
+
+    hidden: torch.Tensor
+    real: torch.Tensor
+    labelled: torch.Tensor
+    owner: torch.Tensor
+    protected: torch.Tensor
+    alive: torch.Tensor
+    active: torch.Tensor
+    token_exit_layer: torch.Tensor
+    tokens_per_layer: torch.Tensor
+    work: WorkCounters = field(default_factory=WorkCounters)
+    logits: torch.Tensor | None = None
+    head_logits: list = field(default_factory=list)
+    streak: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+
+    def running_rows(self) -> _RunningRows | None:
+        """The rows that still have a query (None when every token has left)."""
+        running = self.active.any(dim=1)  # (B,)
+        if not bool(running.any()):
+            return None
+        rows = running.nonzero().squeeze(1)  # (R,)
+        if bool(running.all()):
+            return _RunningRows(rows, True, self.active, self.alive, self.real)
+        return _RunningRows(rows, False, self.active[rows], self.alive[rows], self.real[rows])
+
+    def keep_patience(self, view: _RunningRows, streak, previous) -> None:
+        """Store the running rows' per-token patience state streak, previous (R, n) at their batch rows."""
+        if self.streak is None:
+            self.streak = torch.zeros_like(self.token_exit_layer)
+            self.previous = torch.full_like(self.token_exit_layer, -1)
+        self.streak = streak if view.all_rows else self.streak.index_copy(0, view.rows, streak)
+        self.previous = previous if view.all_rows else self.previous.index_copy(0, view.rows, previous)
+
+    def prune(self, ratio: float) -> None:
+        """Token pruning after a layer: each row keeps ``ceil(ratio * its alive tokens)``, never a protected one
+        (labelled tokens, `[CLS]`, `[SEP]`), chosen by hidden-state norm (`[CLS]` may have stopped updating, so
+        its attention is no guide); the others stop being keys and queries."""
+        counts = self.alive.sum(1)  # (B,)
+        target = _prune_target(counts, self.alive, self.protected, ratio)
+        if bool((target < counts).any()):
+            keep = _keep_most_important(self.hidden.norm(dim=-1), self.alive, self.protected, target)  # (B, n)
+            self.alive, self.active = keep, self.active & keep
+
+
+class EATForTokenClassification(_ExitHeads, EATPreTrainedModel):
     """EAT encoder + a per-token head after the last layer (`classifier`, as `BertForTokenClassification`) and
     a token exit head (`exit_heads.<layer>`) after every other layer of ``config.exit_layers``.
 
@@ -1284,21 +1497,12 @@ class EATForTokenClassification(EATPreTrainedModel):
                                          if layer != config.num_hidden_layers})
         self.post_init()
 
-    def init_exit_heads_from_final(self) -> None:
-        """Start every token exit head as a copy of the final classifier."""
-        with torch.no_grad():
-            for head in self.exit_heads.values():
-                head.classifier.load_state_dict(self.classifier.state_dict())
+    _exit_head_class = EATTokenExitHead
 
-    def add_exit_heads(self, layers) -> None:
-        """Add token exit heads (copies of the final classifier) after ``layers`` and set ``exit_layers``."""
-        self.config.set_knobs(exit_layers=list(layers) if not isinstance(layers, str) else layers)
-        for layer in self.config.exit_layer_list[:-1]:
-            if str(layer) not in self.exit_heads:
-                head = EATTokenExitHead(self.config).to(self.classifier.weight.device, self.classifier.weight.dtype)
-                with torch.no_grad():
-                    head.classifier.load_state_dict(self.classifier.state_dict())
-                self.exit_heads[str(layer)] = head
+    def _start_from_final(self, head: EATTokenExitHead) -> None:
+        """Make ``head`` a copy of the final classifier."""
+        with torch.no_grad():
+            head.classifier.load_state_dict(self.classifier.state_dict())
 
     def _head(self, layer: int, hidden):
         """Per-token logits (..., C) of the head after ``layer`` from hidden (..., d)."""
@@ -1311,162 +1515,153 @@ class EATForTokenClassification(EATPreTrainedModel):
         """Label every token with per-token early exit. input_ids, attention_mask, token_type_ids, labels,
         word_mask: (B, n), right-padded; word_mask marks the tokens whose label is read (first subwords; all real
         tokens when None). disable_exit: evaluate every head on every token but never stop a token early."""
+        self._check_exit_heads()
         config = self.config
-        missing = [layer for layer in config.exit_layer_list[:-1] if str(layer) not in self.exit_heads]
-        if missing:
-            raise ValueError(f"exit_layers names layers {missing} that have no exit head in this model; "
-                             "add heads with add_exit_heads() (and train them) or change exit_layers")
+        schedule = config.keep_schedule
+        plan = _ExitPlan.of(config, config.exit_layer_list, self.training, disable_exit, output_exit_logits)
+        run = self._start_run(input_ids, attention_mask, token_type_ids, word_mask)
+
+        for index, layer in enumerate(self.bert.encoder.layer):
+            layer_number = index + 1
+            last = layer_number == config.num_hidden_layers
+            view = run.running_rows()
+            if view is None:  # every token has left
+                break
+            run.tokens_per_layer[view.rows, index] = view.active.sum(1)
+            row_hidden = view.pick(run.hidden)  # (R, n, d)
+            if torch.equal(view.active, view.real):
+                step = self._dense_rows_step(layer, row_hidden, view, run.protected)
+            else:
+                step = self._compacted_queries_step(layer, row_hidden, view)
+                run.work.kv_token_layers += int((view.alive.sum(1) - view.active.sum(1)).sum())
+            run.hidden = step.row_hidden if view.all_rows else run.hidden.index_copy(0, view.rows, step.row_hidden)
+            run.work.count_layer(step.updated.shape[0] * step.updated.shape[1], step.scores)
+            if plan.runs_head(layer_number, last):
+                self._token_exit_step(run, plan, layer_number, last, view, step)
+            # --- pruning: only unlabelled, unprotected tokens may go ------------------------------------------------
+            if schedule[index] < 1.0 and not last:
+                run.prune(schedule[index])
+        return self._token_output(run, labels)
+
+    # --- helpers of the token loop ----------------------------------------------------------------------------
+    def _start_run(self, input_ids, attention_mask, token_type_ids, word_mask) -> _TokenRun:
+        """A fresh pass over a batch (B, n): every real token is a query and a key, the labelled ones (and
+        `[CLS]`, `[SEP]`) protected from pruning; hidden from the embeddings, at input positions."""
         encoder = self.bert
         B, n = input_ids.shape
         device = input_ids.device
-        num_layers = config.num_hidden_layers
-        schedule = config.keep_schedule
         initial = encoder._initial_state(input_ids, attention_mask, (1.0,))  # validates the padding
         real = torch.ones(B, n, dtype=torch.bool, device=device) if initial.key_mask is None else initial.key_mask
         labelled = real if word_mask is None else word_mask.bool() & real
-        owner = token_exit_owner(labelled)  # (B, n)
-        protected = initial.protected | labelled  # never pruned
-        hidden = encoder.embeddings(input_ids, token_type_ids)  # (B, n, d), tokens stay at their input positions
-        alive = real  # (B, n) tokens other tokens attend to (keys/values)
-        active = real  # (B, n) tokens still updated (queries)
+        return _TokenRun(hidden=encoder.embeddings(input_ids, token_type_ids), real=real, labelled=labelled,
+                         owner=token_exit_owner(labelled), protected=initial.protected | labelled,
+                         alive=real, active=real, token_exit_layer=torch.zeros(B, n, dtype=torch.long, device=device),
+                         tokens_per_layer=torch.zeros(B, self.config.num_hidden_layers, dtype=torch.long,
+                                                      device=device))
 
-        exit_layers = config.exit_layer_list
-        early_exit = (not self.training and not disable_exit and config.exit_policy != "none"
-                      and not (config.exit_policy == "confidence" and config.exit_threshold > 1.0))
-        evaluate_all_heads = self.training or output_exit_logits
-        work = WorkCounters()
-        kv_token_layers = 0
-        tokens_per_layer = torch.zeros(B, num_layers, dtype=torch.long, device=device)
-        token_exit_layer = torch.zeros(B, n, dtype=torch.long, device=device)
-        logits_out = None  # (B, n, C)
-        head_logits: list[torch.Tensor] = []  # every head's (B, n, C), when evaluating all heads
-        positions = torch.arange(n, device=device)
-        streak = previous = None  # (B, n) per-token patience state at input positions
+    def _dense_rows_step(self, layer, row_hidden, view: _RunningRows, protected) -> _LayerStep:
+        """Every token of the running rows is still a query: the ordinary layer (``layer(hidden, ctx)``, the
+        blocked window kernel included) on the rows' longest real length w. row_hidden: (R, n, d);
+        protected: (B, n). The step's updated states are (R, w, d)."""
+        R, n = view.real.shape
+        lengths = view.real.sum(1)  # (R,)
+        width = int(lengths.max())
+        real = view.real[:, :width]  # (R, w)
+        positions = torch.arange(width, device=real.device).expand(R, width)
+        state = _TokenState(rows=view.rows, lengths=lengths, key_mask=None if bool(real.all()) else real,
+                            positions=positions, protected=protected[view.rows, :width])
+        updated, _, _, scores = layer(row_hidden[:, :width], state.attention_context(self.config))  # (R, w, d)
+        row_hidden = updated if width == n else torch.cat([updated, row_hidden[:, width:]], dim=1)
+        return _LayerStep(row_hidden, updated, positions, real, scores)
 
-        for index, layer in enumerate(encoder.encoder.layer):
-            layer_number = index + 1
-            last = layer_number == num_layers
-            running = active.any(dim=1)
-            if not bool(running.any()):
-                break
-            all_rows = bool(running.all())
-            rows = running.nonzero().squeeze(1)  # (R,)
-            act, ali = (active, alive) if all_rows else (active[rows], alive[rows])
-            row_real = real if all_rows else real[rows]
-            row_hidden = hidden if all_rows else hidden[rows]  # (R, n, d)
-            tokens_per_layer[rows, index] = act.sum(1)
-            if torch.equal(act, row_real):
-                # every token of these rows is still a query: the ordinary layer (blocked window kernel included),
-                # on the rows' longest real length
-                lengths = row_real.sum(1)
-                width = int(lengths.max())
-                state = _TokenState(rows=rows, lengths=lengths,
-                                    key_mask=None if bool(row_real[:, :width].all()) else row_real[:, :width],
-                                    positions=positions[:width].expand(len(rows), width),
-                                    protected=protected[rows, :width])
-                updated, _, _, scores = layer(row_hidden[:, :width], state.attention_context(config))
-                query_index = positions[:width].expand(len(rows), width)
-                query_valid = row_real[:, :width]
-                row_hidden = updated if width == n else torch.cat([updated, row_hidden[:, width:]], dim=1)
+    def _compacted_queries_step(self, layer, row_hidden, view: _RunningRows) -> _LayerStep:
+        """Exited (and pruned) tokens are no longer queries: the active tokens are gathered to the front as
+        queries (R, m, d) and attend to the alive ones (R, nk, d) (``layer.forward_queries``); the others keep
+        their states. row_hidden: (R, n, d)."""
+        config = self.config
+        act, ali = view.active, view.alive
+        query_index, query_valid = compaction_index(act, act.sum(1))  # (R, m)
+        key_index, key_valid = compaction_index(ali, ali.sum(1))  # (R, nk)
+        d = row_hidden.shape[-1]
+        queries = row_hidden.gather(1, query_index[..., None].expand(-1, -1, d))  # (R, m, d)
+        keys_values = row_hidden.gather(1, key_index[..., None].expand(-1, -1, d))  # (R, nk, d)
+        mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]  # (R, 1, 1, nk)
+        if config.attention_window is not None:  # the window as a band on the input positions
+            radius, glob = config.attention_window // 2, config.num_global_tokens
+            band = ((query_index[:, :, None] - key_index[:, None, :]).abs() <= radius) \
+                | (query_index[:, :, None] < glob) | (key_index[:, None, :] < glob)  # (R, m, nk)
+            mask = band[:, None] if mask is None else band[:, None] & mask
+        updated = layer.forward_queries(queries, keys_values, mask)  # (R, m, d)
+        # filler slots point at distinct inactive positions and write back their unchanged states
+        updated = torch.where(query_valid[..., None], updated, queries)
+        row_hidden = row_hidden.scatter(1, query_index[..., None].expand(-1, -1, d), updated)
+        scores = query_index.shape[0] * query_index.shape[1] * key_index.shape[1]
+        return _LayerStep(row_hidden, updated, query_index, query_valid, scores)
+
+    def _token_exit_step(self, run: _TokenRun, plan: _ExitPlan, layer_number: int, last: bool,
+                         view: _RunningRows, step: _LayerStep) -> None:
+        """Token exits: the head after ``layer_number`` labels the tokens this layer updated; those the exit rule
+        lets go (every one at the last layer) take their label from it and stop being queries."""
+        logits = self._head(layer_number, step.updated)  # (R, m, C)
+        run.work.exit_head_rows += int(step.query_valid.sum())
+        B, n = run.real.shape
+        shape = (B, n, logits.shape[-1])
+        valid, positions = step.query_valid, step.query_index  # (R, m)
+        rows = view.rows[:, None].expand_as(positions)  # (R, m) batch row of every slot
+        if plan.evaluate_all:
+            if view.all_rows and logits.shape[1] == n and bool(valid.all()):
+                run.head_logits.append(logits)  # training: every row and token (keeps the graph simple)
             else:
-                # exited (and pruned) tokens are no longer queries: gather the active ones (R, m) and the keys
-                query_index, query_valid = compaction_index(act, act.sum(1))
-                key_index, key_valid = compaction_index(ali, ali.sum(1))
-                d = row_hidden.shape[-1]
-                queries = row_hidden.gather(1, query_index[..., None].expand(-1, -1, d))  # (R, m, d)
-                keys_values = row_hidden.gather(1, key_index[..., None].expand(-1, -1, d))  # (R, nk, d)
-                mask = None if bool(key_valid.all()) else key_valid[:, None, None, :]
-                if config.attention_window is not None:
-                    radius, glob = config.attention_window // 2, config.num_global_tokens
-                    band = ((query_index[:, :, None] - key_index[:, None, :]).abs() <= radius) \
-                        | (query_index[:, :, None] < glob) | (key_index[:, None, :] < glob)  # (R, m, nk)
-                    mask = band[:, None] if mask is None else band[:, None] & mask
-                updated = layer.forward_queries(queries, keys_values, mask)  # (R, m, d)
-                # filler slots point at distinct inactive positions and write back their unchanged states
-                updated = torch.where(query_valid[..., None], updated, queries)
-                row_hidden = row_hidden.scatter(1, query_index[..., None].expand(-1, -1, d), updated)
-                scores = query_index.shape[0] * query_index.shape[1] * key_index.shape[1]
-                kv_token_layers += int((ali.sum(1) - act.sum(1)).sum())
-            hidden = row_hidden if all_rows else hidden.index_copy(0, rows, row_hidden)
-            work.padded_token_layers += updated.shape[0] * updated.shape[1]
-            work.token_layers += int(act.sum())
-            work.attention_scores += scores
+                run.head_logits.append(_put_nan_filled(None, shape, (rows[valid], positions[valid]), logits[valid]))
+        if last:
+            leave = view.active
+        else:
+            leave = self._token_leave(run, view, step, logits) if plan.early_exit else None
+        if leave is None:
+            return
+        leaving = valid & leave.gather(1, positions)  # (R, m) slots whose token leaves now: read their labels
+        run.logits = _put_nan_filled(run.logits, shape, (rows[leaving], positions[leaving]), logits[leaving])
+        leave_full = leave if view.all_rows else torch.zeros_like(run.active).index_copy(0, view.rows, leave)
+        run.token_exit_layer = run.token_exit_layer.masked_fill(leave_full, layer_number)
+        run.active = run.active & ~leave_full
+        if self.config.token_exit_kv == "drop":
+            run.alive = run.alive & ~leave_full
 
-            # --- token exits: the head of this layer labels the tokens still updated ------------------------------
-            if layer_number in exit_layers and (last or early_exit or evaluate_all_heads):
-                logits = self._head(layer_number, updated)  # (R, m, C)
-                work.exit_head_rows += int(query_valid.sum())
-                grid_rows = rows[:, None].expand_as(query_index)
-                if logits_out is None:
-                    logits_out = logits.new_full((B, n, logits.shape[-1]), float("nan"))
-                if evaluate_all_heads:
-                    if all_rows and logits.shape[1] == n and bool(query_valid.all()):
-                        head_logits.append(logits)  # training: every row and token (keeps the graph simple)
-                    else:
-                        full = logits.new_full((B, n, logits.shape[-1]), float("nan"))
-                        head_logits.append(full.index_put((grid_rows[query_valid], query_index[query_valid]),
-                                                          logits[query_valid]))
-                if last:
-                    leave = act
-                else:
-                    leave = None
-                    if early_exit:
-                        grid = logits.new_zeros(len(rows), n, logits.shape[-1])
-                        grid = grid.index_put((torch.arange(len(rows), device=device)[:, None]
-                                               .expand_as(query_index)[query_valid], query_index[query_valid]),
-                                              logits[query_valid])  # (R, n, C) at input positions
-                        row_labelled = labelled if all_rows else labelled[rows]
-                        row_streak = None if streak is None else (streak if all_rows else streak[rows])
-                        row_previous = None if previous is None else (previous if all_rows else previous[rows])
-                        words, row_streak, row_previous = token_exit_decision(
-                            grid, row_labelled, act, config.exit_policy, config.exit_threshold,
-                            config.entropy_threshold, config.token_exit_window, config.exit_patience,
-                            row_streak, row_previous)
-                        if row_streak is not None:
-                            if streak is None:
-                                streak = torch.zeros(B, n, dtype=torch.long, device=device)
-                                previous = torch.full((B, n), -1, dtype=torch.long, device=device)
-                            streak = row_streak if all_rows else streak.index_copy(0, rows, row_streak)
-                            previous = row_previous if all_rows else previous.index_copy(0, rows, row_previous)
-                        row_owner = owner if all_rows else owner[rows]
-                        leave = words.gather(1, row_owner) & act  # followers leave with their word
-                        if not bool(leave.any()):
-                            leave = None
-                if leave is not None:
-                    # read the leaving tokens' labels from this head
-                    leaving_slots = query_valid & leave.gather(1, query_index)
-                    logits_out = logits_out.index_put((grid_rows[leaving_slots], query_index[leaving_slots]),
-                                                      logits[leaving_slots])
-                    leave_full = leave if all_rows else torch.zeros_like(active).index_copy(0, rows, leave)
-                    token_exit_layer = token_exit_layer.masked_fill(leave_full, layer_number)
-                    active = active & ~leave_full
-                    if config.token_exit_kv == "drop":
-                        alive = alive & ~leave_full
+    def _token_leave(self, run: _TokenRun, view: _RunningRows, step: _LayerStep, logits):
+        """(R, n) bool: the active tokens of the running rows that leave at this head (None when none does): the
+        exit rule per labelled token (:func:`token_exit_decision`), followers leaving with their word.
+        logits: (R, m, C) of the step's queries."""
+        config = self.config
+        R, n = view.active.shape
+        valid, positions = step.query_valid, step.query_index  # (R, m)
+        slot_rows = torch.arange(R, device=logits.device)[:, None].expand_as(positions)
+        grid = logits.new_zeros(R, n, logits.shape[-1]).index_put(
+            (slot_rows[valid], positions[valid]), logits[valid])  # (R, n, C) at input positions
+        streak = None if run.streak is None else view.pick(run.streak)
+        previous = None if run.previous is None else view.pick(run.previous)
+        words, streak, previous = token_exit_decision(
+            grid, view.pick(run.labelled), view.active, config.exit_policy, config.exit_threshold,
+            config.entropy_threshold, config.token_exit_window, config.exit_patience, streak, previous)
+        if streak is not None:
+            run.keep_patience(view, streak, previous)
+        leave = words.gather(1, view.pick(run.owner)) & view.active  # followers leave with their word
+        return leave if bool(leave.any()) else None
 
-            # --- pruning: only unlabelled, unprotected tokens may go --------------------------------------------
-            ratio = schedule[index]
-            if ratio < 1.0 and not last:
-                counts = alive.sum(1)
-                target = torch.maximum(torch.ceil(counts.to(torch.float32) * ratio).long(),
-                                       (protected & alive).sum(1))
-                if bool((target < counts).any()):
-                    importance = hidden.norm(dim=-1).masked_fill(protected, float("inf")).masked_fill(~alive,
-                                                                                                   float("-inf"))
-                    rank = importance.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most important
-                    kept = (rank < target[:, None]) & alive
-                    alive, active = kept, active & kept
-
-        exit_layer = token_exit_layer.amax(dim=1)
-        work.layers_run = int(exit_layer.sum())
-        work.kv_token_layers = kv_token_layers
+    def _token_output(self, run: _TokenRun, labels) -> EATTokenClassifierOutput:
+        """The pass's output: counters totalled, a sentence's exit layer its last token's, and the loss when
+        labels (B, n) are given (tokens that never got logits, padding and pruned ones, carry IGNORE labels)."""
+        exit_layer = run.token_exit_layer.amax(dim=1)  # (B,)
+        run.work.finish(run.tokens_per_layer, exit_layer)
+        logits = run.logits
         loss = None
-        if labels is not None:  # tokens that never got logits (padding, pruned) carry IGNORE labels
-            loss = F.cross_entropy(logits_out.nan_to_num(0.0).reshape(-1, logits_out.shape[-1]), labels.reshape(-1),
+        if labels is not None:
+            loss = F.cross_entropy(logits.nan_to_num(0.0).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100)
-        exit_logits = torch.stack(head_logits, dim=1) if head_logits else None  # (B, E, n, C)
-        return EATTokenClassifierOutput(loss=loss, logits=logits_out, token_exit_layer=token_exit_layer,
-                                        exit_layer=exit_layer, tokens_per_layer=tokens_per_layer,
-                                        exit_logits=exit_logits, exit_layers=exit_layers, work=work)
+        exit_logits = torch.stack(run.head_logits, dim=1) if run.head_logits else None  # (B, E, n, C)
+        return EATTokenClassifierOutput(loss=loss, logits=logits, token_exit_layer=run.token_exit_layer,
+                                        exit_layer=exit_layer, tokens_per_layer=run.tokens_per_layer,
+                                        exit_logits=exit_logits, exit_layers=self.config.exit_layer_list,
+                                        work=run.work)
 
 
 def keep_layers(model: EATForSequenceClassification, layers) -> EATForSequenceClassification:
