@@ -9,9 +9,9 @@
     model.config, model.tokenizer                 # EATConfig, the checkpoint's tokenizer
 
 Backends: ``torch`` (eager PyTorch; precision fp32, bf16 where the CPU has it natively, or dynamic int8) and
-``onnxruntime`` (ONNX segments run by ONNX Runtime, fp32 or int8; see :mod:`eat.deploy.onnx_export`). Either way
-the exit rule, row compaction and token pruning are EAT's own (``EATModel.forward``) and read the model's own
-outputs at that precision.
+``onnxruntime`` (ONNX segments run by ONNX Runtime, fp32 or int8; see :mod:`eat.deploy.onnx_export`), for
+sentence and token (sequence labelling) models alike. Either way the exit rule, row or token compaction and
+token pruning are EAT's own (the task model's layer loop) and read the model's own outputs at that precision.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def load_for_inference(path: str | Path, *, knobs: dict[str, Any] | None = None,
     knobs: EAT knobs, applied over ``tuned`` (a ``tuned_<task>.json`` of `eat tune`, or its content).
     precision: "fp32", "bf16" (torch, native-bf16 CPUs only) or "int8". threads: intra-op threads (sets torch's,
     process-wide; ONNX Runtime sessions use the same number). token_level: force a token-classification model
-    (default: what the checkpoint says). Raises CheckpointError, KnobError, PrecisionError, FileNotFoundError or
+    (default: what the checkpoint says; an ONNX export folder says what it holds, and a contradicting
+    token_level is an ExportError). Raises CheckpointError, KnobError, PrecisionError, FileNotFoundError or
     ValueError with a message naming the path or argument.
     """
     if backend not in BACKENDS:
@@ -122,7 +123,7 @@ def load_for_inference(path: str | Path, *, knobs: dict[str, Any] | None = None,
     if backend == "onnxruntime":
         from .onnx_runtime import load_onnx_model
 
-        return load_onnx_model(path, knobs=merged, precision=precision)
+        return load_onnx_model(path, knobs=merged, precision=precision, token_level=token_level)
     from ..checkpoints import CheckpointError, load_classifier, model_folder
 
     if (path / "manifest.json").is_file() and not (path / "config.json").is_file():

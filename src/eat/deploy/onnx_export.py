@@ -1,9 +1,9 @@
-"""Export an EAT sequence classifier as ONNX segments, with a manifest.
+"""Export an EAT model (sequence or token classification) as ONNX segments, with a manifest.
 
-Early exit and pruning decide shapes at run time (rows leave the batch, tokens are gathered away), which one
+Early exit and pruning decide shapes at run time (rows or tokens leave, tokens are gathered away), which one
 static graph cannot express per row. So the model is cut where EAT's logic runs: one graph for the embeddings,
-one per layer, one per exit head and one for the final pooler + classifier, each with dynamic batch (and length)
-axes. :mod:`eat.deploy.onnx_runtime` runs them with EAT's own exit, compaction and pruning code in between.
+one per layer, one per exit head and one for the final head, each with dynamic batch (and length) axes.
+:mod:`eat.deploy.onnx_runtime` runs them with EAT's own exit, compaction and pruning code in between.
 
 Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C labels, w head input width):
 
@@ -14,15 +14,26 @@ Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C
 - ``exit_<i>``: pooled (B, w) -> logits (B, C) (the pooling itself runs between segments)
 - ``final``: cls (B, d) -> logits (B, C)
 
-``manifest.json`` records the segments per precision, the model config (knobs and labels included), the
-tokenizer files copied beside them, the library versions and a sha256 of every file; a file that does not match
-its checksum is refused when loading. ``--precision int8`` adds ONNX Runtime's dynamic int8 quantization
-(``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, one scale per output channel) of every
-segment with matrix products (all but the embeddings) next to the fp32 files.
+Token classification models (:class:`~eat.modeling_eat.EATForTokenClassification`, ``"model": "token"`` in the
+manifest) run two forms of every layer, as their layer loop does:
+
+- ``layer_<i>``: hidden (B, n, d), key_bias (B, n) -> hidden (B, n, d) (every token a query; pruning reads
+  hidden-state norms, so no q or k comes out)
+- ``query_layer_<i>``: queries (B, m, d), keys_values (B, nk, d), key_bias (B, nk) -> hidden (B, m, d): the
+  same layer for the tokens still running (``EATLayer.forward_queries``), attending to every token still a
+  key (exited tokens stay keys under ``token_exit_kv="keep"``); Q from the queries, K and V one fused matmul
+  on the keys. A separate graph because its queries and keys are different tensors of different lengths.
+- ``exit_<i>`` / ``final``: hidden (B, m, d) -> per-token logits (B, m, C)
+
+``manifest.json`` records the model kind, the segments per precision, the model config (knobs and labels
+included), the tokenizer files copied beside them, the library versions and a sha256 of every file; a file
+that does not match its checksum is refused when loading. ``--precision int8`` adds ONNX Runtime's dynamic int8
+quantization (``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, one scale per output
+channel) of every segment with matrix products (all but the embeddings) next to the fp32 files.
 
 Knobs the export cannot express (refused with :class:`ExportError`): ``attention_window`` (the blocked window
-kernel reads overlapping strided views) and ``prune_importance="mean_attention"`` (needs every query); token
-classification models run on the torch backend only.
+kernel reads overlapping strided views) and, for sentence models, ``prune_importance="mean_attention"`` (needs
+every query).
 """
 
 from __future__ import annotations
@@ -40,10 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_eat import EATConfig
-from ..modeling_eat import EATForSequenceClassification
+from ..modeling_eat import EATForSequenceClassification, EATForTokenClassification
 
 MANIFEST = "manifest.json"
 FORMAT = "eat-onnx-segments/1"
+MODEL_KINDS = {"sequence": EATForSequenceClassification, "token": EATForTokenClassification}
 OPSET = 17
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 INSTALL_HINT = "pip install 'eat[onnx]'"
@@ -62,13 +74,14 @@ def require_onnxruntime():
     return onnxruntime
 
 
-def check_exportable(config: EATConfig, where: str = "this model") -> None:
-    """:class:`ExportError` when a knob of ``config`` has no form in the ONNX segments."""
+def check_exportable(config: EATConfig, where: str = "this model", kind: str = "sequence") -> None:
+    """:class:`ExportError` when a knob of ``config`` has no form in the ONNX segments of a ``kind`` model
+    ("sequence" or "token": token models prune by hidden-state norm only, so prune_importance is not theirs)."""
     if config.attention_window is not None:
         raise ExportError(f"{where}: attention_window={config.attention_window} cannot be expressed by the ONNX "
                           "export (the blocked window kernel reads overlapping strided views); set "
                           "attention_window=None or use backend torch")
-    if config.prune_importance == "mean_attention" and min(config.keep_schedule) < 1.0:
+    if kind == "sequence" and config.prune_importance == "mean_attention" and min(config.keep_schedule) < 1.0:
         raise ExportError(f"{where}: prune_importance='mean_attention' needs every query of a layer; the ONNX "
                           "segments return only the [CLS] query (use cls_attention or norm, or backend torch)")
 
@@ -95,11 +108,13 @@ class EmbeddingSegment(nn.Module):
 
 class LayerSegment(nn.Module):
     """One EAT layer with dense attention under an additive key bias (the same function as
-    ``EATLayer.forward`` with ``attention_window=None``), returning what pruning reads."""
+    ``EATLayer.forward`` with ``attention_window=None``), returning what pruning reads (``pruning_outputs``;
+    token models prune by norm and need neither q nor k)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, pruning_outputs: bool = True):
         super().__init__()
         self.layer = layer
+        self.pruning_outputs = pruning_outputs
         attention = layer.attention.self
         self.heads, self.head_size = attention.num_heads, attention.head_size
         # one (3d, d) projection: exported as one initializer, so ORT runs one MatMul for Q, K and V
@@ -109,17 +124,48 @@ class LayerSegment(nn.Module):
             self.qkv.bias.copy_(torch.cat([attention.query.bias, attention.key.bias, attention.value.bias]))
 
     def forward(self, hidden, key_bias):
-        """hidden (B, n, d), key_bias (B, n) -> hidden (B, n, d), q_cls (B, H, 1, dh), k (B, H, n, dh)."""
-        layer = self.layer
+        """hidden (B, n, d), key_bias (B, n) -> hidden (B, n, d), q_cls (B, H, 1, dh), k (B, H, n, dh) (only
+        hidden without pruning outputs)."""
         qkv = self.qkv(hidden).unflatten(-1, (3, self.heads, self.head_size))  # (B, n, 3, H, dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, n, dh)
-        scores = q @ k.transpose(-1, -2) * (self.head_size ** -0.5) + key_bias[:, None, None, :]  # (B, H, n, n)
-        context = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)  # (B, n, d)
-        out = layer.attention.output
-        hidden = out.LayerNorm(out.dense(context) + hidden)
-        inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
-        hidden = layer.output.LayerNorm(layer.output.dense(inner) + hidden)
-        return hidden, q[:, :, :1], k
+        hidden = _attend_and_feed_forward(self.layer, q, k, v, key_bias, hidden, self.head_size)
+        return (hidden, q[:, :, :1], k) if self.pruning_outputs else hidden
+
+
+class QueryLayerSegment(nn.Module):
+    """One EAT layer for a subset of the tokens (``EATLayer.forward_queries`` with an additive key bias): the
+    queries attend to keys/values given separately, which include the queries themselves."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        attention = layer.attention.self
+        self.heads, self.head_size = attention.num_heads, attention.head_size
+        self.query = attention.query
+        # K and V as one (2d, d) projection: one MatMul on the keys in ORT
+        self.kv = nn.Linear(attention.key.in_features, 2 * attention.key.out_features)
+        with torch.no_grad():
+            self.kv.weight.copy_(torch.cat([attention.key.weight, attention.value.weight]))
+            self.kv.bias.copy_(torch.cat([attention.key.bias, attention.value.bias]))
+
+    def forward(self, queries, keys_values, key_bias):
+        """queries (B, m, d), keys_values (B, nk, d), key_bias (B, nk) -> hidden (B, m, d)."""
+        q = self.query(queries).unflatten(-1, (self.heads, self.head_size)).transpose(1, 2)  # (B, H, m, dh)
+        kv = self.kv(keys_values).unflatten(-1, (2, self.heads, self.head_size))  # (B, nk, 2, H, dh)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, nk, dh)
+        return _attend_and_feed_forward(self.layer, q, k, v, key_bias, queries, self.head_size)
+
+
+def _attend_and_feed_forward(layer: nn.Module, q, k, v, key_bias, residual, head_size: int):
+    """The rest of an EAT layer after its projections: softmax attention of q (B, H, m, dh) over k, v
+    (B, H, nk, dh) under key_bias (B, nk), output projection with the residual (B, m, d), feed-forward; both
+    LayerNorms. Returns (B, m, d)."""
+    scores = q @ k.transpose(-1, -2) * (head_size ** -0.5) + key_bias[:, None, None, :]  # (B, H, m, nk)
+    context = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)  # (B, m, d)
+    out = layer.attention.output
+    hidden = out.LayerNorm(out.dense(context) + residual)
+    inner = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(hidden))
+    return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
 
 
 class FinalSegment(nn.Module):
@@ -175,22 +221,103 @@ def _quantize_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def export_segments(model: EATForSequenceClassification, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
+def model_kind(model: nn.Module) -> str:
+    """"sequence" or "token": which EAT task model ``model`` is (an :class:`ExportError` for anything else)."""
+    for kind, model_class in MODEL_KINDS.items():
+        if isinstance(model, model_class):
+            return kind
+    raise ExportError(f"{type(model).__name__}: only EAT sequence and token classifiers export to ONNX segments")
+
+
+_BATCH_LENGTH = {0: "batch", 1: "length"}
+
+
+def _export_layers(eager: nn.Module, out: Path, kind: str, files: dict[str, Any]) -> None:
+    """The layer segments of ``eager`` into ``out/fp32`` (and their names into ``files``): ``layer_<i>`` for
+    both kinds, ``query_layer_<i>`` beside it for token models. Example inputs: 2 rows of 7 tokens (5 queries)."""
+    d, B, n = eager.config.hidden_size, 2, 7
+    hidden, bias = torch.randn(B, n, d), torch.zeros(B, n)
+    for number, layer in enumerate(eager.bert.encoder.layer, start=1):
+        name = f"fp32/layer_{number}.onnx"
+        if kind == "sequence":
+            _export(LayerSegment(layer), (hidden, bias), out / name, ["hidden", "key_bias"],
+                    ["hidden_out", "q_cls", "k"],
+                    {"hidden": _BATCH_LENGTH, "key_bias": _BATCH_LENGTH, "hidden_out": _BATCH_LENGTH,
+                     "q_cls": {0: "batch"}, "k": {0: "batch", 2: "length"}})
+        else:
+            _export(LayerSegment(layer, pruning_outputs=False), (hidden, bias), out / name, ["hidden", "key_bias"],
+                    ["hidden_out"], {"hidden": _BATCH_LENGTH, "key_bias": _BATCH_LENGTH,
+                                     "hidden_out": _BATCH_LENGTH})
+            query_name = f"fp32/query_layer_{number}.onnx"
+            _export(QueryLayerSegment(layer), (hidden[:, :5], hidden, bias), out / query_name,
+                    ["queries", "keys_values", "key_bias"], ["hidden_out"],
+                    {"queries": {0: "batch", 1: "queries"}, "keys_values": {0: "batch", 1: "keys"},
+                     "key_bias": {0: "batch", 1: "keys"}, "hidden_out": {0: "batch", 1: "queries"}})
+            files["query_layers"].append(query_name)
+        files["layers"].append(name)
+
+
+def _export_heads(eager: nn.Module, out: Path, kind: str, files: dict[str, Any]) -> None:
+    """The exit heads and the final head of ``eager`` into ``out/fp32`` (their names into ``files``). Sentence
+    heads read pooled features (B, w); token heads every token's state (B, m, d)."""
+    d, B, n = eager.config.hidden_size, 2, 7
+    for layer, head in sorted(eager.exit_heads.items(), key=lambda item: int(item[0])):
+        name = f"fp32/exit_{layer}.onnx"
+        if kind == "sequence":
+            _export(head, (torch.randn(B, head.dense.in_features),), out / name, ["pooled"], ["logits"],
+                    {"pooled": {0: "batch"}, "logits": {0: "batch"}})
+        else:
+            _export(head, (torch.randn(B, n, d),), out / name, ["hidden"], ["logits"],
+                    {"hidden": _BATCH_LENGTH, "logits": _BATCH_LENGTH})
+        files["exit_heads"][str(layer)] = name
+    if kind == "sequence":
+        _export(FinalSegment(eager), (torch.randn(B, d),), out / "fp32" / "final.onnx", ["cls"], ["logits"],
+                {"cls": {0: "batch"}, "logits": {0: "batch"}})
+    else:  # the classifier on every token (its dropout is the identity at inference)
+        _export(eager.classifier, (torch.randn(B, n, d),), out / "fp32" / "final.onnx", ["hidden"], ["logits"],
+                {"hidden": _BATCH_LENGTH, "logits": _BATCH_LENGTH})
+    files["final"] = "fp32/final.onnx"
+
+
+def _quantized_copy(out: Path, segments: dict[str, Any]) -> dict[str, Any]:
+    """int8 twins (ORT dynamic quantization) of every fp32 segment with matrix products, written to
+    ``out/int8``; returns the int8 segment table (the embeddings, lookups, stay the fp32 file)."""
+    (out / "int8").mkdir(exist_ok=True)
+
+    def quantized(name: str) -> str:
+        """Quantize the fp32 segment ``name``; returns the int8 file's name."""
+        target = name.replace("fp32/", "int8/")
+        _quantize_int8(out / name, out / target)
+        return target
+
+    int8: dict[str, Any] = {"embeddings": segments["embeddings"]}
+    for key, value in segments.items():
+        if key == "embeddings":
+            continue
+        if isinstance(value, list):
+            int8[key] = [quantized(name) for name in value]
+        elif isinstance(value, dict):
+            int8[key] = {layer: quantized(name) for layer, name in value.items()}
+        else:
+            int8[key] = quantized(value)
+    return int8
+
+
+def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
                     tokenizer_dir: str | Path | None = None, source: str | None = None,
                     force: bool = False) -> dict[str, Any]:
-    """Write ``model`` as ONNX segments plus ``manifest.json`` into ``out``; returns the manifest.
+    """Write ``model`` (an EAT sequence or token classifier) as ONNX segments plus ``manifest.json`` into
+    ``out``; returns the manifest.
 
     Exports from a deep copy (tracing must not touch the caller's model). precisions: "fp32" always, plus "int8"
     for ONNX Runtime int8 segments. tokenizer_dir: a folder whose tokenizer files are copied into
     ``out/tokenizer``. A non-empty ``out`` is refused unless ``force``.
     """
-    if not isinstance(model, EATForSequenceClassification):
-        raise ExportError(f"{type(model).__name__}: only sequence classifiers export to ONNX segments; token "
-                          "classification models run on backend torch")
+    kind = model_kind(model)
     unknown = set(precisions) - {"fp32", "int8"}
     if unknown:
         raise ExportError(f"ONNX export precision {sorted(unknown)}: choose fp32 or int8")
-    check_exportable(model.config, source or "this model")
+    check_exportable(model.config, source or "this model", kind)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out}: folder exists and is not empty; choose another OUT or pass --force")
@@ -200,45 +327,19 @@ def export_segments(model: EATForSequenceClassification, out: str | Path, *, pre
     (out / "fp32").mkdir(exist_ok=True)
     eager = copy.deepcopy(model).float().eval()
     config = eager.config
-    d, B, n = config.hidden_size, 2, 7
-    ids = torch.randint(3, min(config.vocab_size, 1000), (B, n))
-    types = torch.zeros(B, n, dtype=torch.long)
-    hidden = torch.randn(B, n, d)
-    bias = torch.zeros(B, n)
+    ids = torch.randint(3, min(config.vocab_size, 1000), (2, 7))
     files: dict[str, dict[str, Any]] = {"fp32": {"layers": [], "exit_heads": {}}}
+    if kind == "token":
+        files["fp32"]["query_layers"] = []
     with torch.no_grad():
-        _export(EmbeddingSegment(eager.bert.embeddings), (ids, types), out / "fp32" / "embeddings.onnx",
+        _export(EmbeddingSegment(eager.bert.embeddings), (ids, torch.zeros_like(ids)), out / "fp32" / "embeddings.onnx",
                 ["input_ids", "token_type_ids"], ["hidden"],
-                {"input_ids": {0: "batch", 1: "length"}, "token_type_ids": {0: "batch", 1: "length"},
-                 "hidden": {0: "batch", 1: "length"}})
+                {"input_ids": _BATCH_LENGTH, "token_type_ids": _BATCH_LENGTH, "hidden": _BATCH_LENGTH})
         files["fp32"]["embeddings"] = "fp32/embeddings.onnx"
-        for number, layer in enumerate(eager.bert.encoder.layer, start=1):
-            name = f"fp32/layer_{number}.onnx"
-            _export(LayerSegment(layer), (hidden, bias), out / name, ["hidden", "key_bias"], ["hidden_out", "q_cls", "k"],
-                    {"hidden": {0: "batch", 1: "length"}, "key_bias": {0: "batch", 1: "length"},
-                     "hidden_out": {0: "batch", 1: "length"}, "q_cls": {0: "batch"}, "k": {0: "batch", 2: "length"}})
-            files["fp32"]["layers"].append(name)
-        for layer, head in sorted(eager.exit_heads.items(), key=lambda item: int(item[0])):
-            name = f"fp32/exit_{layer}.onnx"
-            _export(head, (torch.randn(B, head.dense.in_features),), out / name, ["pooled"], ["logits"],
-                    {"pooled": {0: "batch"}, "logits": {0: "batch"}})
-            files["fp32"]["exit_heads"][str(layer)] = name
-        _export(FinalSegment(eager), (torch.randn(B, d),), out / "fp32" / "final.onnx", ["cls"], ["logits"],
-                {"cls": {0: "batch"}, "logits": {0: "batch"}})
-        files["fp32"]["final"] = "fp32/final.onnx"
+        _export_layers(eager, out, kind, files["fp32"])
+        _export_heads(eager, out, kind, files["fp32"])
     if "int8" in precisions:
-        (out / "int8").mkdir(exist_ok=True)
-        segments = files["fp32"]
-        int8 = {"embeddings": segments["embeddings"], "layers": [], "exit_heads": {}}  # lookups: stay fp32
-        for name in segments["layers"]:
-            _quantize_int8(out / name, out / name.replace("fp32/", "int8/"))
-            int8["layers"].append(name.replace("fp32/", "int8/"))
-        for layer, name in segments["exit_heads"].items():
-            _quantize_int8(out / name, out / name.replace("fp32/", "int8/"))
-            int8["exit_heads"][layer] = name.replace("fp32/", "int8/")
-        _quantize_int8(out / segments["final"], out / "int8" / "final.onnx")
-        int8["final"] = "int8/final.onnx"
-        files["int8"] = int8
+        files["int8"] = _quantized_copy(out, files["fp32"])
     tokenizer_files = []
     if tokenizer_dir is not None:
         for file_name in TOKENIZER_FILES:
@@ -247,7 +348,7 @@ def export_segments(model: EATForSequenceClassification, out: str | Path, *, pre
                 shutil.copy2(Path(tokenizer_dir) / file_name, out / "tokenizer" / file_name)
                 tokenizer_files.append(f"tokenizer/{file_name}")
     manifest = {
-        "format": FORMAT, "source": source, "precisions": list(files), "segments": files,
+        "format": FORMAT, "model": kind, "source": source, "precisions": list(files), "segments": files,
         "config": config.to_dict(), "knobs": config.knobs(),
         "labels": {str(k): v for k, v in config.id2label.items()},
         "tokenizer_files": tokenizer_files, "opset": OPSET, "versions": _versions(),
@@ -297,14 +398,19 @@ def read_manifest(folder: str | Path, *, verify: bool = True) -> dict[str, Any]:
 
 
 def export_checkpoint(path: str | Path, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
-                      knobs: dict[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
-    """Load a run or model folder and export it (:func:`export_segments`); knobs are saved as its defaults."""
+                      knobs: dict[str, Any] | None = None, force: bool = False,
+                      token_level: bool | None = None) -> dict[str, Any]:
+    """Load a run or model folder and export it (:func:`export_segments`); knobs are saved as its defaults.
+    token_level: a token classification model (default: what the checkpoint says)."""
+    from . import _is_token_checkpoint
     from ..checkpoints import load_classifier, model_folder
 
     model_dir = model_folder(path)
-    model = load_classifier(str(model_dir), knobs=knobs or {})
+    token = _is_token_checkpoint(model_dir) if token_level is None else token_level
+    model = load_classifier(str(model_dir), knobs=knobs or {}, token_level=token)
     return export_segments(model, out, precisions=precisions, tokenizer_dir=model_dir, source=str(path), force=force)
 
 
-__all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerSegment", "MANIFEST", "check_exportable",
-           "export_checkpoint", "export_segments", "read_manifest", "require_onnxruntime", "sha256"]
+__all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerSegment", "MANIFEST", "MODEL_KINDS",
+           "QueryLayerSegment", "check_exportable", "export_checkpoint", "export_segments", "model_kind",
+           "read_manifest", "require_onnxruntime", "sha256"]

@@ -1,9 +1,10 @@
 """Run ONNX segments (:mod:`eat.deploy.onnx_export`) in ONNX Runtime with EAT's own exit, compaction and pruning.
 
-The runner is an :class:`~eat.modeling_eat.EATForSequenceClassification` whose embeddings, layers, exit heads
-and final head are replaced by modules that call ONNX Runtime sessions. ``EATModel.forward`` (the layer loop:
-exit decisions, exited rows leaving the batch, padding trimmed, tokens pruned or merged) runs unchanged between
-the segments, so both backends share one implementation of every mechanism.
+The runner is an :class:`~eat.modeling_eat.EATForSequenceClassification` (or, for a token model's export, an
+:class:`~eat.modeling_eat.EATForTokenClassification`) whose embeddings, layers, exit heads and final head are
+replaced by modules that call ONNX Runtime sessions. The task model's own layer loop (exit decisions, exited
+rows or tokens leaving, padding trimmed, tokens pruned or merged, compacted queries) runs unchanged between the
+segments, so both backends share one implementation of every mechanism.
 
 Sessions: all graph optimisations, ``intra_op_num_threads`` = torch's thread count, one inter-op thread, and
 thread spinning off (``session.intra_op.allow_spinning = 0``): when ORT shares a process with PyTorch (the
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..configuration_eat import EATConfig
-from ..modeling_eat import EATForSequenceClassification
+from ..modeling_eat import EATForSequenceClassification, EATForTokenClassification
 from .onnx_export import ExportError, check_exportable, export_checkpoint, read_manifest, require_onnxruntime
 
 
@@ -69,25 +70,56 @@ class OrtEmbeddings(_Segment):
         return self.run(input_ids=input_ids.long(), token_type_ids=token_type_ids.long())[0]
 
 
+def _key_bias(mask, B: int, n: int):
+    """The segments' additive key bias (B, n) from an SDPA mask: None (all real), bool (B, 1, 1, n) (True =
+    attend) or float additive (B, 1, 1, n). A mask that differs per query (a window band) has no such form."""
+    if mask is None:
+        return torch.zeros(B, n)
+    if mask.shape[2] != 1:  # refused at load (attention_window); a guard against knobs set afterwards
+        raise ExportError("attention_window cannot run on the ONNX Runtime backend")
+    if mask.dtype == torch.bool:
+        return torch.zeros(B, n).masked_fill(~mask[:, 0, 0], float("-inf"))
+    return mask[:, 0, 0].float()
+
+
 class OrtLayer(_Segment):
     """``layer_<i>`` segment, called as ``EATLayer`` is: (hidden, ctx) -> (hidden, q, k, scores computed).
 
-    q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads."""
+    q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads. A token model's layer
+    graph returns hidden alone (q and k are then None: its pruning reads norms)."""
 
     def forward(self, hidden, ctx):
         """hidden (B, n, d) and the batch's attention context -> (hidden, q_cls, k, attention scores computed)."""
         if ctx.radius is not None:  # refused at load; a guard against knobs set on the config afterwards
             raise ExportError("attention_window cannot run on the ONNX Runtime backend")
         B, n, _ = hidden.shape
-        mask = ctx.dense_mask  # None, bool (B, 1, 1, n) (True = attend) or float additive (B, 1, 1, n)
-        if mask is None:
-            bias = hidden.new_zeros(B, n)
-        elif mask.dtype == torch.bool:
-            bias = torch.zeros(B, n).masked_fill(~mask[:, 0, 0], float("-inf"))
-        else:
-            bias = mask[:, 0, 0].float()
-        hidden, q_cls, k = self.run(hidden=hidden, key_bias=bias)
-        return hidden, q_cls, k, B * n * n
+        outputs = self.run(hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
+        q_cls, k = outputs[1:3] if len(outputs) == 3 else (None, None)
+        return outputs[0], q_cls, k, B * n * n
+
+
+class OrtTokenLayer(OrtLayer):
+    """A token model's layer: ``layer_<i>`` for dense rows (``forward``, as :class:`OrtLayer`) and
+    ``query_layer_<i>`` for the compacted queries of rows whose tokens have partly left (``forward_queries``,
+    as ``EATLayer.forward_queries``)."""
+
+    def __init__(self, session, query_session):
+        super().__init__(session)
+        self.queries = _Segment(query_session)
+
+    def forward_queries(self, queries, keys_values, mask=None):
+        """queries (B, m, d) attend to keys_values (B, nk, d) under mask (None or bool (B, 1, 1, nk), True =
+        attend) -> the queries' new states (B, m, d)."""
+        B, nk, _ = keys_values.shape
+        return self.queries.run(queries=queries, keys_values=keys_values, key_bias=_key_bias(mask, B, nk))[0]
+
+
+class OrtTokenHead(_Segment):
+    """A token model's ``exit_<i>`` or ``final`` segment: every token's state (B, m, d) -> logits (B, m, C)."""
+
+    def forward(self, hidden):
+        """(B, m, d) -> (B, m, C)."""
+        return self.run(hidden=hidden)[0]
 
 
 class OrtHead(_Segment):
@@ -122,33 +154,58 @@ class OrtSequenceClassifier(EATForSequenceClassification):
     export_dir: Path | None = None
 
 
+class OrtTokenClassifier(EATForTokenClassification):
+    """An EAT token classifier whose segments run in ONNX Runtime (built by :func:`build_ort_model`).
+
+    Modifications: embeddings, both forms of every layer (dense rows and compacted queries), the token exit
+    heads and the final classifier are ONNX Runtime sessions; the token loop (token exits, compaction, pruning)
+    is EATForTokenClassification's own."""
+
+    precision: str = "fp32"
+    export_dir: Path | None = None
+
+
 def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
-                    threads: int | None = None) -> OrtSequenceClassifier:
-    """The ONNX Runtime model of an export folder (checksums verified), ``knobs`` applied over the exported ones."""
+                    threads: int | None = None) -> OrtSequenceClassifier | OrtTokenClassifier:
+    """The ONNX Runtime model of an export folder (checksums verified), ``knobs`` applied over the exported ones:
+    an :class:`OrtSequenceClassifier`, or an :class:`OrtTokenClassifier` for a token model's export."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if precision not in manifest["segments"]:
         raise ExportError(f"{folder}: exported at {', '.join(manifest['segments'])} only, not {precision}; "
                           f"export again with --precision {precision}")
+    kind = manifest.get("model", "sequence")  # exports made before token models had no "model" entry
     config = EATConfig.from_dict(manifest["config"])
     config.set_knobs(**(knobs or {}))
-    check_exportable(config, f"{folder} with these knobs")
+    check_exportable(config, f"{folder} with these knobs", kind)
     segments = manifest["segments"][precision]
-    with torch.device("meta"):  # the structure only; every module with weights is replaced below
-        model = OrtSequenceClassifier(config)
-    embeddings = OrtEmbeddings(make_session(folder / segments["embeddings"], threads))
-    embeddings.max_positions = config.max_position_embeddings
-    model.bert.embeddings = embeddings
     if len(segments["layers"]) != config.num_hidden_layers:
         raise ExportError(f"{folder}: {len(segments['layers'])} layer segments for a {config.num_hidden_layers}-layer "
                           "config; export again")
-    model.bert.encoder.layer = nn.ModuleList(OrtLayer(make_session(folder / name, threads))
-                                             for name in segments["layers"])
-    width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
-    model.exit_heads = nn.ModuleDict({layer: OrtHead(make_session(folder / name, threads), width)
-                                      for layer, name in segments["exit_heads"].items()})
-    model.bert.pooler = OrtFinal(make_session(folder / segments["final"], threads))
-    model.classifier = nn.Identity()
+
+    def session(name: str):
+        """The session of the segment file ``name`` of this export."""
+        return make_session(folder / name, threads)
+
+    with torch.device("meta"):  # the structure only; every module with weights is replaced below
+        model = (OrtTokenClassifier if kind == "token" else OrtSequenceClassifier)(config)
+    embeddings = OrtEmbeddings(session(segments["embeddings"]))
+    embeddings.max_positions = config.max_position_embeddings
+    model.bert.embeddings = embeddings
+    if kind == "token":
+        model.bert.encoder.layer = nn.ModuleList(OrtTokenLayer(session(name), session(query_name))
+                                                 for name, query_name in zip(segments["layers"],
+                                                                             segments["query_layers"]))
+        model.exit_heads = nn.ModuleDict({layer: OrtTokenHead(session(name))
+                                          for layer, name in segments["exit_heads"].items()})
+        model.classifier = OrtTokenHead(session(segments["final"]))
+    else:
+        model.bert.encoder.layer = nn.ModuleList(OrtLayer(session(name)) for name in segments["layers"])
+        width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
+        model.exit_heads = nn.ModuleDict({layer: OrtHead(session(name), width)
+                                          for layer, name in segments["exit_heads"].items()})
+        model.bert.pooler = OrtFinal(session(segments["final"]))
+        model.classifier = nn.Identity()
     model.dropout = nn.Identity()
     model.precision, model.export_dir = precision, folder
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
@@ -161,9 +218,10 @@ _EXPORT_CACHE: dict[str, Path] = {}
 
 
 def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
-                    threads: int | None = None):
+                    threads: int | None = None, token_level: bool | None = None):
     """An :class:`~eat.deploy.InferenceModel` on ONNX Runtime from an export folder or a checkpoint (exported
-    first, to a temporary folder reused within this process)."""
+    first, to a temporary folder reused within this process). token_level: export a checkpoint as a token
+    classification model (default: what it says it is); an export folder says what it holds."""
     from . import InferenceModel, _is_token_checkpoint, load_tokenizer
     from ..checkpoints import model_folder
 
@@ -175,28 +233,30 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
         folder = path
     else:
         model_dir = model_folder(path)
-        if _is_token_checkpoint(model_dir):
-            raise ExportError(f"{path}: a token classification model; those run on backend torch only")
+        token = _is_token_checkpoint(model_dir) if token_level is None else token_level
         from ..checkpoints import read_config_dict
 
         # the knobs must have an ONNX form before anything is exported (the checkpoint's own, then the caller's)
         probe = EATConfig.from_dict(read_config_dict(str(model_dir)))
         probe.set_knobs(**(knobs or {}))
-        check_exportable(probe, f"{path} with these knobs")
-        key = str(model_dir.resolve())
+        check_exportable(probe, f"{path} with these knobs", "token" if token else "sequence")
+        key = f"{model_dir.resolve()}:{'token' if token else 'sequence'}"
         if key not in _EXPORT_CACHE:
             # both precisions at once (a benchmark's peers want both); the window knob is off in the export (the
             # check above refused a window the caller keeps); the caller's knobs are applied to the runner
             exported = Path(tempfile.mkdtemp(prefix="eat-onnx-"))
             export_checkpoint(model_dir, exported, precisions=("fp32", "int8"), knobs={"attention_window": None},
-                              force=True)
+                              force=True, token_level=token)
             atexit.register(shutil.rmtree, exported, True)  # sessions hold their graphs; the files can go
             _EXPORT_CACHE[key] = exported
         folder = _EXPORT_CACHE[key]
     model = build_ort_model(folder, knobs=knobs, precision=precision, threads=threads)
+    if token_level is not None and token_level != isinstance(model, EATForTokenClassification):
+        raise ExportError(f"{folder}: holds a {'token' if not token_level else 'sentence'} classification model, "
+                          f"not the {'token' if token_level else 'sentence'} model asked for")
     tokenizer = load_tokenizer(folder / "tokenizer") if (folder / "tokenizer").is_dir() else None
     return InferenceModel(model=model, config=model.config, tokenizer=tokenizer, precision=precision,
-                          backend="onnxruntime")
+                          backend="onnxruntime", token_level=isinstance(model, EATForTokenClassification))
 
 
-__all__ = ["OrtSequenceClassifier", "build_ort_model", "load_onnx_model", "make_session"]
+__all__ = ["OrtSequenceClassifier", "OrtTokenClassifier", "build_ort_model", "load_onnx_model", "make_session"]
