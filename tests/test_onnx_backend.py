@@ -149,3 +149,49 @@ def test_loader_exports_a_checkpoint_and_applies_knobs(tmp_path):
     assert out.logits.dtype == torch.float32 and out.exit_layer.shape == (5,)
     manifest = json.loads((loaded.model.export_dir / "manifest.json").read_text())
     assert manifest["source"].endswith("model")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "pair"])
+def test_fused_layer_heads_equal_the_unfused_runner(tmp_path, pooling, monkeypatch):
+    from eat.deploy import onnx_runtime
+
+    torch.manual_seed(0)
+    model = EATForSequenceClassification(tiny_config(initializer_range=0.3, exit_layers="all",
+                                                     exit_pooling=pooling)).eval()
+    folder = tmp_path / "export"
+    manifest = export_segments(model, folder)
+    # pair heads read token types the layer graph lacks: only the last layer (final head, [CLS]) is fused then
+    fused_layers = ["4"] if pooling == "pair" else ["1", "2", "3", "4"]
+    assert sorted(manifest["segments"]["fp32"]["layer_heads"]) == fused_layers
+    head_calls = []  # names of the separate head sessions that ran
+    for cls in (onnx_runtime.OrtHead, onnx_runtime.OrtFinal):
+        monkeypatch.setattr(cls, "forward", lambda self, x, original=cls.forward, name=cls.__name__:
+                            head_calls.append(name) or original(self, x))
+    lengths = (17, 9, 30, 4, 12, 23, 6)
+    for knobs in ({}, EXITING, {**EXITING, "prune_mode": "merge"}, {**EXITING, "exit_policy": "agreement"}):
+        fused = build_ort_model(folder, knobs=knobs)
+        plain = build_ort_model(folder, knobs=knobs, fuse_heads=False)
+        assert sum(isinstance(layer, onnx_runtime.OrtLayerHead) for layer in fused.bert.encoder.layer) \
+            == len(fused_layers)
+        assert not any(isinstance(layer, onnx_runtime.OrtLayerHead) for layer in plain.bert.encoder.layer)
+        for seed in range(3):
+            ids, mask = mixed_batch(seed, lengths=lengths)
+            types = (torch.arange(ids.shape[1]) > 3).long().expand_as(ids) * mask
+            head_calls.clear()
+            got = fused(ids, mask, types)
+            fused_calls = list(head_calls)
+            want = plain(ids, mask, types)
+            assert torch.equal(got.logits.argmax(-1), want.logits.argmax(-1))
+            assert torch.equal(got.exit_layer, want.exit_layer)
+            assert torch.equal(got.tokens_per_layer, want.tokens_per_layer)
+            assert (got.logits - want.logits).abs().max() < 1e-5
+            # one session per fused layer: no separate head session ran (pair: only the exit heads')
+            assert "OrtFinal" not in fused_calls and ("OrtHead" in fused_calls) == (pooling == "pair" and bool(knobs))
+        if knobs:
+            assert int(got.exit_layer.min()) < 4  # rows really left early
+    # every head's logits, as a threshold sweep caches them, come from the fused sessions too
+    fused, plain = build_ort_model(folder), build_ort_model(folder, fuse_heads=False)
+    ids, mask = mixed_batch(lengths=lengths)
+    got = fused(ids, mask, output_exit_logits=True, disable_exit=True).exit_logits
+    want = plain(ids, mask, output_exit_logits=True, disable_exit=True).exit_logits
+    assert (got - want).abs().max() < 1e-5

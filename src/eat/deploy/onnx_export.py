@@ -13,6 +13,13 @@ Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C
   pruning), k (B, H, n, dh) (keys, for pruning and merging); Q, K and V are one fused matmul
 - ``exit_<i>``: pooled (B, w) -> logits (B, C) (the pooling itself runs between segments)
 - ``final``: cls (B, d) -> logits (B, C)
+- ``layer_head_<i>`` (sentence models, beside the above): ``layer_<i>`` and the head after it as ONE graph,
+  hidden (B, n, d), key_bias (B, n) -> hidden, q_cls, k as ``layer_<i>`` plus logits (B, C) of that head on
+  its pooled input: `[CLS]` (``final`` after the last layer; ``exit_pooling="cls"``) or the mean of the real
+  tokens weighted by their size (``exit_pooling="mean"``; the weights are ``exp(key_bias)``: 1 real, 0
+  padding, the token's size after merging). The runner then pays one session call per layer instead of two.
+  Pair pooling reads token types the layer graph does not have, so pair heads stay separate. The manifest's
+  ``fused_pooling`` names each fused segment's pooling.
 
 Token classification models (:class:`~eat.modeling_eat.EATForTokenClassification`, ``"model": "token"`` in the
 manifest) run two forms of every layer, as their layer loop does:
@@ -168,6 +175,28 @@ def _attend_and_feed_forward(layer: nn.Module, q, k, v, key_bias, residual, head
     return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
 
 
+class LayerHeadSegment(nn.Module):
+    """A sentence model's layer and the head after it as one graph (see the module docstring): the layer's
+    outputs plus the head's logits on the pooled layer output."""
+
+    def __init__(self, layer: nn.Module, head: nn.Module, pooling: str):
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ExportError(f"exit_pooling {pooling!r} has no fused layer + head graph (cls or mean)")
+        self.layer, self.head, self.pooling = LayerSegment(layer), head, pooling
+
+    def forward(self, hidden, key_bias):
+        """hidden (B, n, d), key_bias (B, n) -> hidden (B, n, d), q_cls (B, H, 1, dh), k (B, H, n, dh),
+        logits (B, C)."""
+        hidden, q_cls, k = self.layer(hidden, key_bias)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, d)
+        else:  # the size-weighted mean of the real tokens, as exit_head_input's "mean"
+            weight = key_bias.exp()  # (B, n): 1 real token, 0 padding, its size after merging
+            pooled = (hidden * weight[..., None]).sum(1) / weight.sum(1, keepdim=True)
+        return hidden, q_cls, k, self.head(pooled)
+
+
 class FinalSegment(nn.Module):
     """The last layer's head: pooler (dense + activation) on `[CLS]`, then the classifier."""
 
@@ -279,6 +308,28 @@ def _export_heads(eager: nn.Module, out: Path, kind: str, files: dict[str, Any])
     files["final"] = "fp32/final.onnx"
 
 
+def _export_layer_heads(eager: nn.Module, out: Path, files: dict[str, Any]) -> dict[str, str]:
+    """``layer_head_<i>`` of a sentence model (every layer followed by a head that pools `[CLS]` or the mean)
+    into ``out/fp32``, their names into ``files["layer_heads"]``; returns each fused segment's pooling."""
+    config = eager.config
+    d, B, n = config.hidden_size, 2, 7
+    hidden, bias = torch.randn(B, n, d), torch.zeros(B, n)
+    heads = {int(layer): (head, config.exit_pooling) for layer, head in eager.exit_heads.items()}
+    heads[config.num_hidden_layers] = (FinalSegment(eager), "cls")
+    files["layer_heads"], pooling = {}, {}
+    for number, (head, head_pooling) in sorted(heads.items()):
+        if head_pooling not in ("cls", "mean"):
+            continue
+        name = f"fp32/layer_head_{number}.onnx"
+        _export(LayerHeadSegment(eager.bert.encoder.layer[number - 1], head, head_pooling), (hidden, bias),
+                out / name, ["hidden", "key_bias"], ["hidden_out", "q_cls", "k", "logits"],
+                {"hidden": _BATCH_LENGTH, "key_bias": _BATCH_LENGTH, "hidden_out": _BATCH_LENGTH,
+                 "q_cls": {0: "batch"}, "k": {0: "batch", 2: "length"}, "logits": {0: "batch"}})
+        files["layer_heads"][str(number)] = name
+        pooling[str(number)] = head_pooling
+    return pooling
+
+
 def _quantized_copy(out: Path, segments: dict[str, Any]) -> dict[str, Any]:
     """int8 twins (ORT dynamic quantization) of every fp32 segment with matrix products, written to
     ``out/int8``; returns the int8 segment table (the embeddings, lookups, stay the fp32 file)."""
@@ -305,13 +356,14 @@ def _quantized_copy(out: Path, segments: dict[str, Any]) -> dict[str, Any]:
 
 def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str, ...] = ("fp32",),
                     tokenizer_dir: str | Path | None = None, source: str | None = None,
-                    force: bool = False) -> dict[str, Any]:
+                    force: bool = False, fuse_heads: bool = True) -> dict[str, Any]:
     """Write ``model`` (an EAT sequence or token classifier) as ONNX segments plus ``manifest.json`` into
     ``out``; returns the manifest.
 
     Exports from a deep copy (tracing must not touch the caller's model). precisions: "fp32" always, plus "int8"
     for ONNX Runtime int8 segments. tokenizer_dir: a folder whose tokenizer files are copied into
-    ``out/tokenizer``. A non-empty ``out`` is refused unless ``force``.
+    ``out/tokenizer``. A non-empty ``out`` is refused unless ``force``. fuse_heads (sentence models): also
+    write ``layer_head_<i>``, each layer and the head after it as one graph (the runner's default).
     """
     kind = model_kind(model)
     unknown = set(precisions) - {"fp32", "int8"}
@@ -338,6 +390,7 @@ def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str,
         files["fp32"]["embeddings"] = "fp32/embeddings.onnx"
         _export_layers(eager, out, kind, files["fp32"])
         _export_heads(eager, out, kind, files["fp32"])
+        fused_pooling = _export_layer_heads(eager, out, files["fp32"]) if kind == "sequence" and fuse_heads else {}
     if "int8" in precisions:
         files["int8"] = _quantized_copy(out, files["fp32"])
     tokenizer_files = []
@@ -349,6 +402,7 @@ def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str,
                 tokenizer_files.append(f"tokenizer/{file_name}")
     manifest = {
         "format": FORMAT, "model": kind, "source": source, "precisions": list(files), "segments": files,
+        "fused_pooling": fused_pooling,
         "config": config.to_dict(), "knobs": config.knobs(),
         "labels": {str(k): v for k, v in config.id2label.items()},
         "tokenizer_files": tokenizer_files, "opset": OPSET, "versions": _versions(),
@@ -411,6 +465,7 @@ def export_checkpoint(path: str | Path, out: str | Path, *, precisions: tuple[st
     return export_segments(model, out, precisions=precisions, tokenizer_dir=model_dir, source=str(path), force=force)
 
 
-__all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerSegment", "MANIFEST", "MODEL_KINDS",
+__all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerHeadSegment", "LayerSegment", "MANIFEST",
+           "MODEL_KINDS",
            "QueryLayerSegment", "check_exportable", "export_checkpoint", "export_segments", "model_kind",
            "read_manifest", "require_onnxruntime", "sha256"]

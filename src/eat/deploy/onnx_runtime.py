@@ -6,6 +6,11 @@ replaced by modules that call ONNX Runtime sessions. The task model's own layer 
 rows or tokens leaving, padding trimmed, tokens pruned or merged, compacted queries) runs unchanged between the
 segments, so both backends share one implementation of every mechanism.
 
+A sentence model's layer followed by a `[CLS]`- or mean-pooled head runs as one session (``layer_head_<i>``,
+``fuse_heads=True``, the default): the layer module keeps that head's logits for the hidden states it returned,
+and the model's head reads them instead of calling the head's own session. Pair-pooled heads, and a pooling
+knob other than the exported one, use the separate head sessions.
+
 Sessions: all graph optimisations, ``intra_op_num_threads`` = torch's thread count, one inter-op thread, and
 thread spinning off (``session.intra_op.allow_spinning = 0``): when ORT shares a process with PyTorch (the
 benchmark times both, interleaved), spinning threads steal the cores of the next call.
@@ -98,6 +103,41 @@ class OrtLayer(_Segment):
         return outputs[0], q_cls, k, B * n * n
 
 
+class _FusedLogits:
+    """The logits a fused layer + head session computed, kept for the head call that follows the layer: which
+    layer, the hidden states (B, n, d) the layer returned (the head must be asked about these very tensors) and
+    the logits (B, C)."""
+
+    def __init__(self):
+        self.layer, self.hidden, self.logits = 0, None, None
+
+    def take(self, layer: int, hidden):
+        """The kept logits when they belong to ``layer`` and ``hidden`` (then forgotten), else None."""
+        if self.layer != layer or self.hidden is not hidden:
+            return None
+        logits = self.logits
+        self.layer, self.hidden, self.logits = 0, None, None
+        return logits
+
+
+class OrtLayerHead(OrtLayer):
+    """``layer_head_<i>`` segment, called as ``EATLayer`` is: runs the layer and the head after it in one
+    session, returns what :class:`OrtLayer` returns and keeps the head's logits in ``fused`` for the model."""
+
+    def __init__(self, session, fused: _FusedLogits, number: int):
+        super().__init__(session)
+        self.fused, self.number = fused, number
+
+    def forward(self, hidden, ctx):
+        """hidden (B, n, d) and the batch's attention context -> (hidden, q_cls, k, attention scores computed)."""
+        if ctx.radius is not None:  # refused at load; a guard against knobs set on the config afterwards
+            raise ExportError("attention_window cannot run on the ONNX Runtime backend")
+        B, n, _ = hidden.shape
+        hidden, q_cls, k, logits = self.run(hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
+        self.fused.layer, self.fused.hidden, self.fused.logits = self.number, hidden, logits
+        return hidden, q_cls, k, B * n * n
+
+
 class OrtTokenLayer(OrtLayer):
     """A token model's layer: ``layer_<i>`` for dense rows (``forward``, as :class:`OrtLayer`) and
     ``query_layer_<i>`` for the compacted queries of rows whose tokens have partly left (``forward_queries``,
@@ -152,6 +192,12 @@ class OrtSequenceClassifier(EATForSequenceClassification):
 
     precision: str = "fp32"
     export_dir: Path | None = None
+    fused: _FusedLogits | None = None
+
+    def _head(self, layer: int, hidden, state):
+        """The head's logits (B, C): those its fused layer session computed for ``hidden``, else its own session."""
+        logits = None if self.fused is None else self.fused.take(layer, hidden)
+        return logits if logits is not None else super()._head(layer, hidden, state)
 
 
 class OrtTokenClassifier(EATForTokenClassification):
@@ -166,9 +212,11 @@ class OrtTokenClassifier(EATForTokenClassification):
 
 
 def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
-                    threads: int | None = None) -> OrtSequenceClassifier | OrtTokenClassifier:
+                    threads: int | None = None, fuse_heads: bool = True) -> OrtSequenceClassifier | OrtTokenClassifier:
     """The ONNX Runtime model of an export folder (checksums verified), ``knobs`` applied over the exported ones:
-    an :class:`OrtSequenceClassifier`, or an :class:`OrtTokenClassifier` for a token model's export."""
+    an :class:`OrtSequenceClassifier`, or an :class:`OrtTokenClassifier` for a token model's export.
+    fuse_heads: run each sentence layer with its head as one session where the export has that graph and its
+    pooling is the one the knobs ask for."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if precision not in manifest["segments"]:
@@ -200,7 +248,8 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
                                           for layer, name in segments["exit_heads"].items()})
         model.classifier = OrtTokenHead(session(segments["final"]))
     else:
-        model.bert.encoder.layer = nn.ModuleList(OrtLayer(session(name)) for name in segments["layers"])
+        model.bert.encoder.layer = nn.ModuleList(_sentence_layers(config, manifest, segments, session, model,
+                                                                  fuse_heads))
         width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
         model.exit_heads = nn.ModuleDict({layer: OrtHead(session(name), width)
                                           for layer, name in segments["exit_heads"].items()})
@@ -212,6 +261,25 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
     if leftover:  # pragma: no cover - a module the runner forgot to replace
         raise ExportError(f"ONNX runner left modules without weights: {leftover[:3]}")
     return model.eval()
+
+
+def _sentence_layers(config: EATConfig, manifest: dict[str, Any], segments: dict[str, Any], session,
+                     model: OrtSequenceClassifier, fuse_heads: bool) -> list[OrtLayer]:
+    """A sentence runner's layer modules: the fused layer + head session where the export has one whose pooling
+    is the one the head after that layer reads now (`[CLS]` for the final head, ``exit_pooling`` for exit
+    heads), the plain layer session elsewhere."""
+    fused = segments.get("layer_heads", {}) if fuse_heads else {}
+    exported_pooling = manifest.get("fused_pooling", {})
+    model.fused = _FusedLogits()
+    layers: list[OrtLayer] = []
+    for number, name in enumerate(segments["layers"], start=1):
+        wanted = "cls" if number == config.num_hidden_layers else config.exit_pooling
+        key = str(number)
+        if key in fused and exported_pooling.get(key) == wanted:
+            layers.append(OrtLayerHead(session(fused[key]), model.fused, number))
+        else:
+            layers.append(OrtLayer(session(name)))
+    return layers
 
 
 _EXPORT_CACHE: dict[str, Path] = {}
