@@ -149,13 +149,13 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
 
     from eat.checkpoints import load_classifier
     from eat.data import batches, encode
-    from eat.training import _frozen_features, training_data
+    from eat.training import _frozen_features, config_task, training_data
 
     model = load_classifier(str(tmp_path / "heads" / "model"))
     assert model.config.exit_pooling == pooling
     rows, _, _ = training_data(heads)
     encoded = encode(rows.subset(8), AutoTokenizer.from_pretrained(tiny_backbone), 48)
-    features, _, _, layers = _frozen_features(model, encoded, batches, False, "cpu", 0)
+    features, _, _, layers = _frozen_features(model, encoded, config_task(heads).runner(), "cpu", 0)
     batch = next(iter(batches(encoded, 64, bucket=True)))  # one batch: the features' row order
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_exit_logits=True,

@@ -26,14 +26,13 @@ from .deploy.quantize import apply_precision
 from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
-from .modeling_eat import EATForSequenceClassification, WorkCounters
-from .ner_data import EncodedTagged, TaggedData, collate_tagged, tagged_batches
-from .results import ResultsLog, atomic_write_json, atomic_write_text, config_hash, new_run_id
+from .modeling_eat import EATForSequenceClassification
+from .results import ResultsLog, atomic_write_json, config_hash, new_run_id
 from .bootstrap import bootstrap_indices, paired_bootstrap_drop
 from .configuration_eat import REGRESSION_EXIT_POLICIES
-from .tasks import TASKS, Task, result_fields, task_for_model
+from .runners import runner_for
+from .tasks import Task, task_for_model
 from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
-from .token_tasks import TaggedPredictions, join_chunks, summarize_tagged
 
 MECHANISMS = ("prune", "sparse", "exit")
 
@@ -182,15 +181,16 @@ def _point_hash(point: OperatingPoint, bench: BenchConfig, dataset_source: str, 
                            if (point.backend, point.precision) != ("torch", "fp32") else {})})
 
 
-def load_point(point: OperatingPoint, device: str) -> EATForSequenceClassification:
-    """The model of an operating point, knobs applied, in eval mode on ``device``; a point on another backend or
-    precision (a peer) through :func:`eat.deploy.load_for_inference` (called the same way)."""
+def load_point(point: OperatingPoint, device: str, token_level: bool = False) -> EATForSequenceClassification:
+    """The model of an operating point, knobs applied, in eval mode on ``device`` (``token_level``: a token
+    classifier); a point on another backend or precision (a peer) through :func:`eat.deploy.load_for_inference`
+    (called the same way)."""
     if (point.backend, point.precision) != ("torch", "fp32"):
         from .deploy import load_for_inference
 
         return load_for_inference(point.checkpoint, knobs=point.knobs, precision=point.precision,
-                                  backend=point.backend).to(device)
-    return load_classifier(point.checkpoint, knobs=point.knobs).to(device).eval()
+                                  backend=point.backend, **({"token_level": True} if token_level else {})).to(device)
+    return load_classifier(point.checkpoint, knobs=point.knobs, token_level=token_level).to(device).eval()
 
 
 def _unmeasured(points, bench: BenchConfig, dataset_source: str, rows: int, env: dict, log: ResultsLog,
@@ -226,16 +226,22 @@ def _identity_fields(point: OperatingPoint, model, bench: BenchConfig, rows: int
             "batch_size_throughput": bench.batch_size, **env}
 
 
-def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, bench: BenchConfig, log: ResultsLog, *,
+def measure_points(points: Sequence[OperatingPoint], encoded, bench: BenchConfig, log: ResultsLog, *,
                    dataset_source: str, f1: bool = False, force: bool = False, pad_id: int = 0,
                    examples_dir: Path | None = None, extra: dict[str, Any] | None = None,
                    progress: Callable[[str, int, int], None] | None = None,
                    all_rows: EncodedDataset | None = None, objective: str | None = None,
-                   task: Task | None = None) -> list[dict[str, Any]]:
+                   task: Task | None = None, data=None) -> list[dict[str, Any]]:
     """Measure every point not yet logged: batch-1 latency (interleaved) + accuracy from those calls, then
     throughput at ``bench.batch_size`` in arrival order (``throughput_rows_per_s``) and, with
     ``bench.sorted_throughput``, on the same rows in length-sorted batches (``throughput_sorted_rows_per_s``, with
     the padding share of both orders). Appends and returns the new rows.
+
+    What a call leaves behind and how a row is scored depends on the task's level; its runner's
+    :meth:`~eat.runners.TaskRunner.measurement` does that part, this function the timing. A token task
+    (``encoded`` from :func:`eat.ner_data.encode_tagged`, ``data`` its sentences) is timed per chunk and scored by
+    entity F1 over whole sentences (``accuracy`` holds it, ``metric`` says so), its exit layers per word, its
+    ``token_layer_fraction`` query token-layers over the static model's (no length-sorted pass).
 
     ``all_rows``: the whole split when ``encoded`` is a sample of it. Every point then also predicts all of it
     (untimed, length-bucketed batches) and its row gets ``accuracy_all_rows`` (``f1_all_rows``) and
@@ -246,222 +252,56 @@ def measure_points(points: Sequence[OperatingPoint], encoded: EncodedDataset, be
 
     ``task``: score with the task's metrics; each row then carries ``metric`` (the primary metric's name),
     ``metric_value``, every metric by name (``accuracy`` only when it is one), ``metric_value_batched`` and, with
-    ``all_rows``, ``metric_value_all_rows``. Without it: accuracy (and F1 with ``f1``), as rows always had."""
+    ``all_rows``, ``metric_value_all_rows``. Without it: the registered task of ``bench.task`` when its head
+    matches the model's (Pearson for any one-output model), else accuracy (and F1 with ``f1``), as rows always
+    had."""
     env = environment(bench.device)
     rows = len(encoded)
     todo = _unmeasured(points, bench, dataset_source, rows, env, log, force,
                        None if all_rows is None else len(all_rows), objective)
     if not todo:
         return []
+    runner = runner_for(task)
+    if all_rows is not None and not runner.supports_all_rows:
+        raise ValueError(f"{runner.name}: scores on all rows are for sentence-level tasks only")
     run_id = new_run_id()  # the interleaved run these rows come from
-    models = {point.name: load_point(point, bench.device) for point, _ in todo}
-    singles = [collate(encoded, [i], pad_id) for i in range(rows)]
-    singles = [{k: v.to(bench.device) for k, v in s.items()} for s in singles]
-    num_labels = next(iter(models.values())).config.num_labels
-    logits = {name: np.zeros((rows, num_labels), dtype=np.float32) for name in models}
-    exit_layer = {name: np.zeros(rows, dtype=np.int64) for name in models}
-    tokens = {name: np.zeros((rows, m.config.num_hidden_layers), dtype=np.int64) for name, m in models.items()}
-    work = {name: WorkCounters() for name in models}
-
-    def call_for(model):
-        return lambda b: model(b["input_ids"], None, b["token_type_ids"])
-
-    def record(name, index, output):
-        logits[name][index] = output.logits[0].float().cpu().numpy()
-        exit_layer[name][index] = int(output.exit_layer[0])
-        tokens[name][index] = output.tokens_per_layer[0].cpu().numpy()
-        work[name].add(output.work)
-
-    latency = interleaved_latency({name: call_for(m) for name, m in models.items()}, singles, warmup=bench.warmup,
-                                  device=bench.device, on_result=record,
+    models = {point.name: load_point(point, bench.device, token_level=runner.token_level) for point, _ in todo}
+    measured = runner.measurement(encoded, bench=bench, pad_id=pad_id, data=data, f1=f1, all_rows=all_rows,
+                                  examples_dir=examples_dir)
+    measured.start(models)
+    latency = interleaved_latency({name: measured.call(m) for name, m in models.items()}, measured.singles(),
+                                  warmup=bench.warmup, device=bench.device, on_result=measured.record,
                                   progress=(lambda i, n: progress("batch 1", i, n)) if progress else None)
     # throughput: the same batches (arrival order, not length-sorted) for every point
-    batched = [{k: v.to(bench.device) for k, v in b.items()}
-               for b in batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
-    labels = np.asarray(encoded.labels)
-    task = task if task is not None else _default_task(bench.task, num_labels)
-    scorer = task if task is not None else task_for_model(num_labels)
-    batch_predictions = {name: np.zeros(rows, dtype=np.float32 if scorer.is_regression else np.int64)
-                         for name in models}
-
-    def batch_call_for(model, out):
-        def batch_call(b):
-            result = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-            out[b["index"].cpu().numpy()] = scorer.predictions(result.logits.float().cpu().numpy())
-            return result
-        return batch_call
-
-    batch_calls = {name: batch_call_for(m, batch_predictions[name]) for name, m in models.items()}
-    batch_timing = interleaved_throughput(batch_calls, batched, rows, device=bench.device,
-                                          repeats=bench.throughput_repeats)
+    batched = measured.batched(bucket=False)
+    batch_timing = interleaved_throughput({name: measured.batch_call(name, m) for name, m in models.items()},
+                                          batched, rows, device=bench.device, repeats=bench.throughput_repeats)
     sorted_fields: dict[str, dict[str, float]] = {name: {} for name in models}
-    if bench.sorted_throughput:
+    if bench.sorted_throughput and runner.supports_sorted_throughput:
         # the same rows cut into length-sorted batches (predictions are not kept: the arrival-order ones are)
-        sorted_batched = [{k: v.to(bench.device) for k, v in b.items()}
-                          for b in batches(encoded, bench.batch_size, bucket=True, pad_id=pad_id)]
+        sorted_batched = measured.batched(bucket=True)
         sorted_timing = interleaved_throughput({name: batch_forward(m) for name, m in models.items()}, sorted_batched,
                                                rows, device=bench.device, repeats=bench.throughput_repeats)
         padding = {"padding_share_arrival": padding_share(batched),
                    "padding_share_sorted": padding_share(sorted_batched)}
         sorted_fields = {name: {"throughput_sorted_rows_per_s": sorted_timing[name][0], **padding} for name in models}
-    whole_split = {} if all_rows is None else _all_rows_metrics(models, all_rows, bench, f1, pad_id, progress, task)
+    measured.finish(models, progress)
     new_rows = []
     for point, hash_ in todo:
         model = models[point.name]
         rows_per_s, batch_latency = batch_timing[point.name]
-        predictions = scorer.predictions(logits[point.name])
-        if task is not None:
-            scored = {**result_fields(task, task.score(labels, predictions)),
-                      "metric_value_batched": task.primary(labels, batch_predictions[point.name])}
-        else:
-            metrics = classification_metrics(labels, predictions, f1)
-            batch_metrics = classification_metrics(labels, batch_predictions[point.name], f1)
-            scored = {"accuracy": metrics["accuracy"], **({"f1": metrics["f1"]} if f1 else {}),
-                      "accuracy_batched": batch_metrics["accuracy"]}
-        ran = tokens[point.name] > 0
-        lengths = np.asarray(encoded.lengths)
-        num_layers = model.config.num_hidden_layers
-        row = {
+        new_rows.append({
             **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
-            **scored,
+            **measured.scores(point.name),
             **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s, **sorted_fields[point.name],
             **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
-            "mean_exit_layer": float(exit_layer[point.name].mean()),
-            "exit_distribution": {int(k): int(v) for k, v in zip(*np.unique(exit_layer[point.name], return_counts=True))},
-            "mean_tokens_per_layer": [float(tokens[point.name][:, i][ran[:, i]].mean()) if ran[:, i].any() else 0.0
-                                      for i in range(num_layers)],
-            "token_layer_fraction": float(tokens[point.name].sum() / (lengths.sum() * num_layers)),
-            "work": dataclasses.asdict(work[point.name]),
+            **measured.exit_fields(point.name, model),
+            "work": dataclasses.asdict(measured.work[point.name]),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
-            **whole_split.get(point.name, {}),
-        }
-        if examples_dir is not None:  # named by run too: the old table's rows keep their own files until replaced
-            _write_examples(examples_dir / f"{hash_}-{run_id}.csv", lengths, exit_layer[point.name],
-                            tokens[point.name], _row_correct(scorer, labels, predictions))
-            row["examples_file"] = f"examples/{hash_}-{run_id}.csv"
-        new_rows.append(row)
+            **measured.trailing(point.name, hash_, run_id),
+        })
     # the whole table in one atomic append: a run killed before it leaves the old table whole, never a mix
     log.append_rows(new_rows, replace=True)
-    return new_rows
-
-
-def _default_task(name: str, num_labels: int) -> Task | None:
-    """The task to score with when the caller names none: the registered task ``name`` when its head matches the
-    model's, else Pearson for a one-output model, else None (accuracy, and F1 when asked, as rows always had)."""
-    registered = TASKS.get(name)
-    if registered is not None and registered.level == "sequence" and registered.num_labels == num_labels:
-        return registered
-    return task_for_model(1, name) if num_labels == 1 else None
-
-
-def _row_correct(task: Task, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
-    """(N,) bool per row for the examples file: the right class, or for regression within a tenth of the labels'
-    range of the label (0.5 on STS-B's 0-5 scale)."""
-    if task.is_regression:
-        span = float(np.ptp(labels)) if len(labels) else 0.0
-        return np.abs(predictions - labels) <= 0.1 * (span or 1.0)
-    return predictions == labels
-
-
-def _all_rows_metrics(models: dict[str, Any], all_rows: EncodedDataset, bench: BenchConfig, f1: bool, pad_id: int,
-                      progress: Callable[[str, int, int], None] | None,
-                      task: Task | None = None) -> dict[str, dict[str, Any]]:
-    """name -> {accuracy_all_rows, f1_all_rows (when f1), rows_all}: every model's predictions on the whole split
-    by :func:`~eat.evaluation.predict_encoded` (what `eat eval` runs: length-sorted batches, untimed, per-sample
-    exits and pruning as when timed)."""
-    metrics = {}
-    for number, (name, model) in enumerate(models.items(), start=1):
-        predicted = predict_encoded(model, all_rows, batch_size=bench.batch_size, device=bench.device, pad_id=pad_id)
-        if task is not None:
-            scores = task.score(predicted.labels, task.predictions(predicted.logits))
-            metrics[name] = {**result_fields(task, scores, "_all_rows"), "rows_all": len(all_rows)}
-        else:
-            scores = classification_metrics(predicted.labels, predicted.logits.argmax(-1), f1)
-            metrics[name] = {"accuracy_all_rows": scores["accuracy"], "rows_all": len(all_rows),
-                             **({"f1_all_rows": scores["f1"]} if f1 else {})}
-        if progress is not None:
-            progress("all rows", number, len(models))
-    return metrics
-
-
-def _write_examples(path: Path, lengths, exits, tokens, correct) -> None:
-    import pandas as pd
-
-    frame = pd.DataFrame({"input_tokens": lengths, "exit_layer": exits, "correct": correct.astype(int)})
-    for i in range(tokens.shape[1]):
-        frame[f"tokens_l{i + 1}"] = tokens[:, i]
-    atomic_write_text(path, frame.to_csv(index=False))
-
-
-def measure_token_points(points: Sequence[OperatingPoint], encoded: EncodedTagged, data: TaggedData,
-                         bench: BenchConfig, log: ResultsLog, *, dataset_source: str, force: bool = False,
-                         pad_id: int = 0, extra: dict[str, Any] | None = None,
-                         progress: Callable[[str, int, int], None] | None = None) -> list[dict[str, Any]]:
-    """:func:`measure_points` for a token task: batch-1 latency per chunk (interleaved) with entity F1 from the same
-    calls, then throughput. ``accuracy`` holds the entity F1 (``metric`` says so), so reports and frontiers work
-    unchanged; ``mean_exit_layer`` and ``exit_distribution`` are per word; ``token_layer_fraction`` is query
-    token-layers over the static model's."""
-    env = environment(bench.device)
-    rows = len(encoded)
-    todo = _unmeasured(points, bench, dataset_source, rows, env, log, force)
-    if not todo:
-        return []
-    run_id = new_run_id()  # the interleaved run these rows come from
-    models = {point.name: load_classifier(point.checkpoint, knobs=point.knobs, token_level=True).to(bench.device).eval()
-              for point, _ in todo}
-    singles = [{k: v.to(bench.device) for k, v in collate_tagged(encoded, [i], pad_id).items()} for i in range(rows)]
-    names = {name: [m.config.id2label[i] for i in range(m.config.num_labels)] for name, m in models.items()}
-    chunk_tags = {name: [None] * rows for name in models}
-    chunk_exits = {name: [None] * rows for name in models}
-    tokens = {name: np.zeros((rows, m.config.num_hidden_layers), dtype=np.int64) for name, m in models.items()}
-    work = {name: WorkCounters() for name in models}
-
-    def call_for(model):
-        return lambda b: model(b["input_ids"], None, b["token_type_ids"], word_mask=b["word_mask"])
-
-    def record(name, index, output):
-        words = singles[index]["word_mask"][0]
-        chunk_tags[name][index] = [names[name][j] for j in output.logits[0].nan_to_num(0.0).argmax(-1)[words].tolist()]
-        chunk_exits[name][index] = output.token_exit_layer[0][words].tolist()
-        tokens[name][index] = output.tokens_per_layer[0].cpu().numpy()
-        work[name].add(output.work)
-
-    latency = interleaved_latency({name: call_for(m) for name, m in models.items()}, singles, warmup=bench.warmup,
-                                  device=bench.device, on_result=record,
-                                  progress=(lambda i, n: progress("batch 1", i, n)) if progress else None)
-    batched = [{k: v.to(bench.device) for k, v in b.items()}
-               for b in tagged_batches(encoded, bench.batch_size, bucket=False, pad_id=pad_id)]
-    real_tokens = int(sum(encoded.lengths))
-    batch_timing = interleaved_throughput(
-        {name: (lambda b, model=model: model(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                             word_mask=b["word_mask"])) for name, model in models.items()},
-        batched, rows, device=bench.device, repeats=bench.throughput_repeats)
-    new_rows = []
-    for point, hash_ in todo:
-        model = models[point.name]
-        num_layers = model.config.num_hidden_layers
-        rows_per_s, batch_latency = batch_timing[point.name]
-        tags = join_chunks(chunk_tags[point.name], encoded.sentence, len(data.sentences))
-        exits = join_chunks(chunk_exits[point.name], encoded.sentence, len(data.sentences))
-        summary = summarize_tagged(TaggedPredictions(tags, exits, work[point.name], real_tokens, num_layers), data)
-        ran = tokens[point.name] > 0
-        row = {
-            **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
-            "metric": "entity_f1", "accuracy": summary["f1"], "precision": summary["precision"],
-            "recall": summary["recall"],
-            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s,
-            **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
-            "mean_exit_layer": summary["mean_word_exit_layer"],
-            "exit_distribution": {int(k): round(v * summary["words"]) for k, v in summary["word_exit_distribution"].items()},
-            "mean_tokens_per_layer": [float(tokens[point.name][:, i][ran[:, i]].mean()) if ran[:, i].any() else 0.0
-                                      for i in range(num_layers)],
-            "token_layer_fraction": summary["token_layer_ratio"],
-            "kv_token_layer_fraction": summary["kv_token_layer_ratio"],
-            "work": dataclasses.asdict(work[point.name]),
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config_hash": hash_, **(extra or {}),
-        }
-        new_rows.append(row)
-    log.append_rows(new_rows, replace=True)  # one atomic append for the table (see measure_points)
     return new_rows
 
 
@@ -856,7 +696,7 @@ def save_json(path: Path, data: Any) -> None:
 
 
 __all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
-           "sweep_points", "mechanism_knobs", "measure_points", "measure_token_points", "tau_sweep", "drop_upper_bound",
+           "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "drop_upper_bound",
            "certified_prefix", "fastest_within_noise", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS",
            "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",
            "save_json", "LatencyStats", "batch_forward"]

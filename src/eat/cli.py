@@ -325,12 +325,12 @@ def _weight_list(text: str | None):
 
 
 def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[str, Any]):
-    """Model + tokenizer + its training config; refuses a checkpoint trained for another task."""
+    """Model + tokenizer + its training config; refuses a checkpoint trained for another task. The model class
+    follows the task's level (without a task: what the checkpoint itself says it is)."""
     from transformers import AutoTokenizer
 
     from .checkpoints import CheckpointError, load_classifier, model_folder
-    from .data import task_spec
-    from .ner_data import CONLL_LABELS, is_token_task
+    from .tasks import is_token_task, named_task
 
     model_dir = model_folder(checkpoint)
     train_config_file = (model_dir.parent / "train_config.json") if model_dir.name == "model" else None
@@ -339,19 +339,17 @@ def _load_checkpoint_for_task(checkpoint: Path, task: str | None, knobs: dict[st
         trained = _read_json_file(train_config_file)
     if task is not None and trained.get("task") not in (None, task) and trained.get("data_file") is None:
         raise CheckpointError(f"{checkpoint}: trained for task {trained.get('task')!r}, not {task!r}")
-    if task is not None:
-        token_level = is_token_task(task)
-    else:  # what the checkpoint itself says it is
-        architectures = _read_json_file(model_dir / "config.json").get("architectures") or [] \
-            if (model_dir / "config.json").is_file() else []
-        token_level = is_token_task(trained.get("task", "")) or "EATForTokenClassification" in architectures
+    token_level = is_token_task(task if task is not None else trained.get("task", ""))
+    if task is None and not token_level and (model_dir / "config.json").is_file():
+        token_level = "EATForTokenClassification" in (_read_json_file(model_dir / "config.json").get("architectures")
+                                                      or [])
     model = load_classifier(str(model_dir), knobs=knobs, token_level=token_level)
     _check_exit_knobs(knobs, model.config)
     if task is not None and trained.get("data_file") is not None and task != trained.get("task"):
         _check_own_data_labels(checkpoint, trained, model.config, task)
-    if task is not None and trained.get("data_file") is None and task != "ner":
-        labels = CONLL_LABELS if token_level else task_spec(task).label_names
-        if model.config.num_labels != len(labels):
+    if task is not None and trained.get("data_file") is None:
+        labels = named_task(task).runner().label_names()  # () for a user's tagged files: tags from the data
+        if labels and model.config.num_labels != len(labels):
             raise CheckpointError(f"{checkpoint}: its head has {model.config.num_labels} labels, task {task} has "
                                   f"{len(labels)}; it was trained for another task")
     if not (model_dir / "tokenizer_config.json").is_file() and not (model_dir / "tokenizer.json").is_file():
@@ -414,17 +412,12 @@ def _check_own_data_labels(checkpoint: Path, trained: dict[str, Any], config, ta
                               f"(or --task {trained.get('task')})")
 
 
-def _own_eval_table(checkpoint: Path, trained: dict[str, Any], model):
-    """The dev table of a run trained on the user's own data: its ``eval_file`` and columns from train_config.json,
-    with the checkpoint's labels (a label it was not trained on is an error naming it)."""
-    from .data import load_table
-
+def _own_eval_file(checkpoint: Path, trained: dict[str, Any]) -> str:
+    """The dev table of a run trained on the user's own data (its train_config.json's ``eval_file``)."""
     if not trained.get("eval_file"):
         raise ValueError(f"{checkpoint}: trained on {trained['data_file']} but its train_config.json names no "
                          "eval_file to measure on")
-    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-    return load_table(trained["eval_file"], trained.get("text_column", "text"), trained.get("text_pair_column"),
-                      trained.get("label_column", "label"), labels)
+    return trained["eval_file"]
 
 
 def _peer_points(points: list, peers: str | None) -> list:
@@ -462,54 +455,33 @@ def evaluate_command(
     backend: Annotated[str, typer.Option(help="torch, or onnxruntime (the model exported to ONNX segments first; "
                                               "sentence tasks)")] = "torch",
 ) -> None:
-    """GLUE metrics, per-exit accuracy, exit distribution and tokens kept; written as JSON/CSV beside the checkpoint."""
-    from .data import encode, load_glue, load_table, task_spec
-    from .evaluation import predict_encoded, summarize
+    """GLUE metrics, per-exit accuracy, exit distribution and tokens kept (entity P/R/F1, per-exit F1 and word exit
+    layers for a token task); written as JSON/CSV beside the checkpoint."""
     from .results import atomic_write_text
-
-    from .ner_data import is_token_task
+    from .tasks import named_task, resolve_task
 
     _set_threads(threads)
     knobs = knobs_from_options(knob, tau, tuned)
-    if is_token_task(task):
-        _evaluate_token_task(checkpoint, task, knobs, eval_file, max_length, batch_size, limit, device)
-        return
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    if eval_file is None:
+        spec = named_task(task)
+    else:  # the user's table, read with the column flags; its metrics those the model was trained to report
+        spec = resolve_task(task, True, text_column=text_column, pair_column=text_pair_column,
+                            label_column=label_column, label_kind="regression" if len(labels) == 1 else "classes",
+                            metrics=trained.get("metric") if trained.get("data_file") else None)
+    runner = spec.runner()
     model = _deployed(model, model_dir, knobs, precision, backend)
-    from .tasks import task_for_model
-    from .training import TrainConfig, config_task
-
-    if eval_file:
-        labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-        regression = model.config.num_labels == 1
-        splits = {"validation": load_table(eval_file, text_column, text_pair_column, label_column,
-                                           None if regression else labels,
-                                           label_kind="regression" if regression else "classes")}
-        # the metrics the model was trained to report (its train_config), else accuracy / Pearson by its head
-        spec = (config_task(TrainConfig(**trained)) if trained.get("data_file") else
-                task_for_model(model.config.num_labels, task))
-    else:
-        spec = task_spec(task)
-        splits = {name: load_glue(task, name) for name in spec.eval_splits}
     report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs(),
                               "precision": precision, "backend": backend}
     rows = []
-    for split, data in splits.items():
-        data = data.subset(limit)
-        encoded = encode(data, tokenizer, max_length)
-        live = predict_encoded(model, encoded, batch_size=batch_size, device=device,
-                               pad_id=tokenizer.pad_token_id or 0)
-        cached = predict_encoded(model, encoded, batch_size=batch_size, device=device, cache_exits=True,
-                                 pad_id=tokenizer.pad_token_id or 0)
-        summary = summarize(live, task=spec)
-        summary["per_exit_metric"] = summarize(cached, task=spec)["per_exit_metric"]
+    for split in runner.dev_splits(eval_file):
+        data = runner.load_split(split, eval_file=eval_file, label_names=labels).subset(limit)
+        summary = runner.evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, device=device)
         summary["source"], summary["note"] = data.source, data.note
         report[split] = summary
-        metric = "  ".join(f"{name} {summary[name]:.2f}" for name in spec.metrics)
-        out.print(f"{task} {split}: {metric}  mean exit layer {summary['mean_exit_layer']:.2f}  "
-                  f"token-layer fraction {summary['token_layer_fraction']:.3f}  ({summary['rows']} rows)")
-        per_exit = "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_metric"].items())
-        out.print(f"  per-exit {spec.primary_metric}: {per_exit}")
+        for line in runner.summary_lines(split, summary):
+            out.print(line)
         rows.append({"split": split, **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}})
     tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
     if (precision, backend) != ("fp32", "torch"):  # never overwrite the fp32 eager evaluation
@@ -519,41 +491,6 @@ def evaluate_command(
     import pandas as pd
 
     atomic_write_text(target / f"{tag}.csv", pd.DataFrame(rows).to_csv(index=False))
-    console.print(f"wrote {target / (tag + '.json')} and .csv")
-
-
-def _evaluate_token_task(checkpoint: Path, task: str, knobs: dict[str, Any], eval_file: str | None, max_length: int,
-                         batch_size: int, limit: int | None, device: str) -> None:
-    """`eat eval` for sequence labelling: entity P/R/F1, per-exit F1, word exit distribution, token-layer work."""
-    from .ner_data import encode_tagged, load_tagged
-    from .results import atomic_write_text
-    from .token_tasks import predict_tagged, summarize_tagged
-
-    model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, knobs)
-    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-    data = load_tagged(task, "validation", eval_file, label_names=labels if eval_file else None).subset(limit)
-    encoded = encode_tagged(data, tokenizer, max_length)
-    pad_id = tokenizer.pad_token_id or 0
-    summary = summarize_tagged(predict_tagged(model, encoded, data, batch_size=batch_size, device=device,
-                                              pad_id=pad_id), data)
-    if model.exit_heads:
-        cached = summarize_tagged(predict_tagged(model, encoded, data, batch_size=batch_size, device=device,
-                                                 pad_id=pad_id, per_exit=True), data)
-        summary["per_exit_f1"] = cached["per_exit_f1"]
-    summary["source"], summary["note"] = data.source, data.note
-    report = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs(), "validation": summary}
-    out.print(f"{task} validation: entity F1 {summary['f1']:.2f} (P {summary['precision']:.2f}, R {summary['recall']:.2f})"
-              f"  mean word exit layer {summary['mean_word_exit_layer']:.2f}  token-layer fraction "
-              f"{summary['token_layer_ratio']:.3f}  ({summary['sentences']} sentences)")
-    if "per_exit_f1" in summary:
-        out.print("  per-exit F1: " + "  ".join(f"L{k}: {v:.1f}" for k, v in summary["per_exit_f1"].items()))
-    tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
-    target = model_dir.parent if model_dir.name == "model" else model_dir
-    atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
-    import pandas as pd
-
-    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    atomic_write_text(target / f"{tag}.csv", pd.DataFrame([{"split": "validation", **flat}]).to_csv(index=False))
     console.print(f"wrote {target / (tag + '.json')} and .csv")
 
 
@@ -731,10 +668,10 @@ def bench(
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
 
-    from .bench import (OperatingPoint, ablation_points, bench_config_from_preset, measure_points,
-                        measure_token_points, sweep_points)
-    from .data import encode, load_glue, task_spec
+    from .bench import OperatingPoint, ablation_points, bench_config_from_preset, measure_points, sweep_points
     from .results import ResultsLog
+    from .tasks import metric_title, named_task
+    from .training import TrainConfig, config_task
 
     _set_threads(threads)
     config = bench_config_from_preset(preset, task=task, rows=rows, batch_size=batch_size, device=device,
@@ -742,8 +679,11 @@ def bench(
                                       sorted_throughput=sorted_throughput)
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     # a checkpoint trained on the user's own table is measured on its own dev table (named in train_config.json)
-    own_data = _own_eval_table(checkpoint, trained, model) if trained.get("data_file") and trained.get(
-        "task") == task else None
+    own_eval_file = (_own_eval_file(checkpoint, trained) if trained.get("data_file") and trained.get("task") == task
+                     else None)
+    spec = config_task(TrainConfig(**trained)) if own_eval_file else named_task(task)
+    runner = spec.runner()
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     baseline_dirs = {}
     for name, folder in (("static", static), ("half", half)):
         if folder is not None:
@@ -757,10 +697,7 @@ def bench(
                    if size.isdigit()}
     if "tuned" in wanted and not (_tuned_file(results, task).is_file() or batch_tuned):
         raise ValueError(f"--points tuned: no {_tuned_file(results, task)}; run `eat tune --results {results}` first")
-    from .ner_data import encode_tagged, is_token_task, load_tagged
-
-    token_level = is_token_task(task)
-    if accuracy_all_rows and token_level:
+    if accuracy_all_rows and not runner.supports_all_rows:
         raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 on "
                          "the sentences it timed)")
     log = ResultsLog(results)
@@ -769,16 +706,12 @@ def bench(
     with open(results / "bench_configs.jsonl", "a", encoding="utf-8") as configs:
         configs.write(json.dumps({"preset": preset, "points": sorted(wanted), "checkpoint": str(checkpoint),
                                   "bench": dataclasses.asdict(config)}) + "\n")
-    for split in ("validation",) if token_level or own_data is not None else task_spec(task).eval_splits:
-        if token_level:
-            data = load_tagged(task, split).subset(config.rows, seed=config.seed)
-            encoded = encode_tagged(data, tokenizer, max_length)
-        else:
-            whole = load_glue(task, split) if own_data is None else own_data
-            data = whole.subset(config.rows, seed=config.seed)
-            encoded = encode(data, tokenizer, max_length)
-            # the whole split as well, when only a sample of it is timed
-            all_rows = encode(whole, tokenizer, max_length) if accuracy_all_rows and len(data) < len(whole) else None
+    for split in runner.dev_splits(own_eval_file):
+        whole = runner.load_split(split, eval_file=own_eval_file, label_names=labels)
+        data = whole.subset(config.rows, seed=config.seed)
+        encoded = runner.encode(data, tokenizer, max_length)
+        # the whole split as well, when only a sample of it is timed
+        all_rows = runner.encode(whole, tokenizer, max_length) if accuracy_all_rows and len(data) < len(whole) else None
         split_config = dataclasses.replace(config, split=split)
         chosen = []
         tuned_file = _tuned_file(results, task)
@@ -801,33 +734,35 @@ def bench(
                                              json.loads(path.read_text())["knobs"], "tuned"))
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
-        chosen += [] if token_level else _peer_points(chosen, peers)
+        chosen += _peer_points(chosen, peers) if runner.supports_peers else []
         with _progress() as bar:
-            source = f"{data.source} {data.note}".strip()
-            if token_level:
-                new = measure_token_points(chosen, encoded, data, split_config, log, dataset_source=source, force=force,
-                                           pad_id=tokenizer.pad_token_id or 0, progress=_bench_progress(bar))
-            else:
-                new = measure_points(chosen, encoded, split_config, log, dataset_source=source,
-                                     f1=own_data is None and task_spec(task).f1, force=force,
-                                     pad_id=tokenizer.pad_token_id or 0,
-                                     examples_dir=results / "examples", progress=_bench_progress(bar),
-                                     all_rows=all_rows)
-        table = Table(title=f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} already measured")
-        whole_split = bool(new) and "accuracy_all_rows" in new[0]
-        sorted_too = bool(new) and "throughput_sorted_rows_per_s" in new[0]
-        for column in ("point", "entity F1" if token_level else "accuracy", *(("all rows",) if whole_split else ()),
-                       "b1 p50 ms", "b1 p90 ms", "rows/s", *(("rows/s sorted",) if sorted_too else ()), "mean exit",
-                       "token-layer frac"):
-            table.add_column(column)
-        for row in new:
-            table.add_row(row["point"], f"{row['accuracy']:.2f}",
-                          *((f"{row['accuracy_all_rows']:.2f}",) if whole_split else ()), f"{row['b1_p50_ms']:.2f}",
-                          f"{row['b1_p90_ms']:.2f}", f"{row['throughput_rows_per_s']:.0f}",
-                          *((f"{row['throughput_sorted_rows_per_s']:.0f}",) if sorted_too else ()),
-                          f"{row['mean_exit_layer']:.2f}", f"{row['token_layer_fraction']:.3f}")
-        out.print(table)
+            new = measure_points(chosen, encoded, split_config, log, dataset_source=f"{data.source} {data.note}".strip(),
+                                 f1=spec.f1, force=force, pad_id=tokenizer.pad_token_id or 0,
+                                 examples_dir=results / "examples", progress=_bench_progress(bar), all_rows=all_rows,
+                                 task=spec, data=data)
+        out.print(_bench_table(f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} "
+                               "already measured", new, metric_title(spec.primary_metric)))
     out.print(f"results in {log.csv} and {log.jsonl}")
+
+
+def _bench_table(title: str, new: list[dict[str, Any]], metric: str) -> Table:
+    """The rows `eat bench` measured: primary metric (and on all rows when measured), batch-1 latency, throughput
+    (length-sorted too when measured), mean exit layer, token-layer fraction."""
+    from .results import row_metric
+
+    table = Table(title=title)
+    whole_split = bool(new) and "rows_all" in new[0]
+    sorted_too = bool(new) and "throughput_sorted_rows_per_s" in new[0]
+    for column in ("point", metric, *(("all rows",) if whole_split else ()), "b1 p50 ms", "b1 p90 ms", "rows/s",
+                   *(("rows/s sorted",) if sorted_too else ()), "mean exit", "token-layer frac"):
+        table.add_column(column)
+    for row in new:
+        table.add_row(row["point"], f"{row_metric(row)[1]:.2f}",
+                      *((f"{row_metric(row, '_all_rows')[1]:.2f}",) if whole_split else ()), f"{row['b1_p50_ms']:.2f}",
+                      f"{row['b1_p90_ms']:.2f}", f"{row['throughput_rows_per_s']:.0f}",
+                      *((f"{row['throughput_sorted_rows_per_s']:.0f}",) if sorted_too else ()),
+                      f"{row['mean_exit_layer']:.2f}", f"{row['token_layer_fraction']:.3f}")
+    return table
 
 
 @app.command("export")
@@ -890,19 +825,25 @@ def tune_command(
     """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
     import torch
 
-    from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json, tune
-    from .data import encode, load_glue, load_table
+    from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json
     from .results import ResultsLog
-    from .training import TrainConfig, training_data
+    from .runners import TuneRequest
+    from .training import TrainConfig, config_task, training_data
 
     _set_threads(threads)
     if (max_drop is None) == (latency_budget is None):
         raise ValueError("give exactly one of --max-drop or --latency-budget")
-    grid = _keep_grid(keep_grid)  # a bad grid is refused before anything loads
+    request = TuneRequest(max_drop=max_drop, latency_budget_ms=latency_budget, batch_size=batch_size, certify=certify,
+                          keep_grid=_keep_grid(keep_grid),  # a bad grid is refused before anything loads
+                          precision=precision, reference=None if reference is None else str(reference),
+                          max_work=max_work, device=device)
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     if not trained:
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")
     train_config = TrainConfig(**trained)
+    spec = config_task(train_config)
+    runner = spec.runner()
+    runner.check_tune(request)
     _, calibration, _ = training_data(train_config)
     if len(calibration) == 0:
         raise ValueError(f"{checkpoint}: trained with calibration_rows=0 (on every training row), so no held-out "
@@ -913,72 +854,48 @@ def tune_command(
                          "retrain with more rows or a larger --calibration-rows (at most 10% of the training rows "
                          "are held out)")
     pad_id = tokenizer.pad_token_id or 0
-    from .ner_data import is_token_task
-
-    if is_token_task(task):
-        if precision != "fp32":
-            raise ValueError("--precision: token tasks are tuned at fp32 (eat.deploy runs their int8 model)")
-        if certify is not None:
-            raise ValueError("--certify bounds a sentence-level accuracy drop; token tasks are tuned on entity F1 "
-                             "without it")
-        if max_drop is None:
-            raise ValueError("token tasks are tuned by --max-drop (entity F1 points)")
-        _tune_token_task(model, tokenizer, model_dir, task, calibration, train_config, max_drop, results, device, rows,
-                         max_work)
-        return
-    reference_dir = None
     if reference is not None:
         _, _, reference_trained, reference_dir = _load_checkpoint_for_task(reference, task, {})
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
-    from .training import config_task
-
-    spec = config_task(train_config)
-    result = tune(str(model_dir), encode(calibration, tokenizer, train_config.max_length), max_drop=max_drop,
-                  latency_budget_ms=latency_budget, device=device, pad_id=pad_id,
-                  reference_checkpoint=None if reference_dir is None else str(reference_dir), batch_size=batch_size,
-                  certify=certify, task=spec, precision=precision,
-                  **({"keep_grid": grid} if grid is not None else {}))
-    save_json(_tuned_file(results, task, batch_size, precision), {**dataclasses.asdict(result), "precision": precision})
-    out.print(f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}")
-    reference_name = "everything off" if reference is None else str(reference)
-    out.print(f"calibration {spec.primary_title} {result.calibration_accuracy:.2f} ({reference_name}: "
-              f"{result.reference_accuracy:.2f})")
-    if result.drop_interval is not None:
-        out.print(f"uncertainty ({result.drop_interval['method']}, {result.drop_interval['samples']} resamples): drop "
-                  f"{result.drop_interval['drop']:.2f} points, {result.drop_interval['confidence']:.0%} upper bound "
-                  f"{result.drop_interval['upper']:.2f}")
-    if result.drop_upper_bound is not None:
-        out.print(f"certified: the drop is at most {result.drop_upper_bound:.2f} points with {certify:.0%} confidence "
-                  f"(the bound of the chosen point, at its share of the error)")
+        request.reference_dir = str(reference_dir)
+    outcome = runner.tune(model, model_dir, tokenizer, calibration, train_config.max_length, request)
+    save_json(_tuned_file(results, task, batch_size, precision), outcome.saved)
+    for line in outcome.lines:
+        out.print(line)
     config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows,
                                       **({"batch_size": batch_size} if batch_size > 1 else {}))
     peer = "" if precision == "fp32" else f":torch-{precision}"  # an int8 tuner reports its int8 points
     name = _tuned_point_name(batch_size) + peer
     points = [OperatingPoint("eat:none" + peer, str(model_dir), _everything_off(), "ablation", precision=precision),
-              OperatingPoint(name, str(model_dir), result.knobs, "tuned", precision=precision)]
-    for split in spec.eval_splits:
-        if train_config.data_file is not None:  # the user's own dev table, with the training labels
-            data = load_table(train_config.eval_file, train_config.text_column, train_config.text_pair_column,
-                              train_config.label_column,
-                              label_names=None if spec.is_regression else calibration.label_names,
-                              label_kind=train_config.label_kind)
-            data = data.subset(rows, seed=config.seed)
-        else:
-            data = load_glue(task, split).subset(rows, seed=config.seed)
-        measured = measure_points(points, encode(data, tokenizer, train_config.max_length),
-                              dataclasses.replace(config, split=split), ResultsLog(results),
-                              dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
-                              pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
-                              task=spec)
+              OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=precision)]
+    own_eval_file = train_config.eval_file if train_config.data_file is not None else None
+    for split in runner.dev_splits(own_eval_file):
+        # the task's dev split, or the user's own dev table with the training labels
+        data = runner.load_split(split, eval_file=own_eval_file, label_names=calibration.label_names)
+        data = data.subset(rows, seed=config.seed)
+        measured = measure_points(points, runner.encode(data, tokenizer, train_config.max_length),
+                                  dataclasses.replace(config, split=split), ResultsLog(results),
+                                  dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
+                                  pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
+                                  task=spec, data=data)
         by_name = {row["point"]: row for row in measured}
-        off, tuned = by_name["eat:none" + peer], by_name[name]
-        out.print(f"{task} {split}: tuned {spec.primary_metric} {tuned['metric_value']:.2f} vs "
-                  f"{off['metric_value']:.2f}; batch-1 p50 "
-                  f"{tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); "
-                  f"batch {config.batch_size} {tuned['throughput_rows_per_s']:.0f} vs "
-                  f"{off['throughput_rows_per_s']:.0f} rows/s "
-                  f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x in arrival order, "
-                  f"{tuned['throughput_sorted_rows_per_s'] / off['throughput_sorted_rows_per_s']:.2f}x length-sorted)")
+        out.print(_tuned_line(f"{task} {split}", by_name[name], by_name["eat:none" + peer]))
+
+
+def _tuned_line(series: str, tuned: dict[str, Any], off: dict[str, Any]) -> str:
+    """The tuned point against exits off on one dev split: primary metric, token-layer work, batch-1 median,
+    batch throughput (arrival order, and length-sorted when measured)."""
+    from .results import row_metric
+
+    metric, value = row_metric(tuned)
+    sorted_rate = ""
+    if tuned.get("throughput_sorted_rows_per_s") and off.get("throughput_sorted_rows_per_s"):
+        sorted_rate = f", {tuned['throughput_sorted_rows_per_s'] / off['throughput_sorted_rows_per_s']:.2f}x length-sorted"
+    return (f"{series}: tuned {metric} {value:.2f} vs {row_metric(off)[1]:.2f}; token-layer fraction "
+            f"{tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms "
+            f"({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); batch {tuned['batch_size_throughput']} "
+            f"{tuned['throughput_rows_per_s']:.0f} vs {off['throughput_rows_per_s']:.0f} rows/s "
+            f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x in arrival order{sorted_rate})")
 
 
 # fewest held-out rows eat tune chooses an operating point on: with fewer, one row moves the accuracy by more than 5
@@ -996,40 +913,6 @@ def _tuned_file(results: Path, task: str, batch_size: int = 1, precision: str = 
 def _tuned_point_name(batch_size: int) -> str:
     """The results-log name of a tuned point: eat:tuned (batch-1 objective) or eat:tuned-bN (throughput at N)."""
     return "eat:tuned" if batch_size == 1 else f"eat:tuned-b{batch_size}"
-
-
-def _tune_token_task(model, tokenizer, model_dir: Path, task: str, calibration, train_config, max_drop: float,
-                     results: Path, device: str, rows: int | None, max_work: float = 1.0) -> None:
-    """`eat tune` for a token task: tau on the calibration sentences, then that point and exits-off on dev."""
-    import torch
-
-    from .bench import OperatingPoint, bench_config_from_preset, measure_token_points, save_json
-    from .ner_data import encode_tagged, load_tagged
-    from .results import ResultsLog
-    from .token_tasks import tune_token_exits
-
-    pad_id = tokenizer.pad_token_id or 0
-    model.config.set_knobs(exit_layers="all")
-    result = tune_token_exits(model, encode_tagged(calibration, tokenizer, train_config.max_length), calibration,
-                              max_drop=max_drop, max_work=max_work, device=device, pad_id=pad_id)
-    knobs = result["knobs"]
-    save_json(_tuned_file(results, task), result)
-    out.print(f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): {knobs}")
-    out.print(f"calibration F1 {result['calibration_f1']:.2f} (exits off: {result['reference_f1']:.2f}), token-layer "
-              f"fraction {result['token_layer_ratio']:.3f}, {result['mean_sentence_layers']:.2f} layers per sentence")
-    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(),
-                                      split="validation", rows=rows)
-    data = load_tagged(task, "validation").subset(rows, seed=config.seed)
-    points = [OperatingPoint("eat:none", str(model_dir), _everything_off(), "ablation"),
-              OperatingPoint("eat:tuned", str(model_dir), knobs, "tuned")]
-    rows = measure_token_points(points, encode_tagged(data, tokenizer, train_config.max_length), data, config,
-                                ResultsLog(results), dataset_source=f"{data.source} {data.note}".strip(), force=True,
-                                pad_id=pad_id)
-    by_name = {row["point"]: row for row in rows}
-    off, tuned = by_name["eat:none"], by_name["eat:tuned"]
-    out.print(f"{task} validation: tuned entity F1 {tuned['accuracy']:.2f} vs {off['accuracy']:.2f}; token-layer "
-              f"fraction {tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned['b1_p50_ms']:.2f} vs "
-              f"{off['b1_p50_ms']:.2f} ms ({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x)")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, batch_order
+from .tasks import OWN_TOKEN_TASK, TOKEN_TASK_NAMES, is_token_task  # noqa: F401 - is_token_task: eat.deploy's import
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -182,15 +183,10 @@ def align_to_subwords(sentence: TaggedSentence, tokenizer, label_to_id: dict[str
 # ------------------------------------------------------------------------------------------------ token tasks
 
 # "conll2003": CoNLL-2003 English from a local folder; "ner": your own files (--data-file / --eval-file, CoNLL
-# columns with the tag last, or JSONL {tokens, tags}).
-TOKEN_TASKS = ("conll2003", "ner")
+# columns with the tag last, or JSONL {tokens, tags}). eat.tasks names them (TOKEN_TASK_NAMES, OWN_TOKEN_TASK).
+TOKEN_TASKS = TOKEN_TASK_NAMES + (OWN_TOKEN_TASK.name,)
 _CONLL_FILES = {"train": ("eng.train", "train.txt"), "validation": ("eng.testa", "valid.txt", "dev.txt"),
                 "test": ("eng.testb", "test.txt")}
-
-
-def is_token_task(task: str) -> bool:
-    """True for sequence-labelling tasks (one label per word)."""
-    return task in TOKEN_TASKS
 
 
 def conll_dir() -> Path:

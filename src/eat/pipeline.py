@@ -32,7 +32,7 @@ from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .data import encode, load_glue, load_table
 from .report import build_report
 from .deploy.peers import PEERS
-from .results import ResultsLog, series_name
+from .results import ResultsLog, row_metric, series_name
 from .results import sweep_file as results_sweep_file
 from .tasks import SEQUENCE_TASKS, Task
 from .training import TrainConfig, config_task, train, train_config_from_preset
@@ -287,19 +287,12 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
     for name in ("static", *(f"static:{peer}" for peer in PEERS), "half-depth", "eat:none", "eat:tuned",
                  *(f"eat:tuned:{peer}" for peer in PEERS)):
         for row in [r for r in rows if r["point"] == name]:
-            metric, value = _row_metric(row)
+            metric, value = row_metric(row)
             lines.append(f"{task} {row['split']} {name:<20} {metric} {value:.2f}%  batch-1 p50 "
                          f"{row['b1_p50_ms']:.2f} ms  {row['throughput_rows_per_s']:.0f} rows/s at batch "
                          f"{row['batch_size_throughput']}{_sorted_rate(row)}  mean exit layer "
                          f"{row['mean_exit_layer']:.2f}")
     return lines
-
-
-def _row_metric(row: dict) -> tuple[str, float]:
-    """(name, value) of a results row's primary metric; rows written before metrics had names hold accuracy."""
-    if row.get("metric_value") is not None:
-        return str(row.get("metric", "metric")), float(row["metric_value"])
-    return "accuracy", float(row["accuracy"])
 
 
 def _sorted_rate(row: dict) -> str:

@@ -92,6 +92,16 @@ def sweep_file(folder: str | Path, series: str) -> Path:
     return Path(folder) / f"tau_sweep_{series.replace(':', '_')}.csv"
 
 
+def row_metric(row: dict[str, Any], suffix: str = "") -> tuple[str, float]:
+    """(name, value) of a results row's primary metric (``suffix``: of another row set, e.g. ``"_all_rows"``).
+    Rows written before metrics had names hold it in ``accuracy`` (a token task's rows: entity F1, which their
+    ``metric`` names)."""
+    value = row.get(f"metric_value{suffix}")
+    if value is not None:
+        return str(row.get("metric", "metric")), float(value)
+    return str(row.get("metric") or "accuracy"), float(row[f"accuracy{suffix}"])
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able configuration (sorted keys)."""
     text = json.dumps(config, sort_keys=True, default=str)

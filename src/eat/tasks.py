@@ -12,7 +12,9 @@ GLUE's choice per task: CoLA Matthews correlation; STS-B Pearson and Spearman; M
 rest accuracy. Decisions: QQP's primary metric stays accuracy (its targets and recorded results are in accuracy),
 MRPC's is F1 (the figure GLUE quotes first for it); STS-B's is Pearson.
 
-Nothing here reads files: :mod:`eat.data` loads a task's splits, :mod:`eat.ner_data` the token task's.
+Nothing here reads files: :mod:`eat.data` loads a task's splits, :mod:`eat.ner_data` the token task's, and
+``task.runner()`` (:mod:`eat.runners`) does whatever depends on the task's level (rows or words): load, encode,
+batch, score, tune, measure.
 """
 
 from __future__ import annotations
@@ -207,6 +209,13 @@ class Task:
         """How tables name the primary metric ("Matthews corr.", "Pearson r", ...)."""
         return metric_title(self.primary_metric)
 
+    def runner(self):
+        """The :class:`~eat.runners.TaskRunner` of this task's level: what loads, encodes, batches, scores, tunes
+        and measures its rows (imported on first use: it needs torch)."""
+        from .runners import runner_for
+
+        return runner_for(self)
+
     def summary(self) -> str:
         """One line for help texts: name, texts, labels, metrics."""
         labels = ("a real value" if self.is_regression else
@@ -266,6 +275,25 @@ TASKS: dict[str, Task] = {
 # the registry's sequence tasks (what `eat run --task all` could mean) and token tasks
 SEQUENCE_TASKS = tuple(name for name, task in TASKS.items() if task.level == "sequence")
 TOKEN_TASK_NAMES = tuple(name for name, task in TASKS.items() if task.level == "token")
+# the user's own token task: tagged sentences from --data-file / --eval-file (CoNLL columns or JSONL), its tags
+# from the data; not in TASKS (it has no files of its own)
+OWN_TOKEN_TASK = Task("ner", text_column="tokens", label_column="tags", metrics=("entity_f1",),
+                      primary_metric="entity_f1", level="token",
+                      description="your own tagged sentences (--data-file, --eval-file)")
+
+
+def is_token_task(name: str) -> bool:
+    """Whether a task name is a sequence-labelling task (one label per word): CoNLL-2003 or the user's own "ner".
+    The one check of a level by name; everything else asks a :class:`Task` for its ``level`` or runner."""
+    return name in TOKEN_TASK_NAMES or name == OWN_TOKEN_TASK.name
+
+
+def named_task(name: str) -> Task:
+    """The :class:`Task` a name stands for without a user's table: a registered task, or the user's own token task
+    ("ner"); ValueError naming the known tasks otherwise."""
+    if is_token_task(name):
+        return TASKS.get(name, OWN_TOKEN_TASK)
+    return get_task(name)
 
 
 def get_task(name: str) -> Task:
@@ -276,6 +304,15 @@ def get_task(name: str) -> Task:
         hint = difflib.get_close_matches(name, TASKS, n=1)
         raise ValueError(f"unknown task {name!r}{f' (did you mean {hint[0]!r}?)' if hint else ''}; known: "
                          f"{', '.join(TASKS)} (or pass --data-file for your own)") from None
+
+
+def resolve_task(name: str, own_table: bool = False, **table: Any) -> Task:
+    """The task a run works on: with ``own_table`` (a user's ``--data-file``) the user's table as ``table``
+    describes it (:func:`user_task`'s columns, label kind and metrics), else the task the name stands for
+    (:func:`named_task`). A token task's own files keep the token task: its tags come from the data."""
+    if own_table and not is_token_task(name):
+        return user_task(name, **table)
+    return named_task(name)
 
 
 def user_task(name: str, text_column: str = "text", pair_column: str | None = None, label_column: str = "label",
@@ -320,5 +357,6 @@ def result_fields(task: Task, scores: dict[str, float], suffix: str = "") -> dic
     return fields
 
 
-__all__ = ["Task", "Metric", "METRICS", "TASKS", "SEQUENCE_TASKS", "TOKEN_TASK_NAMES", "LABEL_KINDS", "get_task",
+__all__ = ["Task", "Metric", "METRICS", "TASKS", "SEQUENCE_TASKS", "TOKEN_TASK_NAMES", "OWN_TOKEN_TASK", "LABEL_KINDS",
+           "get_task", "named_task", "is_token_task", "resolve_task",
            "user_task", "task_for_model", "task_help", "metric", "metric_title", "result_fields"]

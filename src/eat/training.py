@@ -30,12 +30,10 @@ import torch.nn.functional as F
 from . import distributed
 from .checkpoints import load_classifier, model_folder, read_config_dict
 from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
-from .data import (DataError, TextDataset, batches, carve_calibration, carve_sentence_calibration, encode, load_glue,
-                   load_table, task_spec)
-from .tasks import Task, get_task, user_task
-from .modeling_eat import (EATForSequenceClassification, EATForTokenClassification, exit_head_input, half_depth_layers,
-                          keep_layers)
-from .ner_data import IGNORE, encode_tagged, is_token_task, load_tagged, tagged_batches
+from .data import DataError, TextDataset
+from .tasks import Task, resolve_task
+from .modeling_eat import half_depth_layers, keep_layers
+from .ner_data import IGNORE
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +97,7 @@ class TrainConfig:
         """Raise ValueError naming the first bad field."""
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        if self.data_file is None and not is_token_task(self.task):
-            task_spec(self.task)
-        if self.data_file is not None and not is_token_task(self.task):
-            config_task(self)  # checks label_kind and metric
+        runner = config_task(self).runner()  # a known task, or a user's table with a valid label kind and metric
         rates = ("learning_rate",) + (("head_learning_rate",) if self.head_learning_rate is not None else ())
         for name in ("epochs",) + rates:
             if getattr(self, name) <= 0:
@@ -112,12 +107,12 @@ class TrainConfig:
         if self.freeze_backbone and (self.init_from is None or self.variant != "eat"):
             raise ValueError("freeze_backbone: needs --init-from (a fine-tuned run) and --variant eat")
         if self.teacher is not None and (self.variant != "eat" or self.freeze_backbone or self.distill_weight <= 0
-                                         or is_token_task(self.task)):
+                                         or not runner.supports_teacher):
             raise ValueError("teacher: needs --variant eat, a distill weight > 0, a sequence task and no "
                              "--freeze-backbone (which distills from its frozen final head already)")
         if self.exit_pooling not in EXIT_POOLINGS:
             raise ValueError(f"exit_pooling: expected one of {', '.join(EXIT_POOLINGS)}, got {self.exit_pooling!r}")
-        if self.exit_pooling != "cls" and (self.variant != "eat" or is_token_task(self.task)):
+        if self.exit_pooling != "cls" and (self.variant != "eat" or not runner.pooled_exits):
             raise ValueError("exit_pooling: only EAT sequence classifiers have pooled exit heads (token tasks' heads "
                              "read every token)")
         if self.calibration_rows < 0:
@@ -125,15 +120,10 @@ class TrainConfig:
         for name in ("train_limit", "eval_limit"):  # checked here, before training, not when evaluating after it
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1 row, got {getattr(self, name)}")
-        if is_token_task(self.task):
-            try:
-                import seqeval  # noqa: F401 - entity F1 of the dev split, computed after training
-            except ImportError:
-                raise ValueError(f"task {self.task}: entity F1 needs seqeval, which is not installed; "
-                                 "pip install 'eat[ner]' (or seqeval) and run again") from None
+        runner.check_installed()  # before training: e.g. seqeval for a token task's entity F1
         if self.calibration_unit not in ("row", "sentence"):
             raise ValueError(f"calibration_unit: expected row or sentence, got {self.calibration_unit!r}")
-        if self.calibration_unit == "sentence" and is_token_task(self.task):
+        if self.calibration_unit == "sentence" and not runner.sentence_calibration:
             raise ValueError(f"calibration_unit sentence: {self.task} rows are sentences already; use row")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16: expected auto, on or off, got {self.bf16!r}")
@@ -173,44 +163,18 @@ def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def config_task(config: TrainConfig) -> Task:
-    """The :class:`~eat.tasks.Task` a training config trains for: the registered task, or the user's own table
-    (``data_file``) described by its columns, ``label_kind`` and ``metric``."""
-    if config.data_file is None:
-        return get_task(config.task)
-    return user_task(config.task, config.text_column, config.text_pair_column, config.label_column,
-                     config.label_kind, config.metric)
+    """The :class:`~eat.tasks.Task` a training config trains for: the registered task (or the user's tagged
+    files for a token task), or the user's own table (``data_file``) described by its columns, ``label_kind`` and
+    ``metric``."""
+    return resolve_task(config.task, config.data_file is not None, text_column=config.text_column,
+                        pair_column=config.text_pair_column, label_column=config.label_column,
+                        label_kind=config.label_kind, metrics=config.metric)
 
 
 def training_data(config: TrainConfig) -> tuple[TextDataset, TextDataset, dict[str, TextDataset]]:
-    """(train, calibration, {eval split: dataset}) for a config: GLUE or user files (token tasks: TaggedData)."""
-    if is_token_task(config.task):
-        return _tagged_training_data(config)
-    if config.data_file is not None:
-        full = load_table(config.data_file, config.text_column, config.text_pair_column, config.label_column,
-                          label_kind=config.label_kind)
-        if config.eval_file is None:
-            raise DataError("--eval-file is required with --data-file")
-        evals = {"validation": load_table(config.eval_file, config.text_column, config.text_pair_column,
-                                          config.label_column, label_names=full.label_names,
-                                          label_kind=config.label_kind)}
-    else:
-        spec = task_spec(config.task)
-        full = load_glue(config.task, "train")
-        evals = {split: load_glue(config.task, split) for split in spec.eval_splits}
-    if config.calibration_rows == 0:
-        # a baseline that is never tuned may train on every row (the split then is empty, and tuning refuses it)
-        train, calibration = full, full.subset(0, seed=config.seed)
-    elif config.calibration_unit == "sentence":
-        train, calibration = carve_sentence_calibration(full, config.calibration_rows, seed=config.seed)
-    else:
-        train, calibration = carve_calibration(full, max_rows=config.calibration_rows, seed=config.seed,
-                                               fraction=min(0.1, config.calibration_rows / max(len(full), 1)))
-        if len(calibration) < config.calibration_rows:  # the slice never takes more than 10% of the training rows
-            logger.warning("%s: held out %d calibration rows, not %d: at most 10%% of the %d training rows are "
-                           "held out", full.source, len(calibration), config.calibration_rows, len(full))
-    train = train.subset(config.train_limit, seed=config.seed)
-    evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
-    return train, calibration, evals
+    """(train, calibration, {eval split: dataset}) for a config: GLUE or user files (token tasks: TaggedData),
+    by the task's runner (:meth:`eat.runners.TaskRunner.training_data`)."""
+    return config_task(config).runner().training_data(config)
 
 
 # the settings that decide which training rows are held out as the calibration slice
@@ -242,20 +206,6 @@ def _check_init_calibration(config: TrainConfig, start: Path, flag: str = "--ini
                          "it trained on rows this run would tune on; train both with the same calibration settings")
 
 
-def _tagged_training_data(config: TrainConfig):
-    """The same split for a token task: sentences of CoNLL-2003 or of the user's files."""
-    full = load_tagged(config.task, "train", config.data_file)
-    if config.data_file is not None and config.eval_file is None:
-        raise DataError("--eval-file is required with --data-file")
-    evals = {"validation": load_tagged(config.task, "validation", config.eval_file,
-                                       label_names=full.label_names if config.eval_file else None)}
-    rows = min(config.calibration_rows, len(full) // 10)
-    train, calibration = full.split_off(rows, seed=config.seed) if rows else (full, full.subset(0))
-    train = train.subset(config.train_limit, seed=config.seed)
-    evals = {name: data.subset(config.eval_limit, seed=config.seed) for name, data in evals.items()}
-    return train, calibration, evals
-
-
 # ------------------------------------------------------------------------------------------------------ model
 
 
@@ -263,7 +213,8 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
     """The model to fine-tune for a variant: from the backbone (a token classifier for token tasks), or from the
     finished run ``init_from`` (which must have held out the same calibration slice)."""
     id2label = dict(enumerate(label_names))
-    token_level = is_token_task(config.task)
+    runner = config_task(config).runner()
+    token_level = runner.token_level
     source, saved = config.model, {}
     if config.init_from is not None:
         start = model_folder(config.init_from)
@@ -272,7 +223,7 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
     if config.variant == "eat":
         knobs = dict(exit_layers=config.exit_layers, keep_ratio=config.train_keep_ratio,
                      attention_window=config.train_attention_window)
-        if not token_level:
+        if runner.pooled_exits:
             knobs["exit_pooling"] = config.exit_pooling
         if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
             raise ValueError(f"--init-from {source}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
@@ -487,17 +438,12 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
         backbone = default_backbone()
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    token_level = is_token_task(config.task)
-    if token_level:
-        encoded = encode_tagged(train_data, tokenizer, config.max_length)
-        make_batches, model_class, loss_function = tagged_batches, EATForTokenClassification, token_multi_exit_loss
-    else:
-        encoded = encode(train_data, tokenizer, config.max_length)
-        make_batches, model_class, loss_function = batches, EATForSequenceClassification, multi_exit_loss
+    runner = config_task(config).runner()  # the task's level: its encoding, batches, model class and loss
+    encoded = runner.encode(train_data, tokenizer, config.max_length)
 
     resumed_step = 0
     if not force and ckpt_dir.is_dir() and (ckpt_dir / "trainer_state.json").is_file():
-        model, state, resume_state = _load_resume_state(model_class, ckpt_dir, device)
+        model, state, resume_state = _load_resume_state(runner.model_class, ckpt_dir, device)
         resumed_step = state["global_step"]
         logger.warning("%s: resuming from step %d (checkpoint-last; --force starts over)", out, resumed_step)
     else:
@@ -519,10 +465,10 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     if config.freeze_backbone:
         started = time.perf_counter()
         # a minute's work on cached features: every torchrun process does all of it, rank 0 saves
-        step = fit_exit_heads_on_frozen_backbone(model, encoded, config, make_batches, token_level, device,
-                                                 tokenizer.pad_token_id or 0, progress)
+        step = fit_exit_heads_on_frozen_backbone(model, encoded, config, runner, device, tokenizer.pad_token_id or 0,
+                                                 progress)
         return _finish_on_main(context, model, tokenizer, config, out, evals, train_data, encoded, step,
-                               time.perf_counter() - started, 0, token_level, device)
+                               time.perf_counter() - started, 0, runner, device)
 
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
@@ -553,8 +499,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     stopped_early = False
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        for index, batch in enumerate(make_batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
-                                                   bucket=config.length_bucketing, pad_id=tokenizer.pad_token_id or 0)):
+        for index, batch in enumerate(runner.batches(encoded, config.batch_size, shuffle=True, seed=config.seed + epoch,
+                                                     bucket=config.length_bucketing, pad_id=tokenizer.pad_token_id or 0)):
             if index < skip:
                 continue
             global_rows = len(batch["labels"])  # torchrun: every process has the same global batch ...
@@ -564,8 +510,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
             loss = torch.zeros((), device=device)
             if share > 0:  # a short last batch may leave a process no rows; it still joins the all-reduce
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    extra = {"word_mask": batch["word_mask"]} if token_level else {}
-                    output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
+                    output = runner.forward(model, batch)
                 logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
                 extra_loss = {}
                 if teacher is not None:  # (B, C): the fixed teacher, eval mode, every mechanism off
@@ -573,8 +518,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
                                                          enabled=use_bf16):
                         extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
                                                                batch["token_type_ids"]).logits.float()
-                loss = loss_function(logits, batch["labels"], weights, config.distill_weight,
-                                     config.distill_temperature, **extra_loss)
+                loss = runner.loss(logits, batch["labels"], weights, config.distill_weight,
+                                   config.distill_temperature, **extra_loss)
                 (loss * share if context.enabled else loss).backward()
             distributed.all_reduce_gradients(model, context)  # summed shares: the global batch's gradient
             if context.enabled:
@@ -607,17 +552,17 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
         return TrainResult(str(out), "", step, seconds, len(encoded), {}, resumed_step)
 
     return _finish_on_main(context, model, tokenizer, config, out, evals, train_data, encoded, step, seconds,
-                           resumed_step, token_level, device)
+                           resumed_step, runner, device)
 
 
 def _finish_on_main(context: distributed.Distributed, model, tokenizer, config: TrainConfig, out: Path, evals,
-                    train_data, encoded, step: int, seconds: float, resumed_step: int, token_level: bool,
+                    train_data, encoded, step: int, seconds: float, resumed_step: int, runner,
                     device: str) -> TrainResult:
     """:func:`_finish_run` in rank 0 only (the others, holding the same weights, wait for it and report no dev
     figures), then leave the torchrun process group."""
     if context.is_main:
         result = _finish_run(model, tokenizer, config, out, evals, train_data, encoded, step, seconds, resumed_step,
-                             token_level, device)
+                             runner, device)
     else:
         result = TrainResult(str(out), str(out / "model"), step, seconds, len(encoded), {}, resumed_step)
     distributed.barrier(context)
@@ -626,7 +571,7 @@ def _finish_on_main(context: distributed.Distributed, model, tokenizer, config: 
 
 
 def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_data, encoded, step: int,
-                seconds: float, resumed_step: int, token_level: bool, device: str) -> TrainResult:
+                seconds: float, resumed_step: int, runner, device: str) -> TrainResult:
     """Save the finished model atomically, evaluate it on the dev split(s), write train_summary.json."""
     model_dir, ckpt_dir = out / "model", out / "checkpoint-last"
     model.eval()
@@ -637,20 +582,9 @@ def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_d
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp_model_dir, model_dir)
 
-    if token_level:
-        from .token_tasks import evaluate_tagged
-
-        dev = {name: evaluate_tagged(model, encode_tagged(data, tokenizer, config.max_length), data, device=device,
-                                     pad_id=tokenizer.pad_token_id or 0, disable_exit=True)["f1"]
-               for name, data in evals.items()}
-    else:
-        from .evaluation import evaluate_static_score
-
-        task = config_task(config)
-        dev = {name: evaluate_static_score(model, tokenizer, data, config.max_length, device=device, task=task)
-               for name, data in evals.items()}
-    metric_name = "entity_f1" if token_level else config_task(config).primary_metric
-    result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step, metric_name)
+    dev = {name: runner.dev_score(model, tokenizer, data, config.max_length, device) for name, data in evals.items()}
+    result = TrainResult(str(out), str(model_dir), step, seconds, len(encoded), dev, resumed_step,
+                         runner.task.primary_metric)
     summary = {**dataclasses.asdict(result), "train_source": train_data.source, "train_note": train_data.note,
                "threads": torch.get_num_threads(), "device": device, "torch": torch.__version__}
     _atomic_write_json(out / "train_summary.json", summary)
@@ -659,7 +593,7 @@ def _finish_run(model, tokenizer, config: TrainConfig, out: Path, evals, train_d
 
 
 @torch.no_grad()
-def _frozen_features(model, encoded, make_batches, token_level: bool, device: str, pad_id: int):
+def _frozen_features(model, encoded, runner, device: str, pad_id: int):
     """One pass of the frozen model (eval mode, every mechanism off) over the training rows: the input of every
     exit head ((N, E-1, d): `[CLS]` or mean-pooled vectors, or labelled tokens' vectors for token tasks), the final head's
     logits (N, C) as the distillation teacher, and the labels (N,)."""
@@ -672,22 +606,14 @@ def _frozen_features(model, encoded, make_batches, token_level: bool, device: st
     saved_knobs = model.config.knobs()
     try:
         model.config.set_knobs(**MECHANISMS_OFF)
-        for batch in make_batches(encoded, 64, bucket=True, pad_id=pad_id):
+        for batch in runner.batches(encoded, 64, bucket=True, pad_id=pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
-            extra = {"word_mask": batch["word_mask"]} if token_level else {}
-            output = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **extra)
-            if token_level:
-                keep = batch["labels"] != IGNORE
-                features.append(torch.stack([captured[layer][keep] for layer in exit_layers], dim=1))
-                teacher.append(output.logits[keep])
-                labels.append(batch["labels"][keep])
-            else:
-                key_mask = batch["attention_mask"].bool()
-                features.append(torch.stack([exit_head_input(captured[layer], model.config.exit_pooling, key_mask,
-                                                             segments=batch["token_type_ids"])
-                                             for layer in exit_layers], dim=1))
-                teacher.append(output.logits)
-                labels.append(batch["labels"])
+            output = runner.forward(model, batch)
+            batch_features, batch_teacher, batch_labels = runner.head_features(model, captured, exit_layers, batch,
+                                                                               output)
+            features.append(batch_features)
+            teacher.append(batch_teacher)
+            labels.append(batch_labels)
     finally:
         for hook in hooks:
             hook.remove()
@@ -695,14 +621,13 @@ def _frozen_features(model, encoded, make_batches, token_level: bool, device: st
     return torch.cat(features), torch.cat(teacher), torch.cat(labels), exit_layers
 
 
-def fit_exit_heads_on_frozen_backbone(model, encoded, config: TrainConfig, make_batches, token_level: bool,
-                                      device: str, pad_id: int, progress=None) -> int:
+def fit_exit_heads_on_frozen_backbone(model, encoded, config: TrainConfig, runner, device: str, pad_id: int,
+                                      progress=None) -> int:
     """Second stage of a two-stage schedule: the backbone and final head of a fine-tuned model (``init_from``)
     stay exactly as they are; only the exit heads learn, from features computed once by the frozen model (so an
     epoch costs a few matrix products, not a forward pass). Loss: :func:`multi_exit_loss` with the frozen final
     head as the last "head" (its weight is a constant) and as the distillation teacher. Returns steps taken."""
-    features, teacher, labels, exit_layers = _frozen_features(model, encoded, make_batches, token_level, device,
-                                                              pad_id)
+    features, teacher, labels, exit_layers = _frozen_features(model, encoded, runner, device, pad_id)
     heads = [model.exit_heads[str(layer)] for layer in exit_layers]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
