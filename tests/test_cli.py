@@ -163,11 +163,17 @@ def test_both_tuners_keep_their_own_reference_rows(trained_tiny, tmp_path):
 
 
 def test_tune_certify_from_the_command_line(trained_tiny, tmp_path):
-    """`--certify`: the choice carries its bound in the JSON and the output; without --max-drop it is refused."""
+    """`--certify`: the choice carries its bound in the JSON and the output; without --max-drop it is refused.
+    `--preset smoke`: the dev report is measured with the smoke preset's bench settings (batch 8, not demo's 32)."""
     results = tmp_path / "r"
     result = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "100",
-                     "--certify", "0.9", "--rows", "8", "--results", str(results))
+                     "--certify", "0.9", "--rows", "8", "--results", str(results), "--preset", "smoke")
     assert result.exit_code == 0, result.output
+    assert {row["batch_size_throughput"] for row in map(json.loads, (results / "results.jsonl").read_text().splitlines())
+            } == {8}
+    unknown = _invoke("tune", "--checkpoint", str(trained_tiny), "--task", "sst2", "--max-drop", "1", "--preset",
+                      "huge", "--results", str(tmp_path / "never"))
+    assert unknown.exit_code == 2 and "unknown preset 'huge'" in unknown.output and not (tmp_path / "never").exists()
     tuned = json.loads((results / "tuned_sst2.json").read_text())
     assert tuned["certify"] == 0.9 and "certified at 90% confidence" in tuned["criterion"]
     assert 0.0 <= tuned["drop_upper_bound"] <= 100.0 and "certified: the drop is at most" in result.output

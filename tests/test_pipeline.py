@@ -98,3 +98,25 @@ def test_the_main_job_tunes_on_the_tuners_own_grid_unless_the_preset_names_one()
     smoke = bench_config_from_preset("smoke", task="sst2")
     assert tuner_grid(smoke, None) == smoke.tau_grid != demo.tau_grid
     assert tuner_grid(smoke, 0.9) is None
+
+
+def test_one_preset_object_feeds_training_measuring_and_tuning():
+    """Each preset is one object (eat.presets): the training and bench configs built from its name carry its
+    settings, and the main job's allowed drop is its max_drop. The numbers are the ones the presets always had."""
+    from eat.bench import bench_config_from_preset
+    from eat.presets import PRESETS, get_preset
+    from eat.training import train_config_from_preset
+
+    for name, preset in PRESETS.items():
+        train, bench = train_config_from_preset(name), bench_config_from_preset(name)
+        assert {key: getattr(train, key) for key in preset.train.overrides()} == preset.train.overrides()
+        assert {key: getattr(bench, key) for key in preset.bench.overrides()} == preset.bench.overrides()
+        assert all(isinstance(getattr(bench, key), list) for key in ("tau_grid", "keep_sweep", "window_sweep"))
+    smoke, demo, paper = (get_preset(name) for name in ("smoke", "demo", "paper"))
+    assert (smoke.train.train_limit, smoke.bench.rows, smoke.bench.batch_size, smoke.max_drop) == (64, 24, 8, 5.0)
+    assert (demo.train.train_limit, demo.train.max_length, demo.bench.warmup, demo.max_drop) == (6000, 64, 10, 0.5)
+    assert (paper.train.train_limit, paper.train.epochs, paper.bench.throughput_repeats) == (None, 2.0, 3)
+    with pytest.raises(ValueError, match="unknown preset 'huge'; presets: smoke, demo, paper"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="unknown preset"):
+        bench_config_from_preset("huge")

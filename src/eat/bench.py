@@ -30,6 +30,7 @@ from .modeling_eat import EATForSequenceClassification
 from .results import ResultsLog, atomic_write_json, config_hash, new_run_id
 from .bootstrap import bootstrap_indices, paired_bootstrap_drop
 from .configuration_eat import REGRESSION_EXIT_POLICIES
+from .presets import get_preset
 from .runners import runner_for
 from .tasks import Task, task_for_model
 from .timing import LatencyStats, environment, interleaved_latency, interleaved_throughput
@@ -72,20 +73,10 @@ class BenchConfig:
     window_sweep: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
 
 
-BENCH_PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(rows=24, warmup=2, throughput_repeats=1, batch_size=8, tau_latency_points=[0.9], keep_sweep=[0.7],
-                  window_sweep=[8], tau_grid=[0.5, 0.9, 1.0]),
-    "demo": dict(rows=None, warmup=10, throughput_repeats=1, tau_latency_points=[0.8, 0.95], keep_sweep=[0.8, 0.6],
-                 window_sweep=[16]),
-    "paper": dict(rows=None, warmup=20, throughput_repeats=3),
-}
-
-
 def bench_config_from_preset(preset: str, **overrides: Any) -> BenchConfig:
-    """A BenchConfig from a named preset with overrides (None values ignored); unknown presets are errors."""
-    if preset not in BENCH_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(BENCH_PRESETS)}")
-    return BenchConfig(**{**BENCH_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+    """A BenchConfig from a named preset's bench settings (:mod:`eat.presets`) with overrides (None values
+    ignored); unknown presets are errors."""
+    return BenchConfig(**{**get_preset(preset).bench.overrides(), **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
@@ -695,7 +686,7 @@ def save_json(path: Path, data: Any) -> None:
     atomic_write_json(path, data)
 
 
-__all__ = ["BenchConfig", "BENCH_PRESETS", "bench_config_from_preset", "OperatingPoint", "ablation_points",
+__all__ = ["BenchConfig", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "drop_upper_bound",
            "certified_prefix", "fastest_within_noise", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS",
            "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",

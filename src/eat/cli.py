@@ -40,6 +40,7 @@ def _task_help() -> str:
 TASK_HELP = _task_help()
 LABEL_KIND_HELP = ("your own table: classes (labels are names or ids) or regression (a real value per row, e.g. a "
                    "similarity score)")
+PRESET_HELP = "smoke, demo or paper (eat.presets: how the run trains, measures and tunes)"
 METRIC_HELP = ("your own table: the metric(s) to report, comma-separated, the first primary: accuracy, f1, matthews "
                "(classes); pearson, spearman (regression). Default: accuracy, or pearson,spearman")
 
@@ -180,7 +181,7 @@ def train(
     task: Annotated[str, typer.Option(help=TASK_HELP)] = "sst2",
     model: Annotated[Optional[str], typer.Option(help="backbone path or hub id (default: packaged MiniLM)")] = None,
     variant: Annotated[str, typer.Option(help="eat (exit heads, joint loss), static, or half (layers 0,2,4)")] = "eat",
-    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "demo",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="output folder (default runs/<task>-<variant>)")] = None,
     epochs: Annotated[Optional[float], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
@@ -641,7 +642,7 @@ def bench(
     task: Annotated[str, typer.Option()] = "sst2",
     static: Annotated[Optional[Path], typer.Option(help="static baseline run folder")] = None,
     half: Annotated[Optional[Path], typer.Option(help="half-depth baseline run folder")] = None,
-    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "demo",
     results: Annotated[Path, typer.Option("--results", help="results folder (CSV/JSONL appended)")] = Path("results/bench"),
     points: Annotated[str, typer.Option(
         help="comma list of: ablation (8 mechanism combinations + baselines), sweeps, tuned (baselines, exits off, "
@@ -802,6 +803,7 @@ def tune_command(
     max_drop: Annotated[Optional[float], typer.Option(help="accuracy points allowed below everything-off")] = None,
     latency_budget: Annotated[Optional[float], typer.Option(help="batch-1 median budget in ms")] = None,
     results: Annotated[Path, typer.Option("--results")] = Path("results/bench"),
+    preset: Annotated[str, typer.Option(help=PRESET_HELP + "; here: how the dev report is measured")] = "demo",
     rows: Annotated[Optional[int], typer.Option(help="seeded sample of dev rows for the final report (default all)")] = None,
     max_work: Annotated[float, typer.Option(help="token tasks: most token-layer work allowed (fraction of static)")] = 1.0,
     reference: Annotated[Optional[Path], typer.Option(
@@ -826,6 +828,7 @@ def tune_command(
     import torch
 
     from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json
+    from .presets import get_preset
     from .results import ResultsLog
     from .runners import TuneRequest
     from .training import TrainConfig, config_task, training_data
@@ -833,6 +836,7 @@ def tune_command(
     _set_threads(threads)
     if (max_drop is None) == (latency_budget is None):
         raise ValueError("give exactly one of --max-drop or --latency-budget")
+    get_preset(preset)  # an unknown preset is refused before anything loads
     request = TuneRequest(max_drop=max_drop, latency_budget_ms=latency_budget, batch_size=batch_size, certify=certify,
                           keep_grid=_keep_grid(keep_grid),  # a bad grid is refused before anything loads
                           precision=precision, reference=None if reference is None else str(reference),
@@ -862,7 +866,7 @@ def tune_command(
     save_json(_tuned_file(results, task, batch_size, precision), outcome.saved)
     for line in outcome.lines:
         out.print(line)
-    config = bench_config_from_preset("demo", task=task, device=device, threads=torch.get_num_threads(), rows=rows,
+    config = bench_config_from_preset(preset, task=task, device=device, threads=torch.get_num_threads(), rows=rows,
                                       **({"batch_size": batch_size} if batch_size > 1 else {}))
     peer = "" if precision == "fp32" else f":torch-{precision}"  # an int8 tuner reports its int8 points
     name = _tuned_point_name(batch_size) + peer
@@ -977,7 +981,7 @@ def report(results: Annotated[Path, typer.Option("--results", help="results fold
 @app.command()
 @user_errors
 def run(
-    preset: Annotated[str, typer.Option(help="smoke, demo or paper")] = "demo",
+    preset: Annotated[str, typer.Option(help=PRESET_HELP)] = "demo",
     task: Annotated[Optional[str], typer.Option(
         help="sst2, qqp, mnli, qnli, rte, mrpc, cola, stsb, wnli; all (sst2, qqp, mnli); glue (every one); with "
              "--data-file any name for your own table (default: sst2, or 'custom' with --data-file)")] = None,
@@ -1017,13 +1021,11 @@ def run(
 ) -> None:
     """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable.
     Any GLUE task (each scored by its GLUE metric) or your own table (--data-file, --eval-file)."""
-    from .bench import BENCH_PRESETS
     from .pipeline import HEADLINE_TASKS, RUN_TASKS, run_task, summary_lines
-    from .training import TRAIN_PRESETS
+    from .presets import get_preset
 
     _set_threads(threads)
-    if preset not in TRAIN_PRESETS or preset not in BENCH_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
+    get_preset(preset)  # an unknown preset is refused before anything is trained
     user_data = None
     if data_file is not None:
         if task in ("all", "glue") or task in RUN_TASKS:

@@ -30,6 +30,7 @@ from .bench import (TAU_GRID, BenchConfig, OperatingPoint, ablation_points, benc
 from .checkpoints import load_classifier
 from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .data import encode, load_glue, load_table
+from .presets import get_preset
 from .report import build_report
 from .deploy.peers import PEERS
 from .results import ResultsLog, row_metric, series_name
@@ -44,8 +45,6 @@ HEADLINE_TASKS = ("sst2", "qqp", "mnli")
 # the fields of a user's own table (RunConfig), passed on to every training config
 USER_DATA_FIELDS = ("data_file", "eval_file", "text_column", "text_pair_column", "label_column", "label_kind", "metric")
 RUN_RECIPES = ("two-stage", "joint")
-# accuracy points the tuned point may lose against the static model (calibration split)
-RUN_MAX_DROP = {"smoke": 5.0, "demo": 0.5, "paper": 0.5}
 # the second stage of the two-stage recipe: exit heads that read the mean of the real tokens, fitted on features
 # of the frozen static model (an epoch is a few matrix products, so five of them cost about a minute); on sentence
 # pairs (QQP, MNLI) they read each segment's mean and their comparison instead (PAIR_POOLING; README, "pair heads")
@@ -64,7 +63,7 @@ class RunConfig:
     task: str
     preset: str
     recipe: str = "two-stage"
-    max_drop: float | None = None  # None: the preset's (RUN_MAX_DROP)
+    max_drop: float | None = None  # None: the preset's (eat.presets.Preset.max_drop)
     certify: float | None = None  # e.g. 0.9: the tuner certifies the drop (see `eat tune --certify`)
     # a user's own table instead of a registered task (``task`` then only names it)
     data_file: str | None = None
@@ -166,7 +165,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     at which the tuner must certify that drop instead of meeting it on the calibration rows alone."""
     run = RunConfig(task, preset, recipe, max_drop, certify, **(user_data or {}))
     run.validate()
-    max_drop = RUN_MAX_DROP[preset] if max_drop is None else max_drop
+    max_drop = get_preset(preset).max_drop if max_drop is None else max_drop
     spec = run_task_of(run)
     results_dir.mkdir(parents=True, exist_ok=True)
     run_file = results_dir / f"run_config_{task}.json"

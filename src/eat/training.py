@@ -31,6 +31,7 @@ from . import distributed
 from .checkpoints import load_classifier, model_folder, read_config_dict
 from .configuration_eat import EXIT_POOLINGS, MECHANISMS_OFF
 from .data import DataError, TextDataset
+from .presets import get_preset
 from .tasks import Task, resolve_task
 from .modeling_eat import half_depth_layers, keep_layers
 from .ner_data import IGNORE
@@ -134,22 +135,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
 
 
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # seconds on 2 CPU cores: CLI and quickstart tests
-    "smoke": dict(train_limit=64, eval_limit=64, epochs=1.0, batch_size=16, max_length=48, calibration_rows=32,
-                  checkpoint_every=1000),
-    # about 10 minutes for the whole main job on 2 CPU cores
-    "demo": dict(train_limit=6000, eval_limit=None, epochs=1.0, batch_size=32, max_length=64, calibration_rows=500),
-    # the full protocol
-    "paper": dict(train_limit=None, eval_limit=None, epochs=2.0, batch_size=32, max_length=128, calibration_rows=2000),
-}
-
-
 def train_config_from_preset(preset: str, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a named preset (smoke, demo, paper) with overrides; unknown names are errors."""
-    if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(TRAIN_PRESETS)}")
-    values = {**TRAIN_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    """A TrainConfig from a named preset's train settings (:mod:`eat.presets`: smoke, demo, paper) with overrides
+    (None values ignored); unknown names are errors."""
+    values = {**get_preset(preset).train.overrides(), **{k: v for k, v in overrides.items() if v is not None}}
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - names
     if unknown:
@@ -683,5 +672,5 @@ def _save_checkpoint(model, optimizer, scheduler, step: int, ckpt_dir: Path, tok
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config_from_preset", "train", "TrainResult", "RunFinishedError",
+__all__ = ["TrainConfig", "train_config_from_preset", "train", "TrainResult", "RunFinishedError",
            "multi_exit_loss", "token_multi_exit_loss", "exit_weights", "build_model", "training_data", "VARIANTS"]
