@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 from eat.report import check_comparable  # noqa: E402
-from eat.results import ResultsLog  # noqa: E402
+from eat.results import (B1_P50_MS, EXITS_OFF, HALF_DEPTH, STATIC, THROUGHPUT, THROUGHPUT_SORTED,  # noqa: E402
+                         TUNED, ResultsLog)
 
 
 def token_task_targets(args, static: dict, by_point: dict) -> list[str]:
@@ -30,21 +31,21 @@ def token_task_targets(args, static: dict, by_point: dict) -> list[str]:
     and faster at batch 1 (same run)."""
     lines = [f"# {args.task}: targets from {args.results} ({static['rows']} chunks, {static['cpu']}, {static['device']}, "
              f"{static['threads']} threads, commit {static['git_commit']})",
-             f"static: entity F1 {static['accuracy']:.2f}, batch-1 p50 {static['b1_p50_ms']:.2f} ms, "
-             f"{static['throughput_rows_per_s']:.0f} sentences/s at batch {static['batch_size_throughput']}"]
-    for name in ("eat:none", "eat:tuned"):
+             f"static: entity F1 {static['accuracy']:.2f}, batch-1 p50 {static[B1_P50_MS]:.2f} ms, "
+             f"{static[THROUGHPUT]:.0f} sentences/s at batch {static['batch_size_throughput']}"]
+    for name in (EXITS_OFF, TUNED):
         row = by_point.get(name)
         if row is None:
             lines.append(f"{name}: not measured")
             continue
         check_comparable(static, row)
         drop = static["accuracy"] - row["accuracy"]
-        speed = static["b1_p50_ms"] / row["b1_p50_ms"]
+        speed = static[B1_P50_MS] / row[B1_P50_MS]
         work = row["token_layer_fraction"]
         line = (f"{name}: entity F1 {row['accuracy']:.2f} ({-drop:+.2f}), token-layer work {work:.3f} of static "
                 f"(+{row.get('kv_token_layer_fraction', 0.0):.3f} key/value-only), batch-1 {speed:.2f}x static, "
-                f"batch {row['batch_size_throughput']} {row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x")
-        if name == "eat:tuned":
+                f"batch {row['batch_size_throughput']} {row[THROUGHPUT] / static[THROUGHPUT]:.2f}x")
+        if name == TUNED:
             met = drop <= 1.0 and work <= 0.6 and speed > 1.0
             line += f" -> {'MET' if met else 'MISSED'} (needs <= 1.0 F1 below, <= 0.60 work, faster at batch 1)"
         lines.append(line)
@@ -70,21 +71,21 @@ def metric_task_targets(args, split: str, static: dict, by_point: dict) -> list[
     lines = [f"# {args.task} {split}: primary metric {name}; targets from {args.results} ({static['rows']} rows, "
              f"{static['cpu']}, {static['device']}, {static['threads']} threads, commit {static['git_commit']})"]
     size = static["batch_size_throughput"]
-    for point in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned"):
+    for point in (STATIC, HALF_DEPTH, EXITS_OFF, "eat:exit", "eat:prune+exit", TUNED):
         row = by_point.get(point)
         if row is None:
             continue
         check_comparable(static, row)
-        lines.append(f"{point}: {name} {metric_value(row):.2f}, batch-1 p50 {row['b1_p50_ms']:.2f} ms "
-                     f"({static['b1_p50_ms'] / row['b1_p50_ms']:.2f}x), {row['throughput_rows_per_s']:.0f} rows/s at "
-                     f"batch {size} ({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), mean exit "
+        lines.append(f"{point}: {name} {metric_value(row):.2f}, batch-1 p50 {row[B1_P50_MS]:.2f} ms "
+                     f"({static[B1_P50_MS] / row[B1_P50_MS]:.2f}x), {row[THROUGHPUT]:.0f} rows/s at "
+                     f"batch {size} ({row[THROUGHPUT] / static[THROUGHPUT]:.2f}x), mean exit "
                      f"layer {row['mean_exit_layer']:.2f}")
-    tuned = by_point.get("eat:tuned")
+    tuned = by_point.get(TUNED)
     target = METRIC_TARGETS.get(args.task)
     if tuned is None:
         return lines + [f"{target[0] if target else args.task}: no tuned point measured"
                         + (" -> MISSED" if target else ""), ""]
-    speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+    speed = static[B1_P50_MS] / tuned[B1_P50_MS]
     whole = metric_value(static, "_all_rows") is not None and metric_value(tuned, "_all_rows") is not None
     suffix = "_all_rows" if whole else ""
     drop = metric_value(static, suffix) - metric_value(tuned, suffix)
@@ -112,9 +113,9 @@ def judged_accuracy(reference: dict, row: dict) -> tuple[float, float, str]:
 def sorted_batches_note(static: dict, point: dict) -> str:
     """", X.XXx on length-sorted batches" when both rows carry the length-sorted throughput `eat bench` now also
     times (the judged ratio stays the arrival-order one, as the issue's batch target was set), else ""."""
-    if not static.get("throughput_sorted_rows_per_s") or not point.get("throughput_sorted_rows_per_s"):
+    if not static.get(THROUGHPUT_SORTED) or not point.get(THROUGHPUT_SORTED):
         return ""
-    ratio = point["throughput_sorted_rows_per_s"] / static["throughput_sorted_rows_per_s"]
+    ratio = point[THROUGHPUT_SORTED] / static[THROUGHPUT_SORTED]
     return f", {ratio:.2f}x on length-sorted batches"
 
 
@@ -126,20 +127,20 @@ def pair_task_targets(args, split: str, static: dict, by_point: dict) -> list[st
     lines = [f"# {args.task} {split}: T6 from {args.results} ({static['rows']} rows, {static['cpu']}, "
              f"{static['device']}, {static['threads']} threads, commit {static['git_commit']})"]
     size = static["batch_size_throughput"]
-    for name in ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned", f"eat:tuned-b{size}"):
+    for name in (STATIC, HALF_DEPTH, EXITS_OFF, "eat:exit", "eat:prune+exit", TUNED, f"{TUNED}-b{size}"):
         row = by_point.get(name)
         if row is None:
             continue
         check_comparable(static, row)
         f1 = f", F1 {row['f1']:.2f}" if row.get("f1") is not None and row.get("f1") == row.get("f1") else ""
-        line = (f"{name}: accuracy {row['accuracy']:.2f}{f1}, batch-1 p50 {row['b1_p50_ms']:.2f} ms "
-                f"({static['b1_p50_ms'] / row['b1_p50_ms']:.2f}x), {row['throughput_rows_per_s']:.0f} rows/s at batch "
-                f"{row['batch_size_throughput']} ({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), "
+        line = (f"{name}: accuracy {row['accuracy']:.2f}{f1}, batch-1 p50 {row[B1_P50_MS]:.2f} ms "
+                f"({static[B1_P50_MS] / row[B1_P50_MS]:.2f}x), {row[THROUGHPUT]:.0f} rows/s at batch "
+                f"{row['batch_size_throughput']} ({row[THROUGHPUT] / static[THROUGHPUT]:.2f}x), "
                 f"mean exit layer {row['mean_exit_layer']:.2f}")
         lines.append(line)
-    judged = [("batch 1, tuned point", by_point.get("eat:tuned"), "b1_p50_ms", True),
-              (f"batch {size}, point tuned for batch {size}", by_point.get(f"eat:tuned-b{size}"),
-               "throughput_rows_per_s", False)]
+    judged = [("batch 1, tuned point", by_point.get(TUNED), B1_P50_MS, True),
+              (f"batch {size}, point tuned for batch {size}", by_point.get(f"{TUNED}-b{size}"),
+               THROUGHPUT, False)]
     if all(point is None for _, point, _, _ in judged):
         return lines + ["T6: no tuned point measured -> MISSED", ""]
     for label, point, metric, lower_is_faster in judged:
@@ -163,20 +164,20 @@ def gpu_targets(args, split: str, static: dict, by_point: dict) -> list[str]:
     lines = [f"# {args.task} {split}: T8 from {args.results} ({static['rows']} rows, {static['device']} "
              f"{static.get('gpu') or ''}, {static['cpu']}, {static['threads']} threads, commit {static['git_commit']})"]
     size = static["batch_size_throughput"]
-    for name in ("static", "eat:none", "eat:exit", "eat:prune+exit", "eat:tuned", f"eat:tuned-b{size}"):
+    for name in (STATIC, EXITS_OFF, "eat:exit", "eat:prune+exit", TUNED, f"{TUNED}-b{size}"):
         row = by_point.get(name)
         if row is None:
             continue
         check_comparable(static, row)
-        lines.append(f"{name}: accuracy {row['accuracy']:.2f}, batch-1 p50 {row['b1_p50_ms']:.2f} ms "
-                     f"({static['b1_p50_ms'] / row['b1_p50_ms']:.2f}x), p90 {row['b1_p90_ms']:.2f} ms, "
-                     f"{row['throughput_rows_per_s']:.0f} rows/s at batch {size} "
-                     f"({row['throughput_rows_per_s'] / static['throughput_rows_per_s']:.2f}x), "
+        lines.append(f"{name}: accuracy {row['accuracy']:.2f}, batch-1 p50 {row[B1_P50_MS]:.2f} ms "
+                     f"({static[B1_P50_MS] / row[B1_P50_MS]:.2f}x), p90 {row['b1_p90_ms']:.2f} ms, "
+                     f"{row[THROUGHPUT]:.0f} rows/s at batch {size} "
+                     f"({row[THROUGHPUT] / static[THROUGHPUT]:.2f}x), "
                      f"mean exit layer {row['mean_exit_layer']:.2f}")
-    tuned = by_point.get("eat:tuned")
+    tuned = by_point.get(TUNED)
     if tuned is None:
         return lines + ["T8: no tuned point measured -> MISSED", ""]
-    speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+    speed = static[B1_P50_MS] / tuned[B1_P50_MS]
     drop = static["accuracy"] - tuned["accuracy"]
     met = speed >= 1.8 and drop <= 0.5 and str(static["device"]).startswith("cuda")
     note = "" if str(static["device"]).startswith("cuda") else " [not a GPU run: a dry run of the script]"
@@ -190,7 +191,7 @@ def _static_runs(rows: list[dict]) -> dict[str, str]:
     """{run id: what it measured ("N timed rows", ", all M rows")} for every run with a static row, oldest first."""
     runs = {}
     for row in rows:
-        if row["point"] == "static" and row.get("run_id"):
+        if row["point"] == STATIC and row.get("run_id"):
             extra = f", all {row['rows_all']} rows" if row.get("rows_all") else ""
             runs[row["run_id"]] = f"{row['run_id']} ({row['rows']} timed rows{extra})"
     return runs
@@ -209,7 +210,7 @@ def main() -> None:
     lines = []
     for split in sorted({r["split"] for r in rows}):
         split_rows = [r for r in rows if r["split"] == split]
-        static_rows = [r for r in split_rows if r["point"] == "static"]
+        static_rows = [r for r in split_rows if r["point"] == STATIC]
         if args.run_id is not None:
             static_rows = [r for r in static_rows if r.get("run_id") == args.run_id]
             if not static_rows:
@@ -226,7 +227,7 @@ def main() -> None:
                              "(choose one with --run-id)")
             split_rows = [r for r in split_rows if r.get("run_id") == run_id]
         by_point = {r["point"]: r for r in split_rows}
-        static, half = by_point.get("static"), by_point.get("half-depth")
+        static, half = by_point.get(STATIC), by_point.get(HALF_DEPTH)
         if static is not None and static.get("metric") == "entity_f1":
             lines += token_task_targets(args, static, by_point)
             continue
@@ -248,13 +249,13 @@ def main() -> None:
         env = static
         lines += [f"# {args.task} {split}: targets from {args.results} ({env['rows']} rows, {env['cpu']}, "
                   f"{env['device']}, {env['threads']} threads, commit {env['git_commit']})",
-                  f"static: accuracy {static['accuracy']:.2f}, batch-1 p50 {static['b1_p50_ms']:.2f} ms, "
-                  f"{static['throughput_rows_per_s']:.0f} rows/s at batch {static['batch_size_throughput']}",
-                  f"half-depth: accuracy {half['accuracy']:.2f}, batch-1 p50 {half['b1_p50_ms']:.2f} ms, "
-                  f"{half['throughput_rows_per_s']:.0f} rows/s"]
-        tuned = by_point.get("eat:tuned")
+                  f"static: accuracy {static['accuracy']:.2f}, batch-1 p50 {static[B1_P50_MS]:.2f} ms, "
+                  f"{static[THROUGHPUT]:.0f} rows/s at batch {static['batch_size_throughput']}",
+                  f"half-depth: accuracy {half['accuracy']:.2f}, batch-1 p50 {half[B1_P50_MS]:.2f} ms, "
+                  f"{half[THROUGHPUT]:.0f} rows/s"]
+        tuned = by_point.get(TUNED)
         if tuned is not None:
-            speed = static["b1_p50_ms"] / tuned["b1_p50_ms"]
+            speed = static[B1_P50_MS] / tuned[B1_P50_MS]
             reference, accuracy, on = judged_accuracy(static, tuned)
             drop = reference - accuracy
             met = speed >= 2.0 and drop <= 0.5
@@ -267,25 +268,25 @@ def main() -> None:
                             ("any measured point, picked on dev", candidates)):
             if label.startswith("tuned") and not pool:
                 continue
-            fast_enough = [r for r in pool if r["b1_p50_ms"] <= half["b1_p50_ms"]]
+            fast_enough = [r for r in pool if r[B1_P50_MS] <= half[B1_P50_MS]]
             best = max(fast_enough, key=lambda r: r["accuracy"], default=None)
             if best is None:
                 lines.append(f"T2 vs half-depth ({label}): none is as fast as the half-depth model -> MISSED")
                 continue
             reference, accuracy, on = judged_accuracy(half, best)
             gain = accuracy - reference
-            lines.append(f"T2 vs half-depth ({label}): {best['point']} at {best['b1_p50_ms']:.2f} ms "
-                         f"(half {half['b1_p50_ms']:.2f}) accuracy {accuracy:.2f} ({gain:+.2f} points{on}) -> "
+            lines.append(f"T2 vs half-depth ({label}): {best['point']} at {best[B1_P50_MS]:.2f} ms "
+                         f"(half {half[B1_P50_MS]:.2f}) accuracy {accuracy:.2f} ({gain:+.2f} points{on}) -> "
                          f"{'MET' if gain >= 1.0 else 'MISSED'}")
         # T3 is judged on a tuned point (chosen on calibration): the one tuned for throughput at this batch size
         # (`eat tune --batch-size N`) when measured, else the batch-1 one; best dev row shown for reference only
         size = static["batch_size_throughput"]
-        batch_tuned = by_point.get(f"eat:tuned-b{size}")
+        batch_tuned = by_point.get(f"{TUNED}-b{size}")
         for label, point in ((f"tuned for batch {size}", batch_tuned), ("tuned for batch 1", tuned)):
             if point is None:
                 continue
             if point["mech_exit"] and point["mech_prune"]:
-                ratio = point["throughput_rows_per_s"] / static["throughput_rows_per_s"]
+                ratio = point[THROUGHPUT] / static[THROUGHPUT]
                 reference, accuracy, on = judged_accuracy(static, point)
                 drop = reference - accuracy
                 met = ratio >= 1.5 and drop <= 0.5
@@ -300,9 +301,9 @@ def main() -> None:
             lines.append("T3: no tuned point measured -> MISSED")
         batched = [r for r in candidates if r["mech_exit"] and r["mech_prune"]
                    and static["accuracy"] - r["accuracy"] <= 0.5]
-        best = max(batched, key=lambda r: r["throughput_rows_per_s"], default=None)
+        best = max(batched, key=lambda r: r[THROUGHPUT], default=None)
         if best is not None:
-            ratio = best["throughput_rows_per_s"] / static["throughput_rows_per_s"]
+            ratio = best[THROUGHPUT] / static[THROUGHPUT]
             lines.append(f"   (reference only, picked on dev: {best['point']} {ratio:.2f}x at accuracy {best['accuracy']:.2f})")
         lines.append("")
     emit(lines, args.out)

@@ -137,6 +137,34 @@ def test_bench_times_length_sorted_batches_beside_arrival_order(tmp_path):
     assert all("throughput_sorted_rows_per_s" not in row and "padding_share_arrival" not in row for row in plain)
 
 
+def test_the_row_schema_names_every_key_measure_points_writes(tmp_path):
+    """eat.results names a measured row's keys (ResultRow; the latency statistics come as b1_* and bN_batch_*), its
+    column and point-name constants are what measure_points writes, and the file helpers keep the names on disk."""
+    import re
+
+    from eat.results import (B1_P50_MS, EXITS_OFF, STATIC, THROUGHPUT, THROUGHPUT_SORTED, TUNED, ResultRow,
+                             batch_tuned_files, run_config_file, tuned_file, tuned_point_name)
+
+    folder = tmp_path / "ckpt"
+    tiny_model().save_pretrained(folder)
+    points = ablation_points(str(folder), bench_config_from_preset("smoke"), tau=0.6, static_checkpoint=str(folder))
+    assert points[0].name == EXITS_OFF and points[-1].name == STATIC
+    bench = bench_config_from_preset("smoke", rows=None, batch_size=4)
+    rows = measure_points([points[0], points[-1]], _encoded(8), bench, ResultsLog(tmp_path / "r"),
+                          dataset_source="fixture", examples_dir=tmp_path / "r" / "examples")
+    latency = re.compile(r"b\d+(_batch)?_(count|[a-z0-9]+_ms)$")
+    for row in rows:
+        assert {B1_P50_MS, THROUGHPUT, THROUGHPUT_SORTED} <= set(row)
+        assert [key for key in row if key not in ResultRow.__annotations__ and not latency.match(key)] == []
+    assert tuned_point_name() == TUNED and tuned_point_name(32) == "eat:tuned-b32"
+    assert [tuned_file(tmp_path, "mnli", *args).name for args in ((), (32,), (1, "int8"), (32, "int8"))] == [
+        "tuned_mnli.json", "tuned_mnli_b32.json", "tuned_mnli_int8.json", "tuned_mnli_b32_int8.json"]
+    for name in ("tuned_mnli_b32.json", "tuned_mnli_b32_int8.json", "tuned_mnli_int8.json", "tuned_qqp_b8.json"):
+        (tmp_path / name).write_text("{}")
+    assert batch_tuned_files(tmp_path, "mnli") == {32: tmp_path / "tuned_mnli_b32.json"}
+    assert run_config_file(tmp_path, "sst2") == tmp_path / "run_config_sst2.json"
+
+
 def test_results_log_resume_skip_and_corrupt_file(tmp_path, tiny_backbone):
     folder = tmp_path / "ckpt"
     tiny = tiny_model()

@@ -27,7 +27,8 @@ from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode, padding_share
 from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification
-from .results import ResultsLog, atomic_write_json, config_hash, new_run_id
+from .results import (HALF_DEPTH, STATIC, THROUGHPUT, THROUGHPUT_SORTED, ResultsLog, atomic_write_json, config_hash,
+                      new_run_id)
 from .bootstrap import bootstrap_indices, paired_bootstrap_drop
 from .configuration_eat import REGRESSION_EXIT_POLICIES
 from .presets import get_preset
@@ -134,9 +135,9 @@ def ablation_points(eat_checkpoint: str, bench: BenchConfig, *, static_checkpoin
                                      mechanism_knobs(bench, prune, sparse, exit_, tau, keep, policy, patience),
                                      "ablation"))
     if static_checkpoint:
-        points.append(OperatingPoint("static", static_checkpoint, {}, "baseline", "static"))
+        points.append(OperatingPoint(STATIC, static_checkpoint, {}, "baseline", "static"))
     if half_checkpoint:
-        points.append(OperatingPoint("half-depth", half_checkpoint, {}, "baseline", "half"))
+        points.append(OperatingPoint(HALF_DEPTH, half_checkpoint, {}, "baseline", "half"))
     return points
 
 
@@ -275,7 +276,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded, bench: BenchConfig
                                                rows, device=bench.device, repeats=bench.throughput_repeats)
         padding = {"padding_share_arrival": padding_share(batched),
                    "padding_share_sorted": padding_share(sorted_batched)}
-        sorted_fields = {name: {"throughput_sorted_rows_per_s": sorted_timing[name][0], **padding} for name in models}
+        sorted_fields = {name: {THROUGHPUT_SORTED: sorted_timing[name][0], **padding} for name in models}
     measured.finish(models, progress)
     new_rows = []
     for point, hash_ in todo:
@@ -284,7 +285,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded, bench: BenchConfig
         new_rows.append({
             **_identity_fields(point, model, bench, rows, dataset_source, env, run_id),
             **measured.scores(point.name),
-            **latency[point.name].as_dict("b1_"), "throughput_rows_per_s": rows_per_s, **sorted_fields[point.name],
+            **latency[point.name].as_dict("b1_"), THROUGHPUT: rows_per_s, **sorted_fields[point.name],
             **batch_latency.as_dict(f"b{bench.batch_size}_batch_"),
             **measured.exit_fields(point.name, model),
             "work": dataclasses.asdict(measured.work[point.name]),

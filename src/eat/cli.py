@@ -670,7 +670,8 @@ def bench(
     import torch
 
     from .bench import OperatingPoint, ablation_points, bench_config_from_preset, measure_points, sweep_points
-    from .results import ResultsLog
+    from .results import (EXITS_OFF, HALF_DEPTH, STATIC, TUNED, ResultsLog, batch_tuned_files, tuned_file,
+                          tuned_point_name)
     from .tasks import metric_title, named_task
     from .training import TrainConfig, config_task
 
@@ -693,11 +694,9 @@ def bench(
     unknown = wanted - {"ablation", "sweeps", "tuned"}
     if unknown:
         raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
-    batch_tuned = {int(size): _tuned_file(results, task, int(size))  # `eat tune --batch-size N` points
-                   for size in (path.stem.rsplit("_b", 1)[1] for path in sorted(results.glob(f"tuned_{task}_b*.json")))
-                   if size.isdigit()}
-    if "tuned" in wanted and not (_tuned_file(results, task).is_file() or batch_tuned):
-        raise ValueError(f"--points tuned: no {_tuned_file(results, task)}; run `eat tune --results {results}` first")
+    batch_tuned = batch_tuned_files(results, task)  # `eat tune --batch-size N` points
+    if "tuned" in wanted and not (tuned_file(results, task).is_file() or batch_tuned):
+        raise ValueError(f"--points tuned: no {tuned_file(results, task)}; run `eat tune --results {results}` first")
     if accuracy_all_rows and not runner.supports_all_rows:
         raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 on "
                          "the sentences it timed)")
@@ -715,8 +714,8 @@ def bench(
         all_rows = runner.encode(whole, tokenizer, max_length) if accuracy_all_rows and len(data) < len(whole) else None
         split_config = dataclasses.replace(config, split=split)
         chosen = []
-        tuned_file = _tuned_file(results, task)
-        tuned = json.loads(tuned_file.read_text())["knobs"] if tuned_file.is_file() else None
+        tuned_path = tuned_file(results, task)
+        tuned = json.loads(tuned_path.read_text())["knobs"] if tuned_path.is_file() else None
         if wanted & {"ablation", "tuned"}:
             # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
             # is measured in the same run as the baselines
@@ -726,12 +725,12 @@ def bench(
                                    static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
                                    half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,
                                    **rule)
-            short = ("static", "half-depth", "eat:none", "eat:exit", "eat:prune+exit")
+            short = (STATIC, HALF_DEPTH, EXITS_OFF, "eat:exit", "eat:prune+exit")
             chosen += grid if "ablation" in wanted else [point for point in grid if point.name in short]
             if tuned is not None:
-                chosen.append(OperatingPoint("eat:tuned", str(model_dir), tuned, "tuned"))
+                chosen.append(OperatingPoint(TUNED, str(model_dir), tuned, "tuned"))
             for size, path in batch_tuned.items():
-                chosen.append(OperatingPoint(_tuned_point_name(size), str(model_dir),
+                chosen.append(OperatingPoint(tuned_point_name(size), str(model_dir),
                                              json.loads(path.read_text())["knobs"], "tuned"))
         if "sweeps" in wanted:
             chosen += sweep_points(str(model_dir), split_config)
@@ -749,19 +748,19 @@ def bench(
 def _bench_table(title: str, new: list[dict[str, Any]], metric: str) -> Table:
     """The rows `eat bench` measured: primary metric (and on all rows when measured), batch-1 latency, throughput
     (length-sorted too when measured), mean exit layer, token-layer fraction."""
-    from .results import row_metric
+    from .results import B1_P50_MS, THROUGHPUT, THROUGHPUT_SORTED, row_metric
 
     table = Table(title=title)
     whole_split = bool(new) and "rows_all" in new[0]
-    sorted_too = bool(new) and "throughput_sorted_rows_per_s" in new[0]
+    sorted_too = bool(new) and THROUGHPUT_SORTED in new[0]
     for column in ("point", metric, *(("all rows",) if whole_split else ()), "b1 p50 ms", "b1 p90 ms", "rows/s",
                    *(("rows/s sorted",) if sorted_too else ()), "mean exit", "token-layer frac"):
         table.add_column(column)
     for row in new:
         table.add_row(row["point"], f"{row_metric(row)[1]:.2f}",
-                      *((f"{row_metric(row, '_all_rows')[1]:.2f}",) if whole_split else ()), f"{row['b1_p50_ms']:.2f}",
-                      f"{row['b1_p90_ms']:.2f}", f"{row['throughput_rows_per_s']:.0f}",
-                      *((f"{row['throughput_sorted_rows_per_s']:.0f}",) if sorted_too else ()),
+                      *((f"{row_metric(row, '_all_rows')[1]:.2f}",) if whole_split else ()), f"{row[B1_P50_MS]:.2f}",
+                      f"{row['b1_p90_ms']:.2f}", f"{row[THROUGHPUT]:.0f}",
+                      *((f"{row[THROUGHPUT_SORTED]:.0f}",) if sorted_too else ()),
                       f"{row['mean_exit_layer']:.2f}", f"{row['token_layer_fraction']:.3f}")
     return table
 
@@ -829,7 +828,7 @@ def tune_command(
 
     from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json
     from .presets import get_preset
-    from .results import ResultsLog
+    from .results import EXITS_OFF, ResultsLog, tuned_file, tuned_point_name
     from .runners import TuneRequest
     from .training import TrainConfig, config_task, training_data
 
@@ -863,14 +862,14 @@ def tune_command(
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
         request.reference_dir = str(reference_dir)
     outcome = runner.tune(model, model_dir, tokenizer, calibration, train_config.max_length, request)
-    save_json(_tuned_file(results, task, batch_size, precision), outcome.saved)
+    save_json(tuned_file(results, task, batch_size, precision), outcome.saved)
     for line in outcome.lines:
         out.print(line)
     config = bench_config_from_preset(preset, task=task, device=device, threads=torch.get_num_threads(), rows=rows,
                                       **({"batch_size": batch_size} if batch_size > 1 else {}))
     peer = "" if precision == "fp32" else f":torch-{precision}"  # an int8 tuner reports its int8 points
-    name = _tuned_point_name(batch_size) + peer
-    points = [OperatingPoint("eat:none" + peer, str(model_dir), _everything_off(), "ablation", precision=precision),
+    name = tuned_point_name(batch_size) + peer
+    points = [OperatingPoint(EXITS_OFF + peer, str(model_dir), _everything_off(), "ablation", precision=precision),
               OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=precision)]
     own_eval_file = train_config.eval_file if train_config.data_file is not None else None
     for split in runner.dev_splits(own_eval_file):
@@ -883,40 +882,28 @@ def tune_command(
                                   pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
                                   task=spec, data=data)
         by_name = {row["point"]: row for row in measured}
-        out.print(_tuned_line(f"{task} {split}", by_name[name], by_name["eat:none" + peer]))
+        out.print(_tuned_line(f"{task} {split}", by_name[name], by_name[EXITS_OFF + peer]))
 
 
 def _tuned_line(series: str, tuned: dict[str, Any], off: dict[str, Any]) -> str:
     """The tuned point against exits off on one dev split: primary metric, token-layer work, batch-1 median,
     batch throughput (arrival order, and length-sorted when measured)."""
-    from .results import row_metric
+    from .results import B1_P50_MS, THROUGHPUT, THROUGHPUT_SORTED, row_metric
 
     metric, value = row_metric(tuned)
     sorted_rate = ""
-    if tuned.get("throughput_sorted_rows_per_s") and off.get("throughput_sorted_rows_per_s"):
-        sorted_rate = f", {tuned['throughput_sorted_rows_per_s'] / off['throughput_sorted_rows_per_s']:.2f}x length-sorted"
+    if tuned.get(THROUGHPUT_SORTED) and off.get(THROUGHPUT_SORTED):
+        sorted_rate = f", {tuned[THROUGHPUT_SORTED] / off[THROUGHPUT_SORTED]:.2f}x length-sorted"
     return (f"{series}: tuned {metric} {value:.2f} vs {row_metric(off)[1]:.2f}; token-layer fraction "
-            f"{tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned['b1_p50_ms']:.2f} vs {off['b1_p50_ms']:.2f} ms "
-            f"({off['b1_p50_ms'] / tuned['b1_p50_ms']:.2f}x); batch {tuned['batch_size_throughput']} "
-            f"{tuned['throughput_rows_per_s']:.0f} vs {off['throughput_rows_per_s']:.0f} rows/s "
-            f"({tuned['throughput_rows_per_s'] / off['throughput_rows_per_s']:.2f}x in arrival order{sorted_rate})")
+            f"{tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned[B1_P50_MS]:.2f} vs {off[B1_P50_MS]:.2f} ms "
+            f"({off[B1_P50_MS] / tuned[B1_P50_MS]:.2f}x); batch {tuned['batch_size_throughput']} "
+            f"{tuned[THROUGHPUT]:.0f} vs {off[THROUGHPUT]:.0f} rows/s "
+            f"({tuned[THROUGHPUT] / off[THROUGHPUT]:.2f}x in arrival order{sorted_rate})")
 
 
 # fewest held-out rows eat tune chooses an operating point on: with fewer, one row moves the accuracy by more than 5
 # points, so no --max-drop below that means anything
 MIN_CALIBRATION_ROWS = 20
-
-
-def _tuned_file(results: Path, task: str, batch_size: int = 1, precision: str = "fp32") -> Path:
-    """Where `eat tune` saves its choice: tuned_<task>.json (batch-1 objective) or tuned_<task>_bN.json; a tuner
-    of another precision adds it (tuned_<task>_int8.json), so the fp32 choice is never replaced."""
-    suffix = "" if precision == "fp32" else f"_{precision}"
-    return results / (f"tuned_{task}{suffix}.json" if batch_size == 1 else f"tuned_{task}_b{batch_size}{suffix}.json")
-
-
-def _tuned_point_name(batch_size: int) -> str:
-    """The results-log name of a tuned point: eat:tuned (batch-1 objective) or eat:tuned-bN (throughput at N)."""
-    return "eat:tuned" if batch_size == 1 else f"eat:tuned-b{batch_size}"
 
 
 @app.command()

@@ -33,7 +33,8 @@ from .data import encode, load_glue, load_table
 from .presets import get_preset
 from .report import build_report
 from .deploy.peers import PEERS
-from .results import ResultsLog, row_metric, series_name
+from .results import (B1_P50_MS, EXITS_OFF, HALF_DEPTH, STATIC, THROUGHPUT, THROUGHPUT_SORTED, TUNED, ResultsLog,
+                      bench_config_file, row_metric, run_config_file, series_name, train_config_file, tuned_file)
 from .results import sweep_file as results_sweep_file
 from .tasks import SEQUENCE_TASKS, Task
 from .training import TrainConfig, config_task, train, train_config_from_preset
@@ -168,7 +169,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     max_drop = get_preset(preset).max_drop if max_drop is None else max_drop
     spec = run_task_of(run)
     results_dir.mkdir(parents=True, exist_ok=True)
-    run_file = results_dir / f"run_config_{task}.json"
+    run_file = run_config_file(results_dir, task)
     if run_file.is_file() and json.loads(run_file.read_text()) != run_saved_fields(run):
         raise ValueError(f"{results_dir} holds results of another run of {task} ({run_file.read_text().strip()}); "
                          "use another --results folder")
@@ -183,8 +184,8 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     task_bench = regression_bench(calibration.frame["label"].to_numpy()) if spec.is_regression else {}
     bench = bench_config_from_preset(preset, task=task, device=device, max_length=eat_config.max_length,
                                      **{**task_bench, **(bench_overrides or {})})
-    save_json(results_dir / f"bench_config_{task}.json", dataclasses.asdict(bench))
-    save_json(results_dir / f"train_config_{task}.json", dataclasses.asdict(eat_config))
+    save_json(bench_config_file(results_dir, task), dataclasses.asdict(bench))
+    save_json(train_config_file(results_dir, task), dataclasses.asdict(eat_config))
 
     from transformers import AutoTokenizer
 
@@ -192,9 +193,9 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     pad_id = tokenizer.pad_token_id or 0
 
     # --- operating point on the calibration split
-    tuned_file = results_dir / f"tuned_{task}.json"
-    if tuned_file.is_file():
-        tuned = json.loads(tuned_file.read_text())
+    tuned_path = tuned_file(results_dir, task)
+    if tuned_path.is_file():
+        tuned = json.loads(tuned_path.read_text())
         _log(f"tuned point for {task} reused: {tuned['knobs']}", log)
     else:
         _log(f"tuning {task} on {len(calibration)} calibration rows (max drop {max_drop} against static"
@@ -205,7 +206,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
                       timing_rows=min(150, len(calibration)), reference_checkpoint=str(models["static"]),
                       certify=certify, task=spec)
         tuned = dataclasses.asdict(result)
-        save_json(tuned_file, tuned)
+        save_json(tuned_path, tuned)
         _log(f"tuned {task}: {result.knobs} ({result.criterion})", log)
 
     log_file = ResultsLog(results_dir)
@@ -227,7 +228,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
                                  half_checkpoint=str(models["half"]), tau=tuned["knobs"]["exit_threshold"],
                                  keep=tuned["knobs"]["keep_ratio"], policy=tuned["knobs"].get("exit_policy"),
                                  patience=tuned["knobs"].get("exit_patience"))
-        points.append(OperatingPoint("eat:tuned", str(models["eat"]), tuned["knobs"], "tuned"))
+        points.append(OperatingPoint(TUNED, str(models["eat"]), tuned["knobs"], "tuned"))
         points += sweep_points(str(models["eat"]), split_bench)
         points += _peer_points(points, log)
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
@@ -283,12 +284,12 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
     """One line per key point: accuracy and batch-1 latency of static, half-depth and tuned EAT."""
     rows = [r for r in ResultsLog(results_dir).rows() if r["task"] == task]
     lines = []
-    for name in ("static", *(f"static:{peer}" for peer in PEERS), "half-depth", "eat:none", "eat:tuned",
-                 *(f"eat:tuned:{peer}" for peer in PEERS)):
+    for name in (STATIC, *(f"{STATIC}:{peer}" for peer in PEERS), HALF_DEPTH, EXITS_OFF, TUNED,
+                 *(f"{TUNED}:{peer}" for peer in PEERS)):
         for row in [r for r in rows if r["point"] == name]:
             metric, value = row_metric(row)
             lines.append(f"{task} {row['split']} {name:<20} {metric} {value:.2f}%  batch-1 p50 "
-                         f"{row['b1_p50_ms']:.2f} ms  {row['throughput_rows_per_s']:.0f} rows/s at batch "
+                         f"{row[B1_P50_MS]:.2f} ms  {row[THROUGHPUT]:.0f} rows/s at batch "
                          f"{row['batch_size_throughput']}{_sorted_rate(row)}  mean exit layer "
                          f"{row['mean_exit_layer']:.2f}")
     return lines
@@ -296,7 +297,7 @@ def summary_lines(results_dir: Path, task: str) -> list[str]:
 
 def _sorted_rate(row: dict) -> str:
     """" (N sorted)": the row's throughput on length-sorted batches, when it was measured."""
-    rate = row.get("throughput_sorted_rows_per_s")
+    rate = row.get(THROUGHPUT_SORTED)
     return "" if rate is None else f" ({rate:.0f} sorted)"
 
 

@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .results import ResultsError, ResultsLog, atomic_write_text, series_name  # noqa: E402
+from .results import (B1_P50_MS, EXITS_OFF, STATIC, THROUGHPUT, THROUGHPUT_SORTED, ResultsError,  # noqa: E402
+                      ResultsLog, atomic_write_text, run_config_file, series_name, tuned_file)
 from .results import sweep_file as results_sweep_file  # noqa: E402
 from .tasks import METRICS, TASKS, metric_title  # noqa: E402
 
@@ -24,7 +25,7 @@ class ReportError(RuntimeError):
     """Nothing to report, or the inputs are unusable; the message says which file."""
 
 
-def pareto_front(frame: pd.DataFrame, cost: str = "b1_p50_ms", value: str = "accuracy") -> pd.Series:
+def pareto_front(frame: pd.DataFrame, cost: str = B1_P50_MS, value: str = "accuracy") -> pd.Series:
     """Boolean mask of rows no other row beats on both cost (lower) and value (higher)."""
     mask = []
     for _, row in frame.iterrows():
@@ -86,8 +87,8 @@ def _static_row(frame: pd.DataFrame, name: str) -> pd.Series | None:
 
 def _frame_reference(data: pd.DataFrame) -> pd.Series | None:
     """The frame's own reference row, for rows without a run id: its "static" row, else its "eat:none" row."""
-    static = _static_row(data, "static")
-    return static if static is not None else _static_row(data, "eat:none")
+    static = _static_row(data, STATIC)
+    return static if static is not None else _static_row(data, EXITS_OFF)
 
 
 def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
@@ -98,15 +99,15 @@ def run_speedups(data: pd.DataFrame) -> pd.DataFrame:
     data = data.copy()
     by_run = "run_id" in data.columns and data["run_id"].notna().all()
     fallback = _frame_reference(data)
-    timings = ["b1_p50_ms", "throughput_rows_per_s"] + [c for c in ("throughput_sorted_rows_per_s",) if c in data]
+    timings = [B1_P50_MS, THROUGHPUT] + [c for c in (THROUGHPUT_SORTED,) if c in data]
     references = [_run_reference(data, run_id) if by_run else fallback for run_id in data.get("run_id", data.index)]
     # (rows, timings): each row's reference timings, NaN where its run has none
     reference = pd.DataFrame([{} if ref is None else {c: ref[c] for c in timings} for ref in references],
                              index=data.index).reindex(columns=timings)
-    data["speedup_b1"] = reference["b1_p50_ms"] / data["b1_p50_ms"]
-    data["speedup_batch"] = data["throughput_rows_per_s"] / reference["throughput_rows_per_s"]
-    if "throughput_sorted_rows_per_s" in timings:  # length-sorted batches (rows measured since a2fe6d9)
-        data["speedup_sorted"] = data["throughput_sorted_rows_per_s"] / reference["throughput_sorted_rows_per_s"]
+    data["speedup_b1"] = reference[B1_P50_MS] / data[B1_P50_MS]
+    data["speedup_batch"] = data[THROUGHPUT] / reference[THROUGHPUT]
+    if THROUGHPUT_SORTED in timings:  # length-sorted batches (rows measured since a2fe6d9)
+        data["speedup_sorted"] = data[THROUGHPUT_SORTED] / reference[THROUGHPUT_SORTED]
     return data
 
 
@@ -158,7 +159,7 @@ def plot_frontier(frame: pd.DataFrame, task: str, path: Path) -> None:
     else:
         data = everything
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        _frontier_panel(ax, data, "b1_p50_ms", False, "batch-1 median latency (ms)")
+        _frontier_panel(ax, data, B1_P50_MS, False, "batch-1 median latency (ms)")
         ax.set_title(f"{task}: {metric_name(data)} vs latency ({env['device']}, {env['threads']} threads)",
                      fontsize=10)
     fig.tight_layout()
@@ -209,9 +210,9 @@ def plot_ablation(frame: pd.DataFrame, task: str, path: Path) -> None:
     data = frame[(frame["series"] == task) & frame["role"].isin(["ablation", "baseline", "tuned"])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = data["point"].tolist()
-    axes[0].barh(names, data["b1_p50_ms"], color="tab:blue")
+    axes[0].barh(names, data[B1_P50_MS], color="tab:blue")
     axes[0].set_xlabel("batch-1 median latency (ms)")
-    axes[1].barh(names, data["throughput_rows_per_s"], color="tab:green")
+    axes[1].barh(names, data[THROUGHPUT], color="tab:green")
     axes[1].set_xlabel(f"throughput at batch {int(data.iloc[0]['batch_size_throughput'])} (rows/s)")
     axes[2].barh(names, data["metric_value"], color="tab:orange")
     lowest = float(data["metric_value"].min())
@@ -250,7 +251,7 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
     several_runs = by_run and data["run_id"].nunique() > 1
     run_header, run_rule = ("run | ", "---|") if several_runs else ("", "")
     # length-sorted throughput, when every row has it (rows measured before it existed do not)
-    has_sorted = "throughput_sorted_rows_per_s" in data.columns and data["throughput_sorted_rows_per_s"].notna().all()
+    has_sorted = THROUGHPUT_SORTED in data.columns and data[THROUGHPUT_SORTED].notna().all()
     sorted_header, sorted_rule = (" rows/s (sorted) | speedup sorted |", "---|---|") if has_sorted else ("", "")
     lines = [f"| point | role | {run_header}{metric_name(data)} | b1 p50 ms | b1 p90 ms | b1 p99 ms | speedup b1 | "
              f"rows/s (batch) | speedup batch |{sorted_header} mean exit layer | token-layer fraction |",
@@ -263,12 +264,12 @@ def summary_table(frame: pd.DataFrame, task: str) -> str:
         speed1, speedb = (f"{row[c]:.2f}x" if pd.notna(row[c]) else "-" for c in ("speedup_b1", "speedup_batch"))
         if has_sorted:
             speeds = f"{row['speedup_sorted']:.2f}x" if pd.notna(row["speedup_sorted"]) else "-"
-        sorted_cells = f" {row['throughput_sorted_rows_per_s']:.0f} | {speeds} |" if has_sorted else ""
+        sorted_cells = f" {row[THROUGHPUT_SORTED]:.0f} | {speeds} |" if has_sorted else ""
         accuracy = f"{row['metric_value']:.2f}{_other_metrics(row)}"
         run = f"{row['run_id']} | " if several_runs else ""
-        lines.append(f"| {row['point']} | {row['role']} | {run}{accuracy} | {row['b1_p50_ms']:.2f} | "
+        lines.append(f"| {row['point']} | {row['role']} | {run}{accuracy} | {row[B1_P50_MS]:.2f} | "
                      f"{row['b1_p90_ms']:.2f} | {row['b1_p99_ms']:.2f} | {speed1} | "
-                     f"{row['throughput_rows_per_s']:.0f} | {speedb} |{sorted_cells} {row['mean_exit_layer']:.2f} | "
+                     f"{row[THROUGHPUT]:.0f} | {speedb} |{sorted_cells} {row['mean_exit_layer']:.2f} | "
                      f"{row['token_layer_fraction']:.3f} |")
     if has_sorted:
         lines += ["", "Batch throughput is timed twice on the same rows: in arrival order (padding share "
@@ -294,7 +295,7 @@ def _other_metrics(row: pd.Series) -> str:
 
 def _is_static(points: pd.Series) -> pd.Series:
     """Rows of the static model on any backend: ``static`` and its peers ``static:<backend>-<precision>``."""
-    return (points == "static") | points.astype(str).str.startswith("static:")
+    return (points == STATIC) | points.astype(str).str.startswith(f"{STATIC}:")
 
 
 def _mark_fastest_static_peer(ax, data: pd.DataFrame, column: str) -> None:
@@ -315,9 +316,9 @@ def peer_speedups(data: pd.DataFrame) -> pd.DataFrame:
     As :func:`run_speedups`, ratios are never formed across runs. NaN where a run has no static row."""
     data = data.copy()
     runs = data["run_id"] if "run_id" in data.columns and data["run_id"].notna().all() else pd.Series(0, data.index)
-    measures = [("b1", "b1_p50_ms", False), ("batch", "throughput_rows_per_s", True)]
-    if "throughput_sorted_rows_per_s" in data.columns and data["throughput_sorted_rows_per_s"].notna().all():
-        measures.append(("sorted", "throughput_sorted_rows_per_s", True))
+    measures = [("b1", B1_P50_MS, False), ("batch", THROUGHPUT, True)]
+    if THROUGHPUT_SORTED in data.columns and data[THROUGHPUT_SORTED].notna().all():
+        measures.append(("sorted", THROUGHPUT_SORTED, True))
     for key, column, higher in measures:
         data[f"peer_speedup_{key}"] = float("nan")
         data[f"peer_{key}"] = None
@@ -337,7 +338,7 @@ def peer_speedup_table(frame: pd.DataFrame, task: str) -> str:
     """Markdown table of every row's speedups against the fastest static peer of its run (batch 1, batch
     throughput, length-sorted throughput when measured), or "" when no run of this task has static peers."""
     data = frame[frame["series"] == task]
-    if not data["point"].astype(str).str.startswith("static:").any():
+    if not data["point"].astype(str).str.startswith(f"{STATIC}:").any():
         return ""
     data = peer_speedups(data)
     has_sorted = "peer_speedup_sorted" in data.columns
@@ -415,9 +416,9 @@ def build_report(folder: str | Path) -> Path:
         peers = peer_speedup_table(frame, task)
         if peers:
             sections += ["### Against the fastest static peer", "", peers, ""]
-        tuned_file = folder / f"tuned_{task.split(':')[0]}.json"
-        if tuned_file.is_file():
-            tuned = json.loads(tuned_file.read_text())
+        tuned_path = tuned_file(folder, task.split(":")[0])
+        if tuned_path.is_file():
+            tuned = json.loads(tuned_path.read_text())
             kind = "f1" if "calibration_f1" in tuned else "accuracy"
             sections += [f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
                          f"`{json.dumps(tuned.get('knobs'))}`, calibration {metric_name(data)} "
@@ -429,7 +430,7 @@ def build_report(folder: str | Path) -> Path:
                             f"{tuned['drop_interval']['confidence']:.0%} upper bound "
                             f"{tuned['drop_interval']['upper']:.2f} points"
                             if tuned.get("drop_interval") else "") + ".", ""]
-        run_file = folder / f"run_config_{task.split(':')[0]}.json"
+        run_file = run_config_file(folder, task.split(":")[0])
         if run_file.is_file():  # written by `eat run`: how the models were built
             run = json.loads(run_file.read_text())
             sections += [f"Main job: `eat run --preset {run.get('preset')} --recipe {run.get('recipe')}` "

@@ -6,6 +6,11 @@ results folder) are serialised by a lock file beside the log (``<stem>.lock``, :
 readers need no lock, since the file they open is always a whole one. A file that cannot be read is never written
 over: the caller gets a :class:`ResultsError` naming it. Rows are keyed by ``config_hash`` so reruns skip
 configurations already measured.
+
+What a row holds is named once here (:class:`ResultRow`, the column constants such as :data:`B1_P50_MS`, the
+point names :data:`STATIC`, :data:`EXITS_OFF`, :data:`TUNED`), and so is where every file of a results folder
+lives (:func:`tuned_file`, :func:`sweep_file`, :func:`run_config_file`...): the bench writes them, the report,
+the main job's summary and ``benchmarks/targets.py`` read them.
 """
 
 from __future__ import annotations
@@ -18,9 +23,134 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from filelock import FileLock
+
+
+# ------------------------------------------------------------------------------------------------------ rows
+
+
+class ResultRow(TypedDict, total=False):
+    """One line of ``results.jsonl``: one operating point measured in one interleaved run
+    (:func:`eat.bench.measure_points` writes it; reports, the main job's summary and ``benchmarks/targets.py``
+    read it). Rows stay plain dicts on disk and in memory; this names their keys and types in one place. Keys
+    come in this order; rows written by older versions lack some (a reader falls back, e.g. :func:`row_metric`)."""
+
+    # what was measured, and where
+    run_id: str  # the interleaved run (ratios are only formed within one)
+    task: str
+    split: str | None
+    point: str  # STATIC, HALF_DEPTH, EXITS_OFF, TUNED, "eat:<mechanisms>", "tau=0.9", ...; peers add ":<backend>"
+    role: str  # baseline, ablation, tuned, tau, keep, window
+    model: str  # eat, static, half
+    checkpoint: str
+    layers: int
+    backend: str  # torch or onnxruntime (rows since peers)
+    precision: str  # fp32, bf16, int8 (a token task's rows: its entity precision, written over it)
+    mech_prune: bool
+    mech_sparse: bool
+    mech_exit: bool
+    knobs: dict[str, Any]
+    tau: float | None
+    rows: int  # rows (chunks for a token task) timed at batch 1, whose outputs are scored
+    dataset: str
+    seed: int
+    batch_size_latency: int
+    batch_size_throughput: int
+    device: str
+    threads: int
+    cpu: str
+    gpu: str
+    torch: str
+    transformers: str
+    python: str
+    git_commit: str
+    # scores (percent): the task's primary metric and every other one by name; rows written before metrics had
+    # names hold accuracy (and f1) only, a token task's rows entity F1 in ``accuracy``
+    metric: str
+    metric_value: float
+    accuracy: float
+    f1: float
+    metric_value_batched: float  # from the timed batch calls (accuracy_batched in older rows)
+    accuracy_batched: float
+    recall: float
+    # timing: "b1_" + LatencyStats fields (count, mean, p50, p90, p99, std, min, max in ms), batch throughput in
+    # arrival order and length-sorted, and "b<N>_batch_" + LatencyStats of the batches
+    b1_p50_ms: float
+    b1_p90_ms: float
+    b1_p99_ms: float
+    throughput_rows_per_s: float
+    throughput_sorted_rows_per_s: float
+    padding_share_arrival: float
+    padding_share_sorted: float
+    # work
+    mean_exit_layer: float
+    exit_distribution: dict[int, int]
+    mean_tokens_per_layer: list[float]
+    token_layer_fraction: float
+    kv_token_layer_fraction: float  # token tasks: key/value-only token-layers
+    work: dict[str, int]
+    timestamp: str
+    config_hash: str
+    preset: str  # rows of the main job
+    # the whole split, when a sample was timed (eat bench --accuracy-all-rows)
+    metric_value_all_rows: float
+    accuracy_all_rows: float
+    f1_all_rows: float
+    rows_all: int
+    examples_file: str  # examples/<hash>-<run>.csv, per-row exit layer and tokens
+
+
+# the columns every table and target reads (as :func:`eat.timing.LatencyStats.as_dict` and measure_points name them)
+B1_P50_MS = "b1_p50_ms"
+THROUGHPUT = "throughput_rows_per_s"
+THROUGHPUT_SORTED = "throughput_sorted_rows_per_s"
+
+# the points every comparison is made between (eat.bench builds them; reports, summaries and targets read them)
+STATIC = "static"  # the static model (the reference of every speedup)
+HALF_DEPTH = "half-depth"  # the static model with every other layer
+EXITS_OFF = "eat:none"  # the EAT model with every mechanism off
+TUNED = "eat:tuned"  # the point `eat tune` chose for batch 1
+
+
+def tuned_point_name(batch_size: int = 1) -> str:
+    """The results-log name of a tuned point: ``eat:tuned`` (batch-1 objective) or ``eat:tuned-bN`` (throughput at
+    batch N)."""
+    return TUNED if batch_size == 1 else f"{TUNED}-b{batch_size}"
+
+
+# --------------------------------------------------------------------------------------------------- files
+
+
+def tuned_file(folder: str | Path, task: str, batch_size: int = 1, precision: str = "fp32") -> Path:
+    """Where `eat tune` (and the main job) save a tuned point: ``tuned_<task>.json`` (batch-1 objective) or
+    ``tuned_<task>_bN.json``; a tuner of another precision adds it (``tuned_<task>_int8.json``), so the fp32 choice
+    is never replaced."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return Path(folder) / (f"tuned_{task}{suffix}.json" if batch_size == 1
+                           else f"tuned_{task}_b{batch_size}{suffix}.json")
+
+
+def batch_tuned_files(folder: str | Path, task: str) -> dict[int, Path]:
+    """{batch size: file} of the fp32 points `eat tune --batch-size N` saved for ``task`` in ``folder``."""
+    sizes = (path.stem.rsplit("_b", 1)[1] for path in sorted(Path(folder).glob(f"tuned_{task}_b*.json")))
+    return {int(size): tuned_file(folder, task, int(size)) for size in sizes if size.isdigit()}
+
+
+def run_config_file(folder: str | Path, task: str) -> Path:
+    """Where the main job records how it built a task's models (``run_config_<task>.json``)."""
+    return Path(folder) / f"run_config_{task}.json"
+
+
+def bench_config_file(folder: str | Path, task: str) -> Path:
+    """Where the main job records its bench settings for a task (``bench_config_<task>.json``)."""
+    return Path(folder) / f"bench_config_{task}.json"
+
+
+def train_config_file(folder: str | Path, task: str) -> Path:
+    """Where the main job records its EAT model's training settings (``train_config_<task>.json``)."""
+    return Path(folder) / f"train_config_{task}.json"
 
 
 class ResultsError(RuntimeError):
@@ -187,4 +317,7 @@ def _to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-__all__ = ["ResultsLog", "ResultsError", "atomic_write_text", "atomic_write_json", "config_hash"]
+__all__ = ["ResultsLog", "ResultsError", "ResultRow", "atomic_write_text", "atomic_write_json", "config_hash",
+           "row_metric", "read_tuned_knobs", "new_run_id", "series_name", "sweep_file", "tuned_file",
+           "batch_tuned_files", "run_config_file", "bench_config_file", "train_config_file", "tuned_point_name",
+           "STATIC", "HALF_DEPTH", "EXITS_OFF", "TUNED", "B1_P50_MS", "THROUGHPUT", "THROUGHPUT_SORTED"]
