@@ -562,21 +562,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
                              f"(bound {exits_off['drop_upper_bound']:.2f}): allow a larger drop, a lower confidence, "
                              "or a larger calibration split")
     candidates.append(exits_off)
-    models = {}
-    for i, cand in enumerate(candidates):
-        models[str(i)] = apply_precision(load_classifier(checkpoint, knobs=_tuned_knobs(cand)), precision,
-                                         inplace=True).to(device)
-    if batch_size > 1:
-        _time_throughput(models, _first_rows(calibration, max(timing_rows, THROUGHPUT_TIMING_BATCHES * batch_size)),
-                         candidates, batch_size, device, pad_id)
-    else:
-        timing_set = _first_rows(calibration, timing_rows)
-        singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
-        calls = {name: (lambda b, m=m: m(b["input_ids"].to(device), None, b["token_type_ids"].to(device)))
-                 for name, m in models.items()}
-        latency = interleaved_latency(calls, singles, warmup=warmup, device=device)
-        for i, cand in enumerate(candidates):
-            cand["calibration_p50_ms"] = latency[str(i)].p50_ms
+    _time_finalists(candidates, checkpoint, calibration, precision=precision, batch_size=batch_size,
+                    timing_rows=timing_rows, warmup=warmup, device=device, pad_id=pad_id)
     if max_drop is not None:
         drop_from = "reference run" if reference_checkpoint else "reference"
         if certify is None:
@@ -585,21 +572,9 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
             condition = (f"{task.primary_title} >= {drop_from} - {max_drop} certified at {certify:.0%} confidence (exact paired "
                          f"bound on {rows} calibration rows, fixed-sequence over tau, Bonferroni over "
                          f"{tests} test{'s' if tests != 1 else ''})")
-        tie = (f"; finalists within {TIMING_TIE:.0%} of the fastest count as tied and the one with the least "
-               "token-layer work wins")
-        if batch_size > 1:
-            best = fastest_within_noise(candidates, "calibration_rows_per_s", higher_is_faster=True)
-            criterion = f"highest batch-{batch_size} throughput with {condition}{tie}"
-        else:
-            best = fastest_within_noise(candidates, "calibration_p50_ms", higher_is_faster=False)
-            criterion = f"fastest with {condition}{tie}"
+        best, criterion = _fastest_finalist(candidates, batch_size, condition)
     else:
-        fitting = [c for c in candidates if c["calibration_p50_ms"] <= latency_budget_ms]
-        if not fitting:
-            raise ValueError(f"no operating point fits {latency_budget_ms} ms on this machine; the fastest "
-                             f"measured {min(c['calibration_p50_ms'] for c in candidates):.2f} ms")
-        best = max(fitting, key=lambda c: c["metric_value"])
-        criterion = f"highest calibration {task.primary_title} with calibration p50 <= {latency_budget_ms} ms"
+        best, criterion = _most_accurate_within(candidates, latency_budget_ms, task)
     knobs = _tuned_knobs(best)
     interval = None
     if not exact:  # an uncertainty the exact bound cannot give: the chosen point's paired-bootstrap drop
@@ -613,6 +588,51 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
                       criterion, certify, best.get("drop_upper_bound"), [list(k) if isinstance(k, (list, tuple)) else k
                                                                         for k in keep_grid],
                       task.primary_metric, interval)
+
+
+def _time_finalists(candidates: list[dict[str, Any]], checkpoint: str, calibration: EncodedDataset, *, precision: str,
+                    batch_size: int, timing_rows: int, warmup: int, device: str, pad_id: int) -> None:
+    """Time every tuning finalist side by side on calibration rows, each loaded with its own knobs at
+    ``precision``: the batch-1 median on ``timing_rows`` rows (``calibration_p50_ms``), or with ``batch_size`` > 1
+    the throughput on at least :data:`THROUGHPUT_TIMING_BATCHES` batches (``calibration_rows_per_s``)."""
+    models = {str(i): apply_precision(load_classifier(checkpoint, knobs=_tuned_knobs(cand)), precision,
+                                      inplace=True).to(device) for i, cand in enumerate(candidates)}
+    if batch_size > 1:
+        _time_throughput(models, _first_rows(calibration, max(timing_rows, THROUGHPUT_TIMING_BATCHES * batch_size)),
+                         candidates, batch_size, device, pad_id)
+        return
+    timing_set = _first_rows(calibration, timing_rows)
+    singles = [collate(timing_set, [i], pad_id) for i in range(len(timing_set))]
+    calls = {name: (lambda b, m=m: m(b["input_ids"].to(device), None, b["token_type_ids"].to(device)))
+             for name, m in models.items()}
+    latency = interleaved_latency(calls, singles, warmup=warmup, device=device)
+    for i, cand in enumerate(candidates):
+        cand["calibration_p50_ms"] = latency[str(i)].p50_ms
+
+
+def _fastest_finalist(candidates: list[dict[str, Any]], batch_size: int, condition: str) -> tuple[dict[str, Any], str]:
+    """(the fastest finalist, the criterion in words): highest batch throughput, or lowest batch-1 median, the
+    finalists within :data:`TIMING_TIE` of it tied (:func:`fastest_within_noise`). ``condition``: what every
+    finalist met."""
+    tie = (f"; finalists within {TIMING_TIE:.0%} of the fastest count as tied and the one with the least "
+           "token-layer work wins")
+    if batch_size > 1:
+        best = fastest_within_noise(candidates, "calibration_rows_per_s", higher_is_faster=True)
+        return best, f"highest batch-{batch_size} throughput with {condition}{tie}"
+    best = fastest_within_noise(candidates, "calibration_p50_ms", higher_is_faster=False)
+    return best, f"fastest with {condition}{tie}"
+
+
+def _most_accurate_within(candidates: list[dict[str, Any]], latency_budget_ms: float,
+                          task: Task) -> tuple[dict[str, Any], str]:
+    """(the most accurate finalist whose batch-1 median fits the budget, the criterion in words); ValueError when
+    none fits."""
+    fitting = [c for c in candidates if c["calibration_p50_ms"] <= latency_budget_ms]
+    if not fitting:
+        raise ValueError(f"no operating point fits {latency_budget_ms} ms on this machine; the fastest "
+                         f"measured {min(c['calibration_p50_ms'] for c in candidates):.2f} ms")
+    best = max(fitting, key=lambda c: c["metric_value"])
+    return best, f"highest calibration {task.primary_title} with calibration p50 <= {latency_budget_ms} ms"
 
 
 # batches of calibration rows the batch-N tuner times each finalist on (8 left the MNLI choice to noise)

@@ -6,7 +6,6 @@ without a traceback.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -266,15 +265,6 @@ def train(
                   f"model in {result.model_dir})")
 
 
-def _everything_off() -> dict[str, Any]:
-    """The knobs of the "eat:none" row `eat tune` reports beside its point (explicit: a checkpoint's saved knobs
-    may prune): every mechanism off and no exit head loaded. Imported here, not at module level, so `eat --help`
-    does not load transformers."""
-    from .configuration_eat import MECHANISMS_OFF
-
-    return {**MECHANISMS_OFF, "exit_layers": None}
-
-
 def _layer_list(text: str | None):
     """'all' or '2,4,6' -> the TrainConfig value (None = the preset's)."""
     if text is None or text == "all":
@@ -421,18 +411,6 @@ def _own_eval_file(checkpoint: Path, trained: dict[str, Any]) -> str:
     return trained["eval_file"]
 
 
-def _peer_points(points: list, peers: str | None) -> list:
-    """The peers (eat.deploy.peers) of the static and tuned points among ``points``; notes on peers left out go to
-    the console."""
-    from .deploy.peers import available_peers, parse_peers, peer_points
-
-    names, notes = available_peers(parse_peers(peers), explicit=peers is not None)
-    new, more = peer_points(points, names)
-    for note in notes + more:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    return new
-
-
 @app.command("eval")
 @user_errors
 def evaluate_command(
@@ -458,41 +436,22 @@ def evaluate_command(
 ) -> None:
     """GLUE metrics, per-exit accuracy, exit distribution and tokens kept (entity P/R/F1, per-exit F1 and word exit
     layers for a token task); written as JSON/CSV beside the checkpoint."""
-    from .results import atomic_write_text
+    from .evaluation import evaluate_run
     from .tasks import named_task, resolve_task
 
     _set_threads(threads)
     knobs = knobs_from_options(knob, tau, tuned)
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, None if eval_file else task, knobs)
-    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     if eval_file is None:
         spec = named_task(task)
     else:  # the user's table, read with the column flags; its metrics those the model was trained to report
         spec = resolve_task(task, True, text_column=text_column, pair_column=text_pair_column,
-                            label_column=label_column, label_kind="regression" if len(labels) == 1 else "classes",
-                            metrics=trained.get("metric") if trained.get("data_file") else None)
-    runner = spec.runner()
-    model = _deployed(model, model_dir, knobs, precision, backend)
-    report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task, "knobs": model.config.knobs(),
-                              "precision": precision, "backend": backend}
-    rows = []
-    for split in runner.dev_splits(eval_file):
-        data = runner.load_split(split, eval_file=eval_file, label_names=labels).subset(limit)
-        summary = runner.evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, device=device)
-        summary["source"], summary["note"] = data.source, data.note
-        report[split] = summary
-        for line in runner.summary_lines(split, summary):
-            out.print(line)
-        rows.append({"split": split, **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}})
-    tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
-    if (precision, backend) != ("fp32", "torch"):  # never overwrite the fp32 eager evaluation
-        tag += f"-{backend}-{precision}"
-    target = model_dir.parent if model_dir.name == "model" else model_dir
-    atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
-    import pandas as pd
-
-    atomic_write_text(target / f"{tag}.csv", pd.DataFrame(rows).to_csv(index=False))
-    console.print(f"wrote {target / (tag + '.json')} and .csv")
+                            label_column=label_column, label_kind="regression" if model.config.num_labels == 1
+                            else "classes", metrics=trained.get("metric") if trained.get("data_file") else None)
+    written = evaluate_run(spec, _deployed(model, model_dir, knobs, precision, backend), tokenizer, model_dir, knobs,
+                           eval_file=eval_file, limit=limit, max_length=max_length, batch_size=batch_size,
+                           device=device, precision=precision, backend=backend, log=out.print)
+    console.print(f"wrote {written} and .csv")
 
 
 @app.command()
@@ -539,31 +498,10 @@ def predict(
 
     model, tokenizer, _, model_dir = _load_checkpoint_for_task(checkpoint, None, knobs)
     model = _deployed(model, model_dir, knobs, precision, backend)  # int8 / bf16 / ONNX Runtime (eat.deploy)
-    if text:
-        texts = list(text)
-    else:
-        if file is not None:
-            if not file.is_file():
-                raise FileNotFoundError(f"{file}: no such file")
-            raw = file.read_bytes()
-            source = str(file)
-        else:
-            raw = sys.stdin.buffer.read()
-            source = "stdin"
-        try:
-            lines = raw.decode("utf-8-sig").splitlines()
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {error.start})") from None
-        # blank lines are skipped with a count; every result keeps its 1-based line number ("line" in --json)
-        numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
-        texts = [lines[number - 1] for number in numbers]
-        blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
-        if blank and texts:
-            console.print(f"{source}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:10]))}"
-                          f"{' ...' if len(blank) > 10 else ''}); results carry their line numbers")
+    texts, numbers = (list(text), None) if text else _read_texts(file)
     if not texts:
         raise ValueError("no text to classify (give texts as arguments, --file, or lines on stdin)")
-    _warn_truncated(tokenizer, texts, max_length, None if text else numbers)
+    _warn_truncated(tokenizer, texts, max_length, numbers)
     if isinstance(model, EATForTokenClassification):
         from .token_tasks import tag_texts
 
@@ -576,11 +514,33 @@ def predict(
         return
     for index, result in enumerate(predict_texts(model, tokenizer, texts, max_length=max_length)):
         if as_json:
-            typer.echo(json.dumps(result if text else {"line": numbers[index], **result}))
+            typer.echo(json.dumps(result if numbers is None else {"line": numbers[index], **result}))
         else:
             answer = (f"{result['score']:.3f}" if "score" in result  # a regression model: its value
                       else f"{result['label']}\t{result['confidence']:.3f}")
             typer.echo(f"{answer}\texit {result['exit_layer']}\t{result['text']}")
+
+
+def _read_texts(file: Path | None) -> tuple[list[str], list[int]]:
+    """(texts, their 1-based line numbers) from ``file`` or stdin: blank lines are skipped with a count on stderr,
+    so every result keeps the number of its line ("line" in --json)."""
+    if file is not None:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file")
+        raw, source = file.read_bytes(), str(file)
+    else:
+        raw, source = sys.stdin.buffer.read(), "stdin"
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source}: not UTF-8 text (invalid byte at offset {error.start})") from None
+    numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
+    texts = [lines[number - 1] for number in numbers]
+    blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
+    if blank and texts:
+        console.print(f"{source}: skipped {len(blank)} blank line(s) (line {', '.join(map(str, blank[:10]))}"
+                      f"{' ...' if len(blank) > 10 else ''}); results carry their line numbers")
+    return texts, numbers
 
 
 def _predict_files(checkpoint: Path, input_path: Path, output: Path, knobs: dict[str, Any], tuned: Path | None,
@@ -669,9 +629,9 @@ def bench(
     """Latency (batch 1, interleaved) + accuracy from the same calls, and batch throughput, per operating point."""
     import torch
 
-    from .bench import OperatingPoint, ablation_points, bench_config_from_preset, measure_points, sweep_points
-    from .results import (EXITS_OFF, HALF_DEPTH, STATIC, TUNED, ResultsLog, batch_tuned_files, tuned_file,
-                          tuned_point_name)
+    from .bench import bench_config_from_preset
+    from .pipeline import BenchRequest, bench_split, record_bench_call
+    from .results import ResultsLog, batch_tuned_files, tuned_file
     from .tasks import metric_title, named_task
     from .training import TrainConfig, config_task
 
@@ -684,65 +644,28 @@ def bench(
     own_eval_file = (_own_eval_file(checkpoint, trained) if trained.get("data_file") and trained.get("task") == task
                      else None)
     spec = config_task(TrainConfig(**trained)) if own_eval_file else named_task(task)
-    runner = spec.runner()
-    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
-    baseline_dirs = {}
-    for name, folder in (("static", static), ("half", half)):
-        if folder is not None:
-            _, _, _, baseline_dirs[name] = _load_checkpoint_for_task(folder, task, {})
-    wanted = {p.strip() for p in points.split(",") if p.strip()}
-    unknown = wanted - {"ablation", "sweeps", "tuned"}
-    if unknown:
-        raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
-    batch_tuned = batch_tuned_files(results, task)  # `eat tune --batch-size N` points
-    if "tuned" in wanted and not (tuned_file(results, task).is_file() or batch_tuned):
+    baselines = {name: str(_load_checkpoint_for_task(folder, task, {})[3]) if folder is not None else None
+                 for name, folder in (("static", static), ("half", half))}
+    request = BenchRequest(frozenset(p.strip() for p in points.split(",") if p.strip()), baselines["static"],
+                           baselines["half"], peers, accuracy_all_rows, force, own_eval_file)
+    request.validate(spec.runner())
+    if "tuned" in request.points and not (tuned_file(results, task).is_file() or batch_tuned_files(results, task)):
         raise ValueError(f"--points tuned: no {tuned_file(results, task)}; run `eat tune --results {results}` first")
-    if accuracy_all_rows and not runner.supports_all_rows:
-        raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 on "
-                         "the sentences it timed)")
-    log = ResultsLog(results)
-    # one line per `eat bench` call (a results folder collects several), so every row's settings stay on record
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "bench_configs.jsonl", "a", encoding="utf-8") as configs:
-        configs.write(json.dumps({"preset": preset, "points": sorted(wanted), "checkpoint": str(checkpoint),
-                                  "bench": dataclasses.asdict(config)}) + "\n")
-    for split in runner.dev_splits(own_eval_file):
-        whole = runner.load_split(split, eval_file=own_eval_file, label_names=labels)
-        data = whole.subset(config.rows, seed=config.seed)
-        encoded = runner.encode(data, tokenizer, max_length)
-        # the whole split as well, when only a sample of it is timed
-        all_rows = runner.encode(whole, tokenizer, max_length) if accuracy_all_rows and len(data) < len(whole) else None
-        split_config = dataclasses.replace(config, split=split)
-        chosen = []
-        tuned_path = tuned_file(results, task)
-        tuned = json.loads(tuned_path.read_text())["knobs"] if tuned_path.is_file() else None
-        if wanted & {"ablation", "tuned"}:
-            # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
-            # is measured in the same run as the baselines
-            rule = {} if tuned is None else {"tau": tuned["exit_threshold"], "keep": tuned.get("keep_ratio"),
-                                             "policy": tuned.get("exit_policy"), "patience": tuned.get("exit_patience")}
-            grid = ablation_points(str(model_dir), split_config,
-                                   static_checkpoint=str(baseline_dirs["static"]) if "static" in baseline_dirs else None,
-                                   half_checkpoint=str(baseline_dirs["half"]) if "half" in baseline_dirs else None,
-                                   **rule)
-            short = (STATIC, HALF_DEPTH, EXITS_OFF, "eat:exit", "eat:prune+exit")
-            chosen += grid if "ablation" in wanted else [point for point in grid if point.name in short]
-            if tuned is not None:
-                chosen.append(OperatingPoint(TUNED, str(model_dir), tuned, "tuned"))
-            for size, path in batch_tuned.items():
-                chosen.append(OperatingPoint(tuned_point_name(size), str(model_dir),
-                                             json.loads(path.read_text())["knobs"], "tuned"))
-        if "sweeps" in wanted:
-            chosen += sweep_points(str(model_dir), split_config)
-        chosen += _peer_points(chosen, peers) if runner.supports_peers else []
+    record_bench_call(results, preset, request.points, checkpoint, config)
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    for split in spec.runner().dev_splits(own_eval_file):
         with _progress() as bar:
-            new = measure_points(chosen, encoded, split_config, log, dataset_source=f"{data.source} {data.note}".strip(),
-                                 f1=spec.f1, force=force, pad_id=tokenizer.pad_token_id or 0,
-                                 examples_dir=results / "examples", progress=_bench_progress(bar), all_rows=all_rows,
-                                 task=spec, data=data)
-        out.print(_bench_table(f"{task} {split}: {len(new)} point(s) measured in this run, {len(chosen) - len(new)} "
+            new, table = bench_split(spec, split, model_dir, tokenizer, config, request, results, label_names=labels,
+                                     progress=_bench_progress(bar), note=_note)
+        out.print(_bench_table(f"{task} {split}: {len(new)} point(s) measured in this run, {table - len(new)} "
                                "already measured", new, metric_title(spec.primary_metric)))
+    log = ResultsLog(results)
     out.print(f"results in {log.csv} and {log.jsonl}")
+
+
+def _note(text: str) -> None:
+    """A note on stderr (e.g. a peer this machine cannot run, left out)."""
+    console.print(f"[yellow]note:[/yellow] {text}")
 
 
 def _bench_table(title: str, new: list[dict[str, Any]], metric: str) -> Table:
@@ -826,11 +749,10 @@ def tune_command(
     """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
     import torch
 
-    from .bench import OperatingPoint, bench_config_from_preset, measure_points, save_json
+    from .pipeline import tune_checkpoint
     from .presets import get_preset
-    from .results import EXITS_OFF, ResultsLog, tuned_file, tuned_point_name
     from .runners import TuneRequest
-    from .training import TrainConfig, config_task, training_data
+    from .training import TrainConfig, config_task
 
     _set_threads(threads)
     if (max_drop is None) == (latency_budget is None):
@@ -844,66 +766,13 @@ def tune_command(
     if not trained:
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")
     train_config = TrainConfig(**trained)
-    spec = config_task(train_config)
-    runner = spec.runner()
-    runner.check_tune(request)
-    _, calibration, _ = training_data(train_config)
-    if len(calibration) == 0:
-        raise ValueError(f"{checkpoint}: trained with calibration_rows=0 (on every training row), so no held-out "
-                         "calibration split exists to tune on; retrain with --calibration-rows N")
-    if len(calibration) < MIN_CALIBRATION_ROWS:  # refused before anything is tuned or written
-        raise ValueError(f"{checkpoint}: its calibration split has {len(calibration)} rows; eat tune needs at least "
-                         f"{MIN_CALIBRATION_ROWS} (each row is {100 / len(calibration):.0f} accuracy points of it); "
-                         "retrain with more rows or a larger --calibration-rows (at most 10% of the training rows "
-                         "are held out)")
-    pad_id = tokenizer.pad_token_id or 0
+    config_task(train_config).runner().check_tune(request)  # before a reference run is loaded
     if reference is not None:
         _, _, reference_trained, reference_dir = _load_checkpoint_for_task(reference, task, {})
         _check_same_calibration(checkpoint, trained, reference, reference_trained)
         request.reference_dir = str(reference_dir)
-    outcome = runner.tune(model, model_dir, tokenizer, calibration, train_config.max_length, request)
-    save_json(tuned_file(results, task, batch_size, precision), outcome.saved)
-    for line in outcome.lines:
-        out.print(line)
-    config = bench_config_from_preset(preset, task=task, device=device, threads=torch.get_num_threads(), rows=rows,
-                                      **({"batch_size": batch_size} if batch_size > 1 else {}))
-    peer = "" if precision == "fp32" else f":torch-{precision}"  # an int8 tuner reports its int8 points
-    name = tuned_point_name(batch_size) + peer
-    points = [OperatingPoint(EXITS_OFF + peer, str(model_dir), _everything_off(), "ablation", precision=precision),
-              OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=precision)]
-    own_eval_file = train_config.eval_file if train_config.data_file is not None else None
-    for split in runner.dev_splits(own_eval_file):
-        # the task's dev split, or the user's own dev table with the training labels
-        data = runner.load_split(split, eval_file=own_eval_file, label_names=calibration.label_names)
-        data = data.subset(rows, seed=config.seed)
-        measured = measure_points(points, runner.encode(data, tokenizer, train_config.max_length),
-                                  dataclasses.replace(config, split=split), ResultsLog(results),
-                                  dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
-                                  pad_id=pad_id, objective=None if batch_size == 1 else f"tune-b{batch_size}",
-                                  task=spec, data=data)
-        by_name = {row["point"]: row for row in measured}
-        out.print(_tuned_line(f"{task} {split}", by_name[name], by_name[EXITS_OFF + peer]))
-
-
-def _tuned_line(series: str, tuned: dict[str, Any], off: dict[str, Any]) -> str:
-    """The tuned point against exits off on one dev split: primary metric, token-layer work, batch-1 median,
-    batch throughput (arrival order, and length-sorted when measured)."""
-    from .results import B1_P50_MS, THROUGHPUT, THROUGHPUT_SORTED, row_metric
-
-    metric, value = row_metric(tuned)
-    sorted_rate = ""
-    if tuned.get(THROUGHPUT_SORTED) and off.get(THROUGHPUT_SORTED):
-        sorted_rate = f", {tuned[THROUGHPUT_SORTED] / off[THROUGHPUT_SORTED]:.2f}x length-sorted"
-    return (f"{series}: tuned {metric} {value:.2f} vs {row_metric(off)[1]:.2f}; token-layer fraction "
-            f"{tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned[B1_P50_MS]:.2f} vs {off[B1_P50_MS]:.2f} ms "
-            f"({off[B1_P50_MS] / tuned[B1_P50_MS]:.2f}x); batch {tuned['batch_size_throughput']} "
-            f"{tuned[THROUGHPUT]:.0f} vs {off[THROUGHPUT]:.0f} rows/s "
-            f"({tuned[THROUGHPUT] / off[THROUGHPUT]:.2f}x in arrival order{sorted_rate})")
-
-
-# fewest held-out rows eat tune chooses an operating point on: with fewer, one row moves the accuracy by more than 5
-# points, so no --max-drop below that means anything
-MIN_CALIBRATION_ROWS = 20
+    tune_checkpoint(task, model, tokenizer, model_dir, train_config, request, results, preset=preset, rows=rows,
+                    threads=torch.get_num_threads(), log=out.print)
 
 
 @app.command()
@@ -1008,26 +877,15 @@ def run(
 ) -> None:
     """The main job end to end: train static + EAT + half-depth, tune, sweep, ablate, time, report. Resumable.
     Any GLUE task (each scored by its GLUE metric) or your own table (--data-file, --eval-file)."""
-    from .pipeline import HEADLINE_TASKS, RUN_TASKS, run_task, summary_lines
+    from .pipeline import run_task, run_task_names, summary_lines
     from .presets import get_preset
 
     _set_threads(threads)
     get_preset(preset)  # an unknown preset is refused before anything is trained
-    user_data = None
-    if data_file is not None:
-        if task in ("all", "glue") or task in RUN_TASKS:
-            raise ValueError(f"--task {task}: with --data-file, name your own task (e.g. --task mypairs), not a GLUE one")
-        task = task or "custom"
-        user_data = dict(data_file=data_file, eval_file=eval_file, text_column=text_column,
-                         text_pair_column=text_pair_column, label_column=label_column, label_kind=label_kind,
-                         metric=metric)
-        tasks: tuple[str, ...] = (task,)
-    else:
-        task = task or "sst2"
-        tasks = HEADLINE_TASKS if task == "all" else RUN_TASKS if task == "glue" else (task,)
-        for name in tasks:
-            if name not in RUN_TASKS:
-                raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)}, all or glue (or --data-file)")
+    tasks = run_task_names(task, own_table=data_file is not None)
+    user_data = None if data_file is None else dict(
+        data_file=data_file, eval_file=eval_file, text_column=text_column, text_pair_column=text_pair_column,
+        label_column=label_column, label_kind=label_kind, metric=metric)
     runs_dir = runs_dir or Path("runs") / preset
     results = results or runs_dir / "results"
     train_overrides = {k: v for k, v in (("train_limit", train_limit), ("epochs", epochs),

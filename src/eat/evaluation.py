@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,40 @@ def evaluate_static_score(model: EATForSequenceClassification, tokenizer, datase
     return task.primary(predictions.labels, task.predictions(predictions.logits))
 
 
+def evaluate_run(task: Task, model, tokenizer, model_dir: Path, knobs: dict[str, Any], *, eval_file: str | None = None,
+                 limit: int | None = None, max_length: int = 128, batch_size: int = 64, device: str = "cpu",
+                 precision: str = "fp32", backend: str = "torch", log=print) -> Path:
+    """`eat eval`: the model on every dev split of ``task`` (or the user's ``eval_file``; ``limit``: a seeded
+    subset) through the task's runner, each split's lines to ``log``, and the summaries written beside the
+    checkpoint as ``eval[-<knobs>][-<backend>-<precision>].json`` and ``.csv``. Returns the JSON's path."""
+    import json
+
+    import pandas as pd
+
+    from .results import atomic_write_text
+
+    runner = task.runner()
+    labels = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
+    report: dict[str, Any] = {"checkpoint": str(model_dir), "task": task.name, "knobs": model.config.knobs(),
+                              "precision": precision, "backend": backend}
+    rows = []
+    for split in runner.dev_splits(eval_file):
+        data = runner.load_split(split, eval_file=eval_file, label_names=labels).subset(limit)
+        summary = runner.evaluate(model, tokenizer, data, max_length=max_length, batch_size=batch_size, device=device)
+        summary["source"], summary["note"] = data.source, data.note
+        report[split] = summary
+        for line in runner.summary_lines(split, summary):
+            log(line)
+        rows.append({"split": split, **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}})
+    tag = "eval" if not knobs else "eval-" + "-".join(f"{k}={v}" for k, v in sorted(knobs.items())).replace("/", "_")
+    if (precision, backend) != ("fp32", "torch"):  # never overwrite the fp32 eager evaluation
+        tag += f"-{backend}-{precision}"
+    target = model_dir.parent if model_dir.name == "model" else model_dir
+    atomic_write_text(target / f"{tag}.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(target / f"{tag}.csv", pd.DataFrame(rows).to_csv(index=False))
+    return target / f"{tag}.json"
+
+
 @torch.inference_mode()
 def predict_texts(model: EATForSequenceClassification, tokenizer, texts: list[str], pairs: list[str] | None = None,
                   *, max_length: int = 128, device: str = "cpu") -> list[dict[str, Any]]:
@@ -220,4 +255,4 @@ def predict_texts(model: EATForSequenceClassification, tokenizer, texts: list[st
 
 
 __all__ = ["Predictions", "predict_encoded", "classification_metrics", "exits_at_threshold", "summarize",
-           "evaluate_static_accuracy", "predict_texts"]
+           "evaluate_static_accuracy", "evaluate_run", "predict_texts"]

@@ -29,12 +29,13 @@ from .bench import (TAU_GRID, BenchConfig, OperatingPoint, ablation_points, benc
                     regression_tau_grid, save_json, sweep_points, tau_sweep, tune)
 from .checkpoints import load_classifier
 from .configuration_eat import REGRESSION_EXIT_POLICIES
-from .data import encode, load_glue, load_table
 from .presets import get_preset
 from .report import build_report
 from .deploy.peers import PEERS
 from .results import (B1_P50_MS, EXITS_OFF, HALF_DEPTH, STATIC, THROUGHPUT, THROUGHPUT_SORTED, TUNED, ResultsLog,
-                      bench_config_file, row_metric, run_config_file, series_name, train_config_file, tuned_file)
+                      batch_tuned_files, bench_config_file, row_metric, run_config_file, series_name,
+                      train_config_file, tuned_file, tuned_point_name)
+from .runners import TuneOutcome, TuneRequest
 from .results import sweep_file as results_sweep_file
 from .tasks import SEQUENCE_TASKS, Task
 from .training import TrainConfig, config_task, train, train_config_from_preset
@@ -121,6 +122,21 @@ def _train_variant(config: TrainConfig, folder: Path, log) -> Path:
     return folder / "model"
 
 
+def run_task_names(task: str | None, own_table: bool = False) -> tuple[str, ...]:
+    """The tasks `eat run --task` names: one GLUE task, "all" (HEADLINE_TASKS), "glue" (RUN_TASKS); default sst2.
+    With a user's table (``own_table``) the one name the user gave it (default "custom"), never a GLUE one."""
+    if own_table:
+        if task in ("all", "glue") or task in RUN_TASKS:
+            raise ValueError(f"--task {task}: with --data-file, name your own task (e.g. --task mypairs), not a GLUE one")
+        return (task or "custom",)
+    task = task or "sst2"
+    tasks = HEADLINE_TASKS if task == "all" else RUN_TASKS if task == "glue" else (task,)
+    for name in tasks:
+        if name not in RUN_TASKS:
+            raise ValueError(f"unknown task {name!r}; use {', '.join(RUN_TASKS)}, all or glue (or --data-file)")
+    return tasks
+
+
 def run_saved_fields(run: RunConfig) -> dict[str, Any]:
     """The fields of ``run`` as ``run_config_<task>.json`` holds them: a user-data field is left out while it has
     its default, so results folders written before those fields existed still resume (and compare equal)."""
@@ -166,7 +182,6 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
     at which the tuner must certify that drop instead of meeting it on the calibration rows alone."""
     run = RunConfig(task, preset, recipe, max_drop, certify, **(user_data or {}))
     run.validate()
-    max_drop = get_preset(preset).max_drop if max_drop is None else max_drop
     spec = run_task_of(run)
     results_dir.mkdir(parents=True, exist_ok=True)
     run_file = run_config_file(results_dir, task)
@@ -174,7 +189,8 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
         raise ValueError(f"{results_dir} holds results of another run of {task} ({run_file.read_text().strip()}); "
                          "use another --results folder")
     configs = training_configs(run, runs_dir, train_overrides)
-    models = {variant: _train_variant(config, runs_dir / task / variant, log) for variant, config in configs.items()}
+    models = {variant: str(_train_variant(config, runs_dir / task / variant, log))
+              for variant, config in configs.items()}
     eat_config = configs["eat"]
     save_json(run_file, run_saved_fields(run))
     # the calibration slice (held out of training: same seed and size as training used) and the dev sets
@@ -189,54 +205,269 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(models["eat"]))
-    pad_id = tokenizer.pad_token_id or 0
-
-    # --- operating point on the calibration split
-    tuned_path = tuned_file(results_dir, task)
-    if tuned_path.is_file():
-        tuned = json.loads(tuned_path.read_text())
-        _log(f"tuned point for {task} reused: {tuned['knobs']}", log)
-    else:
-        _log(f"tuning {task} on {len(calibration)} calibration rows (max drop {max_drop} against static"
-             + (f", certified at {certify:.0%})" if certify else ")"), log)
-        result = tune(str(models["eat"]), encode(calibration, tokenizer, eat_config.max_length),
-                      max_drop=max_drop, device=device, pad_id=pad_id,
-                      tau_grid=tuner_grid(bench, certify),
-                      timing_rows=min(150, len(calibration)), reference_checkpoint=str(models["static"]),
-                      certify=certify, task=spec)
-        tuned = dataclasses.asdict(result)
-        save_json(tuned_path, tuned)
-        _log(f"tuned {task}: {result.knobs} ({result.criterion})", log)
-
-    log_file = ResultsLog(results_dir)
+    tokenizer = AutoTokenizer.from_pretrained(models["eat"])
+    tuned = _main_job_point(run, spec, models, calibration, tokenizer, bench, eat_config.max_length, results_dir, log)
+    runner = spec.runner()
     for split in spec.eval_splits:
-        dev = _dev_split(run, spec, split, calibration.label_names).subset(bench.rows, seed=bench.seed)
-        encoded = encode(dev, tokenizer, eat_config.max_length)
+        dev = runner.load_split(split, eval_file=run.eval_file if run.data_file is not None else None,
+                                label_names=calibration.label_names).subset(bench.rows, seed=bench.seed)
+        encoded = runner.encode(dev, tokenizer, eat_config.max_length)
         split_bench = dataclasses.replace(bench, split=split)
-        sweep_file = results_sweep_file(results_dir, series_name(task, split, len(spec.eval_splits)))
-        if not sweep_file.is_file():
-            import pandas as pd
-
-            model = load_classifier(str(models["eat"]), knobs={"exit_layers": "all"})
-            rows = tau_sweep(model, encoded, bench.tau_grid, device=device, pad_id=pad_id, task=spec,
-                             **_sweep_rule(spec, tuned["knobs"], bench))
-            from .results import atomic_write_text
-
-            atomic_write_text(sweep_file, pd.DataFrame(rows).to_csv(index=False))
-        points = ablation_points(str(models["eat"]), split_bench, static_checkpoint=str(models["static"]),
-                                 half_checkpoint=str(models["half"]), tau=tuned["knobs"]["exit_threshold"],
-                                 keep=tuned["knobs"]["keep_ratio"], policy=tuned["knobs"].get("exit_policy"),
-                                 patience=tuned["knobs"].get("exit_patience"))
-        points.append(OperatingPoint(TUNED, str(models["eat"]), tuned["knobs"], "tuned"))
-        points += sweep_points(str(models["eat"]), split_bench)
-        points += _peer_points(points, log)
+        _write_sweep(results_sweep_file(results_dir, series_name(task, split, len(spec.eval_splits))), models["eat"],
+                     encoded, spec, tuned["knobs"], bench, device, tokenizer.pad_token_id or 0)
+        points = comparison_points(models["eat"], split_bench, static=models["static"], half=models["half"],
+                                   tuned={TUNED: tuned["knobs"]}) + sweep_points(models["eat"], split_bench)
+        points += peer_points_for(points, None, lambda note: _log(f"note: {note}", log))
         _log(f"measuring {len(points)} operating points on {task} {split} ({len(encoded)} rows)", log)
-        measure_points(points, encoded, split_bench, log_file, dataset_source=f"{dev.source} {dev.note}".strip(),
-                       f1=spec.f1, pad_id=pad_id, examples_dir=results_dir / "examples", task=spec,
+        measure_points(points, encoded, split_bench, ResultsLog(results_dir),
+                       dataset_source=f"{dev.source} {dev.note}".strip(), f1=spec.f1,
+                       pad_id=tokenizer.pad_token_id or 0, examples_dir=results_dir / "examples", task=spec,
                        extra={"preset": preset}, progress=progress)
     report = build_report(results_dir)
     return {"task": task, "tuned": tuned["knobs"], "report": str(report)}
+
+
+def _main_job_point(run: RunConfig, spec: Task, models: dict[str, str], calibration, tokenizer, bench: BenchConfig,
+                    max_length: int, results_dir: Path, log) -> dict[str, Any]:
+    """The main job's operating point (what ``tuned_<task>.json`` holds): reused when saved, else chosen on the
+    calibration split against the static model (the drop the preset allows, or ``run.max_drop``) and saved."""
+    path = tuned_file(results_dir, run.task)
+    if path.is_file():
+        tuned = json.loads(path.read_text())
+        _log(f"tuned point for {run.task} reused: {tuned['knobs']}", log)
+        return tuned
+    max_drop = get_preset(run.preset).max_drop if run.max_drop is None else run.max_drop
+    _log(f"tuning {run.task} on {len(calibration)} calibration rows (max drop {max_drop} against static"
+         + (f", certified at {run.certify:.0%})" if run.certify else ")"), log)
+    result = tune(models["eat"], spec.runner().encode(calibration, tokenizer, max_length), max_drop=max_drop,
+                  device=bench.device, pad_id=tokenizer.pad_token_id or 0, tau_grid=tuner_grid(bench, run.certify),
+                  timing_rows=min(150, len(calibration)), reference_checkpoint=models["static"],
+                  certify=run.certify, task=spec)
+    tuned = dataclasses.asdict(result)
+    save_json(path, tuned)
+    _log(f"tuned {run.task}: {result.knobs} ({result.criterion})", log)
+    return tuned
+
+
+def _write_sweep(path: Path, eat_checkpoint: str, encoded, spec: Task, tuned_knobs: dict[str, Any],
+                 bench: BenchConfig, device: str, pad_id: int) -> None:
+    """The threshold sweep of one dev split from one cached pass (every head), unless it is on disk already."""
+    if path.is_file():
+        return
+    import pandas as pd
+
+    from .results import atomic_write_text
+
+    model = load_classifier(eat_checkpoint, knobs={"exit_layers": "all"})
+    rows = tau_sweep(model, encoded, bench.tau_grid, device=device, pad_id=pad_id, task=spec,
+                     **_sweep_rule(spec, tuned_knobs, bench))
+    atomic_write_text(path, pd.DataFrame(rows).to_csv(index=False))
+
+
+# --------------------------------------------------------------------------------------------- the points
+
+
+# the short table (`eat bench --points tuned`): the baselines, exits off, the exit and prune+exit rows
+SHORT_TABLE = (STATIC, HALF_DEPTH, EXITS_OFF, "eat:exit", "eat:prune+exit")
+
+
+def tuned_rule(knobs: dict[str, Any]) -> dict[str, Any]:
+    """A tuned point's exit rule and keep schedule as :func:`~eat.bench.ablation_points` takes them (its exit and
+    prune rows then use the rule that was tuned)."""
+    return {"tau": knobs["exit_threshold"], "keep": knobs.get("keep_ratio"), "policy": knobs.get("exit_policy"),
+            "patience": knobs.get("exit_patience")}
+
+
+def comparison_points(eat_checkpoint: str, bench: BenchConfig, *, static: str | None = None, half: str | None = None,
+                      tuned: dict[str, dict[str, Any]] | None = None, short: bool = False) -> list[OperatingPoint]:
+    """The points every comparison table holds: the ablation grid (``short``: only :data:`SHORT_TABLE`) on the
+    rule of the batch-1 tuned point when there is one, the baselines, and the tuned points (``tuned``: name ->
+    knobs, e.g. ``{TUNED: ..., "eat:tuned-b32": ...}``), all timed in one run."""
+    tuned = tuned or {}
+    grid = ablation_points(eat_checkpoint, bench, static_checkpoint=static, half_checkpoint=half,
+                           **(tuned_rule(tuned[TUNED]) if TUNED in tuned else {}))
+    if short:
+        grid = [point for point in grid if point.name in SHORT_TABLE]
+    return grid + [OperatingPoint(name, eat_checkpoint, knobs, "tuned") for name, knobs in tuned.items()]
+
+
+def saved_tuned_points(results_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """name -> knobs of the fp32 points `eat tune` saved for ``task`` in ``results_dir`` (batch 1 first, then each
+    batch size)."""
+    points = {}
+    if tuned_file(results_dir, task).is_file():
+        points[TUNED] = json.loads(tuned_file(results_dir, task).read_text())["knobs"]
+    for size, path in batch_tuned_files(results_dir, task).items():
+        points[tuned_point_name(size)] = json.loads(path.read_text())["knobs"]
+    return points
+
+
+def everything_off() -> dict[str, Any]:
+    """The knobs of the exits-off row `eat tune` times beside its point (explicit: a checkpoint's saved knobs may
+    prune): every mechanism off and no exit head loaded."""
+    from .configuration_eat import MECHANISMS_OFF
+
+    return {**MECHANISMS_OFF, "exit_layers": None}
+
+
+def peer_points_for(points: list[OperatingPoint], peers: str | None,
+                    note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
+    """The static model and the tuned points among ``points`` also as a CPU user would deploy them (PyTorch int8,
+    ONNX Runtime fp32 and int8; :mod:`eat.deploy.peers`), timed in the same interleaved run. ``peers``: a comma
+    list or "none" (None: the defaults, each left out with a ``note`` when this machine cannot run it)."""
+    from .deploy.peers import available_peers, parse_peers, peer_points
+
+    names, notes = available_peers(parse_peers(peers), explicit=peers is not None)
+    new, more = peer_points(points, names)
+    for text in notes + more:
+        if note is not None:
+            note(text)
+    return new
+
+
+# ------------------------------------------------------------------------------------- eat tune, eat bench
+
+# fewest held-out rows eat tune chooses an operating point on: with fewer, one row moves the accuracy by more than 5
+# points, so no --max-drop below that means anything
+MIN_CALIBRATION_ROWS = 20
+
+
+def calibration_split(train_config: TrainConfig, checkpoint: str | Path):
+    """The calibration rows a run held out of training (what `eat tune` tunes on); a ValueError when it held out
+    none or too few to tune on."""
+    from .training import training_data
+
+    _, calibration, _ = training_data(train_config)
+    if len(calibration) == 0:
+        raise ValueError(f"{checkpoint}: trained with calibration_rows=0 (on every training row), so no held-out "
+                         "calibration split exists to tune on; retrain with --calibration-rows N")
+    if len(calibration) < MIN_CALIBRATION_ROWS:  # refused before anything is tuned or written
+        raise ValueError(f"{checkpoint}: its calibration split has {len(calibration)} rows; eat tune needs at least "
+                         f"{MIN_CALIBRATION_ROWS} (each row is {100 / len(calibration):.0f} accuracy points of it); "
+                         "retrain with more rows or a larger --calibration-rows (at most 10% of the training rows "
+                         "are held out)")
+    return calibration
+
+
+def tune_checkpoint(task: str, model, tokenizer, model_dir: Path, train_config: TrainConfig, request: TuneRequest,
+                    results_dir: Path, *, preset: str = "demo", rows: int | None = None, threads: int | None = None,
+                    log: Callable[[str], None] = print) -> TuneOutcome:
+    """`eat tune` on a loaded run: choose the point on its calibration split (the task's runner), save it
+    (:func:`~eat.results.tuned_file`), then time it beside exits off on every dev split (``rows``: a seeded sample)
+    with the preset's bench settings, at the request's batch size and precision. Every line goes to ``log``."""
+    spec = config_task(train_config)
+    runner = spec.runner()
+    runner.check_tune(request)
+    calibration = calibration_split(train_config, model_dir)
+    outcome = runner.tune(model, model_dir, tokenizer, calibration, train_config.max_length, request)
+    save_json(tuned_file(results_dir, task, request.batch_size, request.precision), outcome.saved)
+    for line in outcome.lines:
+        log(line)
+    bench = bench_config_from_preset(preset, task=task, device=request.device, threads=threads, rows=rows,
+                                     **({"batch_size": request.batch_size} if request.batch_size > 1 else {}))
+    peer = "" if request.precision == "fp32" else f":torch-{request.precision}"  # an int8 tuner times int8 points
+    off, name = EXITS_OFF + peer, tuned_point_name(request.batch_size) + peer
+    points = [OperatingPoint(off, str(model_dir), everything_off(), "ablation", precision=request.precision),
+              OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=request.precision)]
+    own_eval_file = train_config.eval_file if train_config.data_file is not None else None
+    for split in runner.dev_splits(own_eval_file):
+        # the task's dev split, or the user's own dev table with the training labels
+        data = runner.load_split(split, eval_file=own_eval_file, label_names=calibration.label_names)
+        data = data.subset(rows, seed=bench.seed)
+        measured = measure_points(points, runner.encode(data, tokenizer, train_config.max_length),
+                                  dataclasses.replace(bench, split=split), ResultsLog(results_dir),
+                                  dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=True,
+                                  pad_id=tokenizer.pad_token_id or 0, task=spec, data=data,
+                                  objective=None if request.batch_size == 1 else f"tune-b{request.batch_size}")
+        by_name = {row["point"]: row for row in measured}
+        log(tuned_line(f"{task} {split}", by_name[name], by_name[off]))
+    return outcome
+
+
+def tuned_line(series: str, tuned: dict[str, Any], off: dict[str, Any]) -> str:
+    """A tuned point's row against the exits-off row timed beside it: primary metric, token-layer work, batch-1
+    median, batch throughput (arrival order, and length-sorted when measured)."""
+    metric, value = row_metric(tuned)
+    sorted_rate = ""
+    if tuned.get(THROUGHPUT_SORTED) and off.get(THROUGHPUT_SORTED):
+        sorted_rate = f", {tuned[THROUGHPUT_SORTED] / off[THROUGHPUT_SORTED]:.2f}x length-sorted"
+    return (f"{series}: tuned {metric} {value:.2f} vs {row_metric(off)[1]:.2f}; token-layer fraction "
+            f"{tuned['token_layer_fraction']:.3f}; batch-1 p50 {tuned[B1_P50_MS]:.2f} vs {off[B1_P50_MS]:.2f} ms "
+            f"({off[B1_P50_MS] / tuned[B1_P50_MS]:.2f}x); batch {tuned['batch_size_throughput']} "
+            f"{tuned[THROUGHPUT]:.0f} vs {off[THROUGHPUT]:.0f} rows/s "
+            f"({tuned[THROUGHPUT] / off[THROUGHPUT]:.2f}x in arrival order{sorted_rate})")
+
+
+@dataclasses.dataclass
+class BenchRequest:
+    """What `eat bench` measures on a loaded run: ``points`` (any of "ablation", "sweeps", "tuned"), the
+    baselines' checkpoints, the peers (a comma list, "none", or None for the defaults), whether every point is
+    also scored on the whole split (``accuracy_all_rows``, with a sampled ``config.rows``), and ``force`` to
+    re-measure a table already logged. ``eval_file``: a run trained on the user's table is measured on its own."""
+
+    points: frozenset[str]
+    static: str | None = None
+    half: str | None = None
+    peers: str | None = None
+    accuracy_all_rows: bool = False
+    force: bool = False
+    eval_file: str | None = None
+
+    def validate(self, runner) -> None:
+        """Raise ValueError for unknown point sets or what the task's level cannot measure."""
+        unknown = self.points - {"ablation", "sweeps", "tuned"}
+        if unknown:
+            raise ValueError(f"--points: unknown {', '.join(sorted(unknown))}; use ablation, sweeps and/or tuned")
+        if self.accuracy_all_rows and not runner.supports_all_rows:
+            raise ValueError("--accuracy-all-rows: sentence-level tasks only (a token task's bench reports entity F1 "
+                             "on the sentences it timed)")
+
+
+def bench_points(model_dir: str, bench: BenchConfig, request: BenchRequest, tuned: dict[str, dict[str, Any]],
+                 runner, note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
+    """The points of one `eat bench` table: the comparison points (``request.points`` "ablation": the whole
+    grid, "tuned": the short table) with the saved ``tuned`` points, the sweeps, and the peers."""
+    chosen: list[OperatingPoint] = []
+    if request.points & {"ablation", "tuned"}:
+        # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
+        # is measured in the same run as the baselines
+        chosen += comparison_points(model_dir, bench, static=request.static, half=request.half, tuned=tuned,
+                                    short="ablation" not in request.points)
+    if "sweeps" in request.points:
+        chosen += sweep_points(model_dir, bench)
+    return chosen + (peer_points_for(chosen, request.peers, note) if runner.supports_peers else [])
+
+
+def bench_split(spec: Task, split: str, model_dir: Path, tokenizer, bench: BenchConfig, request: BenchRequest,
+                results_dir: Path, *, label_names=(), progress=None,
+                note: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """One dev split of `eat bench`: load it (a seeded sample of ``bench.rows``; the whole split too with
+    ``accuracy_all_rows``), build the table's points (:func:`bench_points`) and measure those not logged yet.
+    Returns (the new rows, how many points the table has)."""
+    runner = spec.runner()
+    whole = runner.load_split(split, eval_file=request.eval_file, label_names=label_names)
+    data = whole.subset(bench.rows, seed=bench.seed)
+    encoded = runner.encode(data, tokenizer, bench.max_length)
+    all_rows = (runner.encode(whole, tokenizer, bench.max_length)
+                if request.accuracy_all_rows and len(data) < len(whole) else None)
+    split_bench = dataclasses.replace(bench, split=split)
+    points = bench_points(str(model_dir), split_bench, request, saved_tuned_points(results_dir, bench.task), runner,
+                          note)
+    new = measure_points(points, encoded, split_bench, ResultsLog(results_dir),
+                         dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=request.force,
+                         pad_id=tokenizer.pad_token_id or 0, examples_dir=results_dir / "examples", progress=progress,
+                         all_rows=all_rows, task=spec, data=data)
+    return new, len(points)
+
+
+def record_bench_call(results_dir: Path, preset: str, points: frozenset[str], checkpoint: str | Path,
+                      bench: BenchConfig) -> None:
+    """One line per `eat bench` call in ``bench_configs.jsonl`` (a results folder collects several), so every
+    row's settings stay on record."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / "bench_configs.jsonl", "a", encoding="utf-8") as configs:
+        configs.write(json.dumps({"preset": preset, "points": sorted(points), "checkpoint": str(checkpoint),
+                                  "bench": dataclasses.asdict(bench)}) + "\n")
 
 
 def regression_bench(labels) -> dict[str, Any]:
@@ -257,27 +488,6 @@ def _sweep_rule(spec: Task, tuned_knobs: dict[str, Any], bench: BenchConfig) -> 
     if policy in REGRESSION_EXIT_POLICIES:
         return {"policy": policy, "patience": int(tuned_knobs.get("exit_patience", 2))}
     return {"policy": bench.exit_policy, "patience": 2}
-
-
-def _dev_split(run: RunConfig, spec: Task, split: str, label_names: tuple[str, ...]):
-    """A dev split of the run's task: GLUE's, or the user's ``eval_file`` (with the training labels' names)."""
-    if run.data_file is None:
-        return load_glue(run.task, split)
-    return load_table(run.eval_file, run.text_column, run.text_pair_column, run.label_column,
-                      label_names=None if spec.is_regression else label_names, label_kind=run.label_kind)
-
-
-def _peer_points(points: list[OperatingPoint], log) -> list[OperatingPoint]:
-    """The static model and the tuned point also as a CPU user would deploy them (PyTorch int8, ONNX Runtime fp32
-    and int8; :mod:`eat.deploy.peers`), timed in the same interleaved run; peers this machine cannot run are
-    left out with a logged note."""
-    from .deploy.peers import DEFAULT_PEERS, available_peers, peer_points
-
-    names, notes = available_peers(DEFAULT_PEERS, explicit=False)
-    new, more = peer_points(points, names)
-    for note in notes + more:
-        _log(f"note: {note}", log)
-    return new
 
 
 def summary_lines(results_dir: Path, task: str) -> list[str]:
@@ -302,5 +512,7 @@ def _sorted_rate(row: dict) -> str:
 
 
 __all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "HEADLINE_TASKS", "run_task_of",
-           "regression_bench", "RUN_RECIPES", "HEAD_STAGE",
-           "PAIR_POOLING", "BenchConfig"]
+           "regression_bench", "RUN_RECIPES", "HEAD_STAGE", "PAIR_POOLING", "BenchConfig", "comparison_points",
+           "tuned_rule", "saved_tuned_points", "everything_off", "peer_points_for", "tune_checkpoint", "tuned_line",
+           "calibration_split", "BenchRequest", "run_task_names", "bench_points", "bench_split", "record_bench_call", "SHORT_TABLE",
+           "MIN_CALIBRATION_ROWS"]

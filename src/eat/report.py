@@ -370,74 +370,97 @@ def build_report(folder: str | Path) -> Path:
                  "interleaved on the same examples; accuracy from the same calls. Throughput: same batches for "
                  "every point, arrival order.", ""]
     for task in frame["series"].unique():
-        data = frame[frame["series"] == task]
-        safe = task.replace(":", "_")
-        sections += [f"## {task}", "", f"Data: {data.iloc[0]['dataset']} ({int(data.iloc[0]['rows'])} rows).", ""]
-        if bool(data["metric_named"].any()):  # rows that name their metric and its value (since #27)
-            sections += [f"Primary metric: {metric_name(data)} (`{data['metric'].dropna().iloc[-1]}`, in percent); "
-                         "every table, plot and tuner below uses it.", ""]
-        plot_frontier(frame, task, plots / f"{safe}_frontier.png")
-        sections += [f"![frontier](plots/{safe}_frontier.png)", ""]
-        if len(data[data["role"].isin(["ablation", "baseline"])]):
-            plot_ablation(frame, task, plots / f"{safe}_ablation.png")
-            sections += [f"![ablation](plots/{safe}_ablation.png)", ""]
-        exits = data[data["mech_exit"] == True]  # noqa: E712 - pandas column of bools
-        focus = exits[exits["role"] == "tuned"]
-        focus = focus if len(focus) else exits
-        if len(focus):
-            row = focus.iloc[-1]
-            plot_exit_distribution(row, plots / f"{safe}_exit_layers.png")
-            sections += [f"![exit layers](plots/{safe}_exit_layers.png)", ""]
-        pruned = data[(data["mech_prune"] == True) & data.get("examples_file", pd.Series(dtype=str)).notna()]  # noqa: E712
-        if len(pruned) and "examples_file" in pruned:
-            # the tuned point when it prunes, else the pruning-only ablation row, else any pruning row
-            preferred = [pruned[pruned["role"] == "tuned"], pruned[pruned["point"] == "eat:prune"], pruned]
-            row = next(group for group in preferred if len(group)).iloc[-1]
-            examples_path = folder / str(row["examples_file"])
-            if examples_path.is_file():
-                plot_tokens_vs_length(pd.read_csv(examples_path), f"{task} {row['point']}: tokens kept",
-                                      plots / f"{safe}_tokens_vs_length.png")
-                sections += [f"![tokens kept](plots/{safe}_tokens_vs_length.png)", ""]
-        sweep_file = results_sweep_file(folder, task)
-        if sweep_file.is_file():
-            sweep = pd.read_csv(sweep_file)
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            value = sweep["metric_value"] if "metric_value" in sweep.columns else sweep["accuracy"]
-            ax.plot(sweep["mean_exit_layer"], value, "-o", markersize=3)
-            ax.set_xlabel("mean exit layer")
-            ax.set_ylabel(f"{metric_title(str(sweep['metric'].iloc[0])) if 'metric' in sweep.columns else 'accuracy'} (%)")
-            ax.set_title(f"{task}: tau sweep from cached head outputs", fontsize=9)
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(plots / f"{safe}_tau_sweep.png", dpi=120)
-            plt.close(fig)
-            sections += [f"![tau sweep](plots/{safe}_tau_sweep.png)", ""]
-        sections += ["### Summary", "", summary_table(frame, task), ""]
-        peers = peer_speedup_table(frame, task)
-        if peers:
-            sections += ["### Against the fastest static peer", "", peers, ""]
-        tuned_path = tuned_file(folder, task.split(":")[0])
-        if tuned_path.is_file():
-            tuned = json.loads(tuned_path.read_text())
-            kind = "f1" if "calibration_f1" in tuned else "accuracy"
-            sections += [f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
-                         f"`{json.dumps(tuned.get('knobs'))}`, calibration {metric_name(data)} "
-                         f"{tuned.get('calibration_' + kind, float('nan')):.2f} vs reference "
-                         f"{tuned.get('reference_' + kind, float('nan')):.2f}"
-                         + (f"; certified bound on the drop {tuned['drop_upper_bound']:.2f} points"
-                            if tuned.get("drop_upper_bound") is not None else "")
-                         + (f"; {tuned['drop_interval']['method']}: drop {tuned['drop_interval']['drop']:.2f}, "
-                            f"{tuned['drop_interval']['confidence']:.0%} upper bound "
-                            f"{tuned['drop_interval']['upper']:.2f} points"
-                            if tuned.get("drop_interval") else "") + ".", ""]
-        run_file = run_config_file(folder, task.split(":")[0])
-        if run_file.is_file():  # written by `eat run`: how the models were built
-            run = json.loads(run_file.read_text())
-            sections += [f"Main job: `eat run --preset {run.get('preset')} --recipe {run.get('recipe')}` "
-                         f"(settings in `{run_file.name}`).", ""]
+        sections += _series_section(frame, task, folder, plots)
     path = folder / "report.md"
     atomic_write_text(path, "\n".join(sections))
     return path
+
+
+def _series_section(frame: pd.DataFrame, task: str, folder: Path, plots: Path) -> list[str]:
+    """The report's section on one series (a task's split): data, plots, summary tables, the tuned point and how
+    the main job built the models."""
+    data = frame[frame["series"] == task]
+    safe = task.replace(":", "_")
+    sections = [f"## {task}", "", f"Data: {data.iloc[0]['dataset']} ({int(data.iloc[0]['rows'])} rows).", ""]
+    if bool(data["metric_named"].any()):  # rows that name their metric and its value (since #27)
+        sections += [f"Primary metric: {metric_name(data)} (`{data['metric'].dropna().iloc[-1]}`, in percent); "
+                     "every table, plot and tuner below uses it.", ""]
+    plot_frontier(frame, task, plots / f"{safe}_frontier.png")
+    sections += [f"![frontier](plots/{safe}_frontier.png)", ""]
+    if len(data[data["role"].isin(["ablation", "baseline"])]):
+        plot_ablation(frame, task, plots / f"{safe}_ablation.png")
+        sections += [f"![ablation](plots/{safe}_ablation.png)", ""]
+    exits = data[data["mech_exit"] == True]  # noqa: E712 - pandas column of bools
+    focus = exits[exits["role"] == "tuned"]
+    focus = focus if len(focus) else exits
+    if len(focus):
+        row = focus.iloc[-1]
+        plot_exit_distribution(row, plots / f"{safe}_exit_layers.png")
+        sections += [f"![exit layers](plots/{safe}_exit_layers.png)", ""]
+    sections += _tokens_kept_section(data, task, folder, plots, safe)
+    sweep_file = results_sweep_file(folder, task)
+    if sweep_file.is_file():
+        plot_tau_sweep(pd.read_csv(sweep_file), task, plots / f"{safe}_tau_sweep.png")
+        sections += [f"![tau sweep](plots/{safe}_tau_sweep.png)", ""]
+    sections += ["### Summary", "", summary_table(frame, task), ""]
+    peers = peer_speedup_table(frame, task)
+    if peers:
+        sections += ["### Against the fastest static peer", "", peers, ""]
+    tuned_path = tuned_file(folder, task.split(":")[0])
+    if tuned_path.is_file():
+        sections += [_tuned_note(json.loads(tuned_path.read_text()), metric_name(data)), ""]
+    run_file = run_config_file(folder, task.split(":")[0])
+    if run_file.is_file():  # written by `eat run`: how the models were built
+        run = json.loads(run_file.read_text())
+        sections += [f"Main job: `eat run --preset {run.get('preset')} --recipe {run.get('recipe')}` "
+                     f"(settings in `{run_file.name}`).", ""]
+    return sections
+
+
+def _tokens_kept_section(data: pd.DataFrame, task: str, folder: Path, plots: Path, safe: str) -> list[str]:
+    """The tokens-kept plot of a pruning row whose examples file is on disk (the tuned point when it prunes, else
+    the pruning-only ablation row, else any pruning row); [] when there is none."""
+    pruned = data[(data["mech_prune"] == True) & data.get("examples_file", pd.Series(dtype=str)).notna()]  # noqa: E712
+    if not (len(pruned) and "examples_file" in pruned):
+        return []
+    preferred = [pruned[pruned["role"] == "tuned"], pruned[pruned["point"] == "eat:prune"], pruned]
+    row = next(group for group in preferred if len(group)).iloc[-1]
+    examples_path = folder / str(row["examples_file"])
+    if not examples_path.is_file():
+        return []
+    plot_tokens_vs_length(pd.read_csv(examples_path), f"{task} {row['point']}: tokens kept",
+                          plots / f"{safe}_tokens_vs_length.png")
+    return [f"![tokens kept](plots/{safe}_tokens_vs_length.png)", ""]
+
+
+def plot_tau_sweep(sweep: pd.DataFrame, task: str, path: Path) -> None:
+    """The primary metric against the mean exit layer over a threshold sweep from cached head outputs."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    value = sweep["metric_value"] if "metric_value" in sweep.columns else sweep["accuracy"]
+    ax.plot(sweep["mean_exit_layer"], value, "-o", markersize=3)
+    ax.set_xlabel("mean exit layer")
+    ax.set_ylabel(f"{metric_title(str(sweep['metric'].iloc[0])) if 'metric' in sweep.columns else 'accuracy'} (%)")
+    ax.set_title(f"{task}: tau sweep from cached head outputs", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _tuned_note(tuned: dict, metric: str) -> str:
+    """How the operating point was chosen on the calibration split: criterion, knobs, calibration and reference
+    scores, and the certified bound or bootstrap interval when the tuner gave one."""
+    kind = "f1" if "calibration_f1" in tuned else "accuracy"
+    return (f"Operating point chosen on the calibration split ({tuned.get('criterion', '')}): "
+            f"`{json.dumps(tuned.get('knobs'))}`, calibration {metric} "
+            f"{tuned.get('calibration_' + kind, float('nan')):.2f} vs reference "
+            f"{tuned.get('reference_' + kind, float('nan')):.2f}"
+            + (f"; certified bound on the drop {tuned['drop_upper_bound']:.2f} points"
+               if tuned.get("drop_upper_bound") is not None else "")
+            + (f"; {tuned['drop_interval']['method']}: drop {tuned['drop_interval']['drop']:.2f}, "
+               f"{tuned['drop_interval']['confidence']:.0%} upper bound "
+               f"{tuned['drop_interval']['upper']:.2f} points"
+               if tuned.get("drop_interval") else "") + ".")
 
 
 __all__ = ["build_report", "pareto_front", "summary_table", "ReportError", "load_results"]

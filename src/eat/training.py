@@ -396,20 +396,9 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
     """
     config.validate()
     out = Path(output_dir)
-    model_dir, ckpt_dir = out / "model", out / "checkpoint-last"
-    if (out / "train_summary.json").is_file() and not force:
-        raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
-    saved_config = out / "train_config.json"
-    if ckpt_dir.is_dir() and saved_config.is_file() and not force:
-        try:
-            previous = json.loads(saved_config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{saved_config}: not valid JSON ({error}); the interrupted run's settings are unknown: "
-                            "use --force to start over or another --out") from None
-        if previous != dataclasses.asdict(config):
-            changed = sorted(k for k in previous if previous.get(k) != dataclasses.asdict(config).get(k))
-            raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
-                                   "here; use another --out or --force")
+    model_dir, ckpt_dir, saved_config = out / "model", out / "checkpoint-last", out / "train_config.json"
+    if not force:
+        _refuse_other_runs(out, config)
 
     context = distributed.setup(device)  # under torchrun: this process's rank and device; else one process
     device = context.device
@@ -436,8 +425,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
         resumed_step = state["global_step"]
         logger.warning("%s: resuming from step %d (checkpoint-last; --force starts over)", out, resumed_step)
     else:
-        model = build_model(config, train_data.label_names)
-        state = {"global_step": 0}
+        model, resume_state = build_model(config, train_data.label_names), None
     teacher = load_teacher(config, train_data.label_names, device) if config.teacher is not None else None
     # Only now, with data, model and teacher loaded, is anything in `out` touched: a run refused on the way (a
     # missing --init-from or --teacher, a corrupt checkpoint) leaves no half-made folder, and --force deletes the
@@ -461,20 +449,8 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
-    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate)
-    warmup = int(total_steps * config.warmup_ratio)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if resumed_step:
-        saved = resume_state  # read (and checked) before anything in `out` was touched
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
+    # a resumed run's state was read (and checked) before anything in `out` was touched
+    optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps, resume_state)
 
     exit_layers = model.config.exit_layer_list if config.variant == "eat" else (model.config.num_hidden_layers,)
     weights = exit_weights(config.exit_loss_weights, exit_layers)
@@ -498,17 +474,7 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
             optimizer.zero_grad(set_to_none=True)
             loss = torch.zeros((), device=device)
             if share > 0:  # a short last batch may leave a process no rows; it still joins the all-reduce
-                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                    output = runner.forward(model, batch)
-                logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
-                extra_loss = {}
-                if teacher is not None:  # (B, C): the fixed teacher, eval mode, every mechanism off
-                    with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
-                                                         enabled=use_bf16):
-                        extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
-                                                               batch["token_type_ids"]).logits.float()
-                loss = runner.loss(logits, batch["labels"], weights, config.distill_weight,
-                                   config.distill_temperature, **extra_loss)
+                loss = _batch_loss(model, batch, runner, config, weights, teacher, use_bf16, device)
                 (loss * share if context.enabled else loss).backward()
             distributed.all_reduce_gradients(model, context)  # summed shares: the global batch's gradient
             if context.enabled:
@@ -542,6 +508,60 @@ def train(config: TrainConfig, output_dir: str | Path, *, force: bool = False, d
 
     return _finish_on_main(context, model, tokenizer, config, out, evals, train_data, encoded, step, seconds,
                            resumed_step, runner, device)
+
+
+def _refuse_other_runs(out: Path, config: TrainConfig) -> None:
+    """Refuse (before anything loads) a folder holding a finished run, or an interrupted run with other settings
+    (RunFinishedError); an unreadable saved config is a DataError. ``--force`` skips this."""
+    if (out / "train_summary.json").is_file():
+        raise RunFinishedError(f"{out}: holds a finished run (train_summary.json); pass --force to retrain")
+    saved_config = out / "train_config.json"
+    if (out / "checkpoint-last").is_dir() and saved_config.is_file():
+        try:
+            previous = json.loads(saved_config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{saved_config}: not valid JSON ({error}); the interrupted run's settings are unknown: "
+                            "use --force to start over or another --out") from None
+        if previous != dataclasses.asdict(config):
+            changed = sorted(k for k in previous if previous.get(k) != dataclasses.asdict(config).get(k))
+            raise RunFinishedError(f"{out}: an interrupted run with other settings ({', '.join(changed)}) is "
+                                   "here; use another --out or --force")
+
+
+def _optimizer_and_schedule(model, config: TrainConfig, total_steps: int, resume_state: dict[str, Any] | None):
+    """AdamW over :func:`parameter_groups` and a linear warm-up then linear decay to 0 over ``total_steps``; with
+    ``resume_state`` both continue where the interrupted run stopped (and so does the RNG: same dropout masks)."""
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate)
+    warmup = int(total_steps * config.warmup_ratio)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        torch.set_rng_state(resume_state["rng"])
+    return optimizer, scheduler
+
+
+def _batch_loss(model, batch: dict[str, Any], runner, config: TrainConfig, weights: torch.Tensor, teacher,
+                use_bf16: bool, device: str) -> torch.Tensor:
+    """The joint multi-exit loss of one batch (bf16 autocast when asked), distilled from ``teacher``'s logits when
+    there is one (the fixed teacher: eval mode, every mechanism off, no gradients)."""
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+        output = runner.forward(model, batch)
+    logits = output.exit_logits.float()  # (B, E, C), token tasks (B, E, n, C)
+    extra_loss = {}
+    if teacher is not None:  # (B, C)
+        with torch.no_grad(), torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                                             enabled=use_bf16):
+            extra_loss["teacher_logits"] = teacher(batch["input_ids"], batch["attention_mask"],
+                                                   batch["token_type_ids"]).logits.float()
+    return runner.loss(logits, batch["labels"], weights, config.distill_weight, config.distill_temperature,
+                       **extra_loss)
 
 
 def _finish_on_main(context: distributed.Distributed, model, tokenizer, config: TrainConfig, out: Path, evals,
