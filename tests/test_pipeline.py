@@ -120,3 +120,34 @@ def test_one_preset_object_feeds_training_measuring_and_tuning():
         get_preset("huge")
     with pytest.raises(ValueError, match="unknown preset"):
         bench_config_from_preset("huge")
+
+
+def test_a_smoke_run_on_two_dev_splits_goes_through_the_report(tmp_path, tiny_backbone, data_dir, monkeypatch):
+    """The main job at the smoke preset on MNLI (two dev splits, so series are named task:split) with a tiny
+    backbone, then its report: every series has its section and its threshold-sweep plot (the pipeline and the
+    report name sweep files by one rule), every image the report links exists, no sweep file is left unread, and
+    rebuilding the report from the same files gives the same bytes."""
+    import re
+
+    from eat.pipeline import summary_lines
+    from eat.report import build_report
+
+    monkeypatch.setenv("EAT_DATA_DIR", str(data_dir))
+    results = tmp_path / "results"
+    summary = run_task("mnli", "smoke", tmp_path / "runs", results, train_overrides={"model": tiny_backbone})
+    report = (results / "report.md").read_text()
+    assert summary["report"] == str(results / "report.md")
+    for split in ("validation_matched", "validation_mismatched"):
+        assert f"## mnli:{split}" in report
+        assert f"![tau sweep](plots/mnli_{split}_tau_sweep.png)" in report
+        assert (results / f"tau_sweep_mnli_{split}.csv").is_file()
+    linked = re.findall(r"!\[[^]]*\]\((plots/[^)]+)\)", report)
+    assert linked and all((results / path).is_file() for path in linked)
+    sweeps = {path.stem.removeprefix("tau_sweep_") for path in results.glob("tau_sweep_*.csv")}
+    assert sweeps == {"mnli_validation_matched", "mnli_validation_mismatched"}
+    assert "Main job: `eat run --preset smoke --recipe two-stage`" in report and "Operating point chosen" in report
+    lines = summary_lines(results, "mnli")
+    assert {line.split()[1] for line in lines if " eat:tuned " in line} == {"validation_matched",
+                                                                            "validation_mismatched"}
+    build_report(results)
+    assert (results / "report.md").read_text() == report
