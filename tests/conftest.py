@@ -42,6 +42,22 @@ def tiny_model(seed: int = 0, **knobs) -> EATForSequenceClassification:
     return model
 
 
+def assert_window_refused(model, folder: Path, tmp_path: Path) -> None:
+    """ONNX segments cannot express a sliding window (sequence and token models alike): asking for one is an
+    ExportError naming the knob, both when an export in ``folder`` is loaded and when ``model`` is exported."""
+    from eat.deploy.onnx_export import ExportError, export_segments
+    from eat.deploy.onnx_runtime import build_ort_model
+
+    with pytest.raises(ExportError, match="attention_window"):
+        build_ort_model(folder, knobs={"attention_window": 8})
+    model.config.set_knobs(attention_window=8)
+    try:
+        with pytest.raises(ExportError, match="attention_window=8"):
+            export_segments(model, tmp_path / "windowed")
+    finally:
+        model.config.set_knobs(attention_window=None)
+
+
 def mixed_batch(seed: int = 0, lengths=(17, 9, 30, 4, 12), vocab: int = 120, sep: int = 102 % 120):
     """Right-padded ids (with [CLS]=1 first and [SEP] last) and mask for rows of the given lengths."""
     generator = torch.Generator().manual_seed(seed)

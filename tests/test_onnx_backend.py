@@ -15,7 +15,7 @@ from eat.deploy.onnx_export import ExportError, export_segments, read_manifest  
 from eat.deploy.onnx_runtime import build_ort_model  # noqa: E402
 from eat.modeling_eat import EATForSequenceClassification  # noqa: E402
 
-from .conftest import mixed_batch, tiny_config  # noqa: E402
+from .conftest import assert_window_refused, mixed_batch, tiny_config  # noqa: E402
 
 EXITING = {"exit_policy": "confidence", "exit_threshold": 0.6, "keep_ratio": [0.9, 0.6]}
 
@@ -112,16 +112,9 @@ def test_checksum_mismatch_is_refused(exported, tmp_path):
 
 def test_knobs_the_export_cannot_express(exported, tmp_path):
     model, folder = exported
-    with pytest.raises(ExportError, match="attention_window"):
-        build_ort_model(folder, knobs={"attention_window": 8})
+    assert_window_refused(model, folder, tmp_path)
     with pytest.raises(ExportError, match="mean_attention"):
         build_ort_model(folder, knobs={"prune_importance": "mean_attention", "keep_ratio": 0.7})
-    model.config.set_knobs(attention_window=8)
-    try:
-        with pytest.raises(ExportError, match="attention_window=8"):
-            export_segments(model, tmp_path / "windowed")
-    finally:
-        model.config.set_knobs(attention_window=None)
     with pytest.raises(ExportError, match="not empty"):
         export_segments(model, folder)
     with pytest.raises(ExportError, match="exported at fp32 only"):

@@ -17,7 +17,7 @@ from eat.deploy.onnx_export import ExportError, export_segments, read_manifest  
 from eat.deploy.onnx_runtime import OrtTokenClassifier, build_ort_model  # noqa: E402
 from eat.modeling_eat import EATForTokenClassification, EATLayer  # noqa: E402
 
-from .conftest import mixed_batch, tiny_config  # noqa: E402
+from .conftest import assert_window_refused, mixed_batch, tiny_config  # noqa: E402
 from .test_token_model import word_mask_for  # noqa: E402
 
 LENGTHS = (22, 9, 15, 5, 30, 12)  # padded, longer than the export's 7-token example
@@ -213,14 +213,7 @@ def test_token_errors_stay_clear(exported, tmp_path, monkeypatch):
     import shutil
 
     model, folder = exported
-    with pytest.raises(ExportError, match="attention_window"):
-        build_ort_model(folder, knobs={"attention_window": 8})
-    model.config.set_knobs(attention_window=8)
-    try:
-        with pytest.raises(ExportError, match="attention_window=8"):
-            export_segments(model, tmp_path / "windowed")
-    finally:
-        model.config.set_knobs(attention_window=None)
+    assert_window_refused(model, folder, tmp_path)
     # prune_importance is a sentence-model knob: a token model prunes by norm, so it exports with any value
     build_ort_model(folder, knobs={"prune_importance": "mean_attention", "keep_ratio": 0.7})
     copy = tmp_path / "copy"
