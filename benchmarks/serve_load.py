@@ -197,36 +197,73 @@ async def search_rate(url: str, texts: list[str], *, slo_ms: float, start: float
     return good, runs
 
 
-async def overhead(url: str, predictor, texts: list[str], count: int) -> dict[str, float]:
+def overhead(url: str, predictor, texts: list[str], count: int, idle_ms: float = 5.0) -> dict[str, float]:
     """S4: p50 of single requests sent one at a time (closed loop) over the p50 of the same texts' model call
-    in-process at batch 1 (tokenized beforehand; what `eat bench` times). Run while the server is otherwise
-    idle; the in-process model runs with the same threads."""
+    in-process at batch 1 (tokenized beforehand, calls back to back: what `eat bench` times). Run while the
+    server is otherwise idle; the in-process model runs with the same threads.
+
+    The client is ``http.client`` on one keep-alive connection: a lean client, so that the figure is the server's
+    (httpx costs about a millisecond of Python per request on these cores). Also reported: the server's own
+    account of each request (its ``Server-Timing`` header: parse, queue, model, total), and the in-process model
+    called with ``idle_ms`` of idleness before each call (a server's model thread idles between requests, and a
+    cold call is slower than one right after another: that share of the overhead is the machine's, not HTTP's)."""
+    import http.client
+    from urllib.parse import urlsplit
+
     import torch
+
+    from eat.serving.protocol import parse_server_timing
 
     chosen = texts[:count]
     encoded = [predictor.tokenizer(text, truncation=True, max_length=predictor.max_length, return_tensors="pt")
                for text in chosen]
     model = predictor.model
-    in_process = []
-    with torch.inference_mode():
-        for item in encoded[:5]:
-            model(item["input_ids"], None, item.get("token_type_ids"))
-        for item in encoded:
+
+    def in_process(idle_s: float) -> list[float]:
+        times = []
+        with torch.inference_mode():
+            for item in encoded[:5]:
+                model(item["input_ids"], None, item.get("token_type_ids"))
+            for item in encoded:
+                if idle_s:
+                    time.sleep(idle_s)
+                start = time.perf_counter()
+                model(item["input_ids"], None, item.get("token_type_ids"))
+                times.append((time.perf_counter() - start) * 1000.0)
+        return times
+
+    hot, idle = in_process(0.0), in_process(idle_ms / 1000.0)
+    address = urlsplit(url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    served, phases = [], {}
+    try:
+        for index, text in enumerate(chosen[:5] + chosen):
+            body = json.dumps({"text": text})
             start = time.perf_counter()
-            model(item["input_ids"], None, item.get("token_type_ids"))
-            in_process.append((time.perf_counter() - start) * 1000.0)
-    served = []
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        for text in chosen[:5]:
-            await client.post("/v1/classify", json={"text": text})
-        for text in chosen:
-            start = time.perf_counter()
-            response = await client.post("/v1/classify", json={"text": text})
-            served.append((time.perf_counter() - start) * 1000.0)
-            response.raise_for_status()
-    server_p50, model_p50 = statistics.median(served), statistics.median(in_process)
-    return {"requests": len(served), "served_p50_ms": server_p50, "in_process_b1_p50_ms": model_p50,
-            "ratio": server_p50 / model_p50}
+            connection.request("POST", "/v1/classify", body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            elapsed = (time.perf_counter() - start) * 1000.0
+            if response.status != 200:
+                raise RuntimeError(f"single request answered {response.status}")
+            if index < 5:  # warm-up
+                continue
+            served.append(elapsed)
+            for name, ms in parse_server_timing(response.getheader("server-timing", "")).items():
+                phases.setdefault(name, []).append(ms)
+    finally:
+        connection.close()
+    server_p50, model_p50 = statistics.median(served), statistics.median(hot)
+    result = {"requests": len(served), "served_p50_ms": server_p50, "in_process_b1_p50_ms": model_p50,
+              "ratio": server_p50 / model_p50, "in_process_b1_idle_p50_ms": statistics.median(idle),
+              "idle_ms": idle_ms}
+    # the server's own account (Server-Timing): what of the client's latency is inside the request handler
+    for name, values in phases.items():
+        result[f"server_{name}_p50_ms"] = statistics.median(values)
+    if "total" in phases:
+        result["server_ratio"] = result["server_total_p50_ms"] / model_p50
+    return result
 
 
 def row_line(result: RateResult, slo_ms: float) -> str:
@@ -312,6 +349,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="server torch threads (and the in-process model's)")
     parser.add_argument("--server-cpus", help="pin each server to these cores (taskset -c, e.g. 0,1); the load "
                                                   "generator should then run on others (taskset -c 2,3 python ...)")
+    parser.add_argument("--precision", default="fp32", help="eat serve --precision for every server (and the "
+                        "in-process model of --overhead)")
+    parser.add_argument("--backend", default="torch", help="eat serve --backend for every server (and the "
+                        "in-process model of --overhead)")
     parser.add_argument("--serve-args", default="", help="extra eat serve options, the same for every server")
     parser.add_argument("--rates", default="", help="comma list of request rates per second to run")
     parser.add_argument("--search", action="store_true", help="find the highest rate with p99 <= --slo-ms")
@@ -329,6 +370,7 @@ def main() -> None:
     parser.add_argument("--server-log", type=Path, help="folder for the servers' logs")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and the table beside it)")
     args = parser.parse_args()
+    serve_args = ["--precision", args.precision, "--backend", args.backend, *args.serve_args.split()]
 
     servers = []
     if args.url:
@@ -370,7 +412,7 @@ def main() -> None:
             server_log = args.server_log / f"{name}.log" if args.server_log else None
             if server_log:
                 server_log.parent.mkdir(parents=True, exist_ok=True)
-            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), server_log, args.server_cpus)
+            server = Server(checkpoint, tuned, args.threads, serve_args, server_log, args.server_cpus)
             server.wait_ready()
             url = server.url
         else:
@@ -403,11 +445,19 @@ def main() -> None:
                 from eat.serving.model import load_predictor
 
                 knobs_source = {"tuned": tuned} if tuned else {}
-                predictor = load_predictor(checkpoint, threads=args.threads, **knobs_source)
-                entry["overhead"] = asyncio.run(overhead(url, predictor, texts, args.overhead))
+                predictor = load_predictor(checkpoint, threads=args.threads, precision=args.precision,
+                                           backend=args.backend, **knobs_source)
+                entry["overhead"] = overhead(url, predictor, texts, args.overhead)
                 o = entry["overhead"]
                 log(f"  {name}: single request p50 {o['served_p50_ms']:.2f} ms vs in-process batch 1 "
                     f"{o['in_process_b1_p50_ms']:.2f} ms: {o['ratio']:.2f}x")
+                if "server_total_p50_ms" in o:
+                    log(f"  {name}: inside the server (Server-Timing p50) {o['server_total_p50_ms']:.2f} ms = "
+                        f"parse {o.get('server_parse_p50_ms', 0):.2f} + queue {o.get('server_queue_p50_ms', 0):.2f}"
+                        f" + model {o.get('server_model_p50_ms', 0):.2f} + rest; vs in-process "
+                        f"{o['server_ratio']:.2f}x")
+                log(f"  {name}: in-process batch 1 after {o['idle_ms']:.0f} ms idle (a server's cold call) "
+                    f"{o['in_process_b1_idle_p50_ms']:.2f} ms")
         finally:
             if server is not None:
                 entry["exit_code"] = server.stop()
@@ -423,7 +473,7 @@ def main() -> None:
         for name, checkpoint, tuned in servers:  # S2: both at half of static's sustainable rate, one at a time
             if name not in ("static", "eat"):
                 continue
-            server = Server(checkpoint, tuned, args.threads, args.serve_args.split(), None, args.server_cpus)
+            server = Server(checkpoint, tuned, args.threads, serve_args, None, args.server_cpus)
             try:
                 server.wait_ready()
                 result = asyncio.run(run_rate(server.url, texts, half, requests=args.requests,

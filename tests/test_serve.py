@@ -26,9 +26,9 @@ import torch
 from eat import EATForSequenceClassification
 from eat.serving import ServeConfig
 from eat.serving.app import create_app
-from eat.serving.batcher import BatcherClosed, DynamicBatcher, QueueFull
+from eat.serving.batcher import BatcherClosed, DynamicBatcher, QueueFull, RowTiming
 from eat.serving.model import load_predictor
-from eat.serving.protocol import RequestError, parse_request
+from eat.serving.protocol import RequestError, parse_request, parse_server_timing
 
 from .conftest import REPO, mixed_batch, tiny_config, tiny_model
 
@@ -173,6 +173,34 @@ def test_batcher_caps_batches_by_rows_and_padded_tokens_in_arrival_order():
     assert [a["row"] for a in answers] == ["held", "a", "b", "c", "d", "long", "e"]
     # 3 rows at most; "d" + "long" would be 2 x 20 = 40 tokens (fits), "d", "long", "e" 60 (does not)
     assert batches == [["held"], ["a", "b", "c"], ["d", "long"], ["e"]]
+
+
+def test_batcher_fills_row_timings_in_order_of_events():
+    """submit(..., timings): each row's RowTiming gets enqueued <= started <= answered; a row that waited behind a
+    held batch has queue time at least the hold; a mismatched timings list is refused."""
+    async def scenario():
+        recorder = Recorder(gate=threading.Event())
+        batcher = DynamicBatcher(recorder, max_batch=4, max_wait_ms=0)
+        batcher.start()
+        held_timing = [RowTiming()]
+        first = batcher.submit(["held"], [3], held_timing)
+        await _until_running(batcher)
+        timings = [RowTiming(), RowTiming()]
+        queued = batcher.submit(["a", "b"], [3, 3], timings)
+        await asyncio.sleep(0.05)  # the held batch keeps "a" and "b" waiting
+        recorder.gate.set()
+        await asyncio.gather(*first, *queued)
+        with pytest.raises(ValueError, match="2 timings for 1 rows"):
+            batcher.submit(["c"], [3], [RowTiming(), RowTiming()])
+        await batcher.close()
+        return held_timing + timings
+
+    timings = asyncio.run(scenario())
+    for timing in timings:
+        assert 0.0 < timing.enqueued <= timing.started <= timing.answered
+    assert timings[1].queue_s >= 0.04 and timings[2].queue_s >= 0.04
+    assert timings[1].started == timings[2].started  # one batch
+    assert timings[0].model_s >= 0.04  # held by the gate inside the model call
 
 
 def test_batcher_waits_up_to_max_wait_for_a_batch_to_fill():
@@ -322,6 +350,11 @@ def test_every_route_answers_and_batches_concurrent_requests(checkpoint):
         one = httpx.post(url + "/v1/classify", json={"text": EARLY, "id": "r1"})
         assert one.status_code == 200 and one.json()["id"] == "r1"
         answer = one.json()["results"][0]
+        # the server's account of the request (W3C Server-Timing, ms): every phase present, parts within the total
+        phases = parse_server_timing(one.headers["server-timing"])
+        assert set(phases) == {"parse", "queue", "model", "total"}
+        assert all(ms >= 0.0 for ms in phases.values()) and phases["model"] > 0.0
+        assert phases["parse"] + phases["queue"] + phases["model"] <= phases["total"] + 1e-3
         assert set(answer) >= {"label", "label_id", "confidence", "probabilities", "exit_layer", "tokens",
                                "tokens_kept"}
         assert answer["label"] == expected[EARLY]["label"] and answer["exit_layer"] == 1
@@ -567,3 +600,10 @@ def test_load_generator_counts_every_request_once_with_malformed_ones_mixed_in(c
     assert result.errors == result.lost == result.refused == result.duplicates == 0
     assert 0 < result.p50_ms <= result.p90_ms <= result.p99_ms and result.throughput > 0
     assert load.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and load.percentile([5.0], 99) == 5.0
+
+
+def test_parse_server_timing_reads_durations_and_skips_the_rest():
+    """The Server-Timing reader of the load test: ms per named phase; entries without a number are skipped."""
+    assert parse_server_timing("parse;dur=0.25, queue;dur=0.1,model;desc=\"m\";dur=3.5, total") == \
+        {"parse": 0.25, "queue": 0.1, "model": 3.5}
+    assert parse_server_timing("") == {} and parse_server_timing("x;dur=abc") == {}

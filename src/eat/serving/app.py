@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from .batcher import BatcherClosed, DynamicBatcher, QueueFull
+from .batcher import BatcherClosed, DynamicBatcher, QueueFull, RowTiming
 from .config import ServeConfig
 from .metrics import ServeMetrics
 from .model import Predictor
@@ -61,7 +61,11 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     app.state.batcher, app.state.metrics, app.state.predictor, app.state.config = batcher, metrics, predictor, config
     retry = {"Retry-After": str(config.retry_after_s)}
 
-    async def handle(request: Request, route: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async def handle(request: Request, route: str, phases: dict[str, float]) -> tuple[int, dict[str, Any],
+                                                                                 dict[str, str]]:
+        """Answer one request: (status, JSON body, headers). ``phases`` gets the seconds spent reading and
+        tokenizing (``parse``), waiting for a batch (``queue``, the request's slowest row) and in the model
+        (``model``, likewise)."""
         if state["closing"]:
             return 503, {"error": "the server is shutting down"}, retry
         if not state["ready"]:
@@ -78,26 +82,38 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
             if len(body) > config.max_body_bytes:
                 return 413, {"error": f"the body has more than {config.max_body_bytes} bytes "
                                       "(--max-body-bytes)"}, {}
+        parse_start = time.perf_counter()
         try:
             parsed = parse_request(bytes(body), max_rows=config.max_rows_per_request,
                                    max_body_bytes=config.max_body_bytes)
             rows = encode_rows(parsed, predictor.encode)
         except RequestError as error:
             return error.status, {"error": error.message}, {}
+        phases["parse"] = time.perf_counter() - parse_start
+        timings = [RowTiming() for _ in rows]
         try:
-            futures = batcher.submit(rows, [row.tokens for row in rows])
+            futures = batcher.submit(rows, [row.tokens for row in rows], timings)
         except QueueFull as error:
             return 503, {"error": str(error)}, retry
         except BatcherClosed as error:
             return 503, {"error": str(error)}, retry
         answers = await asyncio.gather(*futures)
+        phases["queue"] = max(timing.queue_s for timing in timings)
+        phases["model"] = max(timing.model_s for timing in timings)
         status, body = response_body(parsed.id, list(answers))
         return status, body, {}
 
     async def answer(request: Request, route: str) -> JSONResponse:
         start = time.perf_counter()
-        status, body, headers = await handle(request, route)
-        metrics.observe_request(route, status, time.perf_counter() - start)
+        phases: dict[str, float] = {}
+        status, body, headers = await handle(request, route, phases)
+        elapsed = time.perf_counter() - start
+        metrics.observe_request(route, status, elapsed)
+        # where the time went, in the W3C Server-Timing format (ms): a client can tell the server's share of a
+        # request's latency from the network's and its own (benchmarks/serve_load.py --overhead reads it)
+        phases["total"] = elapsed
+        headers = {**headers, "Server-Timing": ", ".join(f"{name};dur={seconds * 1000.0:.3f}"
+                                                         for name, seconds in phases.items())}
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.post("/v1/classify")

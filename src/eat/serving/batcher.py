@@ -53,11 +53,33 @@ class BatchStats:
 
 
 @dataclass
+class RowTiming:
+    """Where one row's time went, in ``time.perf_counter()`` seconds (filled in by the batcher; 0.0 = not yet):
+    enqueued when it was queued, started when its batch's model call began, answered when its answer was
+    delivered by the model (an exited row: at its exit layer)."""
+
+    enqueued: float = 0.0
+    started: float = 0.0
+    answered: float = 0.0
+
+    @property
+    def queue_s(self) -> float:
+        """Seconds between being queued and its batch starting."""
+        return max(0.0, self.started - self.enqueued) if self.started else 0.0
+
+    @property
+    def model_s(self) -> float:
+        """Seconds between its batch starting and its answer."""
+        return max(0.0, self.answered - self.started) if self.answered and self.started else 0.0
+
+
+@dataclass
 class _Pending:
     row: Any
     tokens: int
     future: asyncio.Future
     enqueued: float
+    timing: RowTiming | None = None
 
 
 class DynamicBatcher:
@@ -113,9 +135,12 @@ class DynamicBatcher:
         return len(self._queue) + self._running
 
     # --- requests ----------------------------------------------------------------------------------------------
-    def submit(self, rows: list[Any], tokens: list[int]) -> list[asyncio.Future]:
+    def submit(self, rows: list[Any], tokens: list[int],
+               timings: list[RowTiming] | None = None) -> list[asyncio.Future]:
         """Queue the rows of one request (``tokens``: each row's length); one future per row, in order.
-        Raises QueueFull when they do not all fit (none is queued), BatcherClosed while shutting down."""
+        timings: optional, one :class:`RowTiming` per row that the batcher fills in (the server's
+        ``Server-Timing`` header). Raises QueueFull when they do not all fit (none is queued), BatcherClosed
+        while shutting down."""
         if self._closing:
             raise BatcherClosed("the server is shutting down")
         if self._worker is None:
@@ -125,9 +150,15 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []
-        for row, count in zip(rows, tokens, strict=True):
+        if timings is not None and len(timings) != len(rows):
+            raise ValueError(f"{len(timings)} timings for {len(rows)} rows")
+        for index, (row, count) in enumerate(zip(rows, tokens, strict=True)):
             future = loop.create_future()
-            self._queue.append(_Pending(row, count, future, now))
+            timing = None
+            if timings is not None:
+                timing = timings[index]
+                timing.enqueued = now
+            self._queue.append(_Pending(row, count, future, now, timing))
             futures.append(future)
         self._arrived.set()
         return futures
@@ -196,11 +227,18 @@ class DynamicBatcher:
         rows = [pending.row for pending in batch]
         answered = [False] * len(batch)
         remaining = [len(batch)]
+        started = time.perf_counter()
+        for pending in batch:
+            if pending.timing is not None:
+                pending.timing.started = started
 
         def deliver(indices: list[int], answers: list[dict[str, Any]]) -> None:
             fresh = [(i, a) for i, a in zip(indices, answers) if not answered[i]]
+            now = time.perf_counter()
             for i, _ in fresh:
                 answered[i] = True
+                if batch[i].timing is not None:
+                    batch[i].timing.answered = now
             remaining[0] -= len(fresh)
             early = remaining[0] > 0  # others of this batch still running: these rows are answered early
             for i, answer in fresh:
@@ -239,4 +277,4 @@ class DynamicBatcher:
             future.set_result(answer)
 
 
-__all__ = ["BatchStats", "BatcherClosed", "DynamicBatcher", "QueueFull"]
+__all__ = ["BatchStats", "BatcherClosed", "DynamicBatcher", "QueueFull", "RowTiming"]

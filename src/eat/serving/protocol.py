@@ -128,4 +128,19 @@ def response_body(request_id: Any, answers: list[dict[str, Any]]) -> tuple[int, 
     return status, {"id": request_id, "results": answers}
 
 
-__all__ = ["ParsedRequest", "RequestError", "parse_request", "response_body"]
+def parse_server_timing(header: str) -> dict[str, float]:
+    """``"parse;dur=0.1, model;dur=2.5"`` -> {"parse": 0.1, "model": 2.5} (ms); entries without dur are skipped."""
+    phases = {}
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                try:
+                    phases[name] = float(value)
+                except ValueError:
+                    pass
+    return phases
+
+
+__all__ = ["ParsedRequest", "RequestError", "parse_request", "parse_server_timing", "response_body"]
