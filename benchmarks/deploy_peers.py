@@ -57,7 +57,7 @@ def run_bench(args, out: Path) -> Path:
     # `--points tuned` reads the point from the results folder
     shutil.copy2(args.tuned, results / f"tuned_{args.task}.json")
     command = [*_eat(), "bench", "--checkpoint", str(args.runs / "eat"), "--static", str(args.runs / "static"),
-               "--task", args.task, "--preset", "demo", "--points", "tuned", "--peers", args.peers,
+               "--task", args.task, "--preset", args.preset, "--points", "tuned", "--peers", args.peers,
                "--batch-size", "32", "--threads", str(args.threads), "--results", str(results), "--force"]
     if args.rows:
         command += ["--rows", str(args.rows)]
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_peers"))
     parser.add_argument("--rows", type=int, default=None, help="seeded sample of dev rows (default: all 872)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", default="demo", help="eat bench --preset (its tokenizer length and repeats; "
+                        "paper for models trained with the paper preset)")
     parser.add_argument("--task", default="sst2", choices=sorted(GOALS),
                         help="sentence task (D1/D2: sst2; D3: qqp, mnli)")
     parser.add_argument("--peers", default=PEERS, help=f"peers timed beside fp32 eager (default {PEERS}; "
