@@ -162,8 +162,9 @@ def test_fused_layer_heads_equal_the_unfused_runner(tmp_path, pooling, monkeypat
                             head_calls.append(name) or original(self, x))
     lengths = (17, 9, 30, 4, 12, 23, 6)
     for knobs in ({}, EXITING, {**EXITING, "prune_mode": "merge"}, {**EXITING, "exit_policy": "agreement"}):
-        fused = build_ort_model(folder, knobs=knobs)
-        plain = build_ort_model(folder, knobs=knobs, fuse_heads=False)
+        # segments forced: with knobs off the whole-model graph would serve both (tests/test_onnx_whole.py)
+        fused = build_ort_model(folder, knobs=knobs, whole_graph=False)
+        plain = build_ort_model(folder, knobs=knobs, fuse_heads=False, whole_graph=False)
         assert sum(isinstance(layer, onnx_runtime.OrtLayerHead) for layer in fused.bert.encoder.layer) \
             == len(fused_layers)
         assert not any(isinstance(layer, onnx_runtime.OrtLayerHead) for layer in plain.bert.encoder.layer)

@@ -700,8 +700,10 @@ def export_command(
     force: Annotated[bool, typer.Option(help="write into a non-empty OUT")] = False,
 ) -> None:
     """Export a sentence classifier as ONNX segments (embeddings, each layer, each exit head, final head; dynamic
-    batch and length axes) plus a manifest (knobs, labels, tokenizer, versions, sha256 checksums). Run them with
-    --backend onnxruntime (eval, bench, tune) or eat.deploy.load_for_inference(OUT, backend="onnxruntime")."""
+    batch and length axes) plus a manifest (knobs, labels, tokenizer, versions, sha256 checksums). Sentence models
+    also get the whole model with every mechanism off as one graph (model.onnx), run instead of the segments when
+    nothing adaptive is on. Run them with --backend onnxruntime (eval, bench, tune) or
+    eat.deploy.load_for_inference(OUT, backend="onnxruntime")."""
     from .deploy.onnx_export import ExportError, export_checkpoint
 
     if precision not in ("fp32", "int8"):
@@ -713,7 +715,8 @@ def export_command(
         raise ValueError(str(error)) from None
     segments = manifest["segments"][precision]
     out.print(f"exported {run} to {out_dir}: embeddings, {len(segments['layers'])} layers, "
-              f"{len(segments['exit_heads'])} exit heads, final head ({', '.join(manifest['precisions'])}); "
+              f"{len(segments['exit_heads'])} exit heads, final head"
+              f"{', whole model' if 'whole' in segments else ''} ({', '.join(manifest['precisions'])}); "
               f"manifest {out_dir / 'manifest.json'}")
 
 

@@ -20,6 +20,14 @@ Segments and their tensors (B rows, n tokens, d hidden, H heads, dh head size, C
   padding, the token's size after merging). The runner then pays one session call per layer instead of two.
   Pair pooling reads token types the layer graph does not have, so pair heads stay separate. The manifest's
   ``fused_pooling`` names each fused segment's pooling.
+- ``model`` (sentence models, beside the above): the whole model with every mechanism off as ONE graph, the
+  static model (BERT) a user would export: input_ids (B, n) int64, attention_mask (B, n) int64 (1 real, 0
+  padding), token_type_ids (B, n) int64 -> logits (B, C): embeddings, every layer, the final head on `[CLS]`; no
+  exit head, no pruning. Built from the same segment modules as above, so it computes what the segments compute
+  with exits off. The runner uses it whenever nothing adaptive can happen in a call (see
+  :mod:`eat.deploy.onnx_runtime`); the manifest lists it as ``segments[precision]["whole"]``. Exports made before
+  it existed have no such entry and run on the segments alone. Token models have no whole graph (their static
+  form was not asked for: no peer times it).
 
 Token classification models (:class:`~eat.modeling_eat.EATForTokenClassification`, ``"model": "token"`` in the
 manifest) run two forms of every layer, as their layer loop does:
@@ -36,7 +44,8 @@ manifest) run two forms of every layer, as their layer loop does:
 included), the tokenizer files copied beside them, the library versions and a sha256 of every file; a file
 that does not match its checksum is refused when loading. ``--precision int8`` adds ONNX Runtime's dynamic int8
 quantization (``onnxruntime.quantization.quantize_dynamic``, QInt8 weights, one scale per output
-channel) of every segment with matrix products (all but the embeddings) next to the fp32 files.
+channel) of every segment with matrix products (all but the embeddings) next to the fp32 files; the embedding
+lookups inside the whole-model graph stay fp32 too, as the embeddings segment does.
 
 Knobs the export cannot express (refused with :class:`ExportError`): ``attention_window`` (the blocked window
 kernel reads overlapping strided views) and, for sentence models, ``prune_importance="mean_attention"`` (needs
@@ -209,6 +218,29 @@ class FinalSegment(nn.Module):
         return self.classifier(self.pooler(cls))
 
 
+class WholeModelSegment(nn.Module):
+    """A sentence model with every mechanism off as one graph: the static model (BERT). The same segment modules
+    as the segmented export (embeddings, each layer with its fused QKV projection, the final head), chained
+    without EAT's loop in between: no exit head, no pruning, no window."""
+
+    def __init__(self, model: EATForSequenceClassification):
+        super().__init__()
+        self.embeddings = EmbeddingSegment(model.bert.embeddings)
+        self.layers = nn.ModuleList(LayerSegment(layer, pruning_outputs=False) for layer in model.bert.encoder.layer)
+        self.final = FinalSegment(model)
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        """input_ids, attention_mask (1 real, 0 padding), token_type_ids: (B, n) int64 -> logits (B, C)."""
+        hidden = self.embeddings(input_ids, token_type_ids)  # (B, n, d)
+        # the segments' additive key bias (B, n): 0 on real keys, -inf on padding (a row is never all padding:
+        # the runner refuses such a row before calling)
+        key_bias = torch.zeros_like(attention_mask, dtype=hidden.dtype).masked_fill(attention_mask == 0,
+                                                                                    float("-inf"))
+        for layer in self.layers:
+            hidden = layer(hidden, key_bias)  # (B, n, d)
+        return self.final(hidden[:, 0])
+
+
 # ------------------------------------------------------------------------------------------------- export
 
 
@@ -230,9 +262,21 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
 
 
+def _lookup_nodes(path: Path) -> list[str]:
+    """Names of the graph's ``Gather`` nodes that read an initializer: embedding lookups (only the whole-model
+    graph has them; a segment's ``Gather`` picks from an activation)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    return [node.name for node in graph.node if node.op_type == "Gather" and node.input[0] in weights]
+
+
 def _quantize_int8(source: Path, target: Path) -> None:
     """ONNX Runtime's dynamic int8 quantization of one segment: QInt8 weights with one scale per output channel,
-    activations quantized per call.
+    activations quantized per call. Embedding lookups stay fp32: ORT would quantize them (``Gather`` is in its
+    dynamic op list), but the embeddings segment is never quantized, so the whole-model graph keeps them fp32 too
+    and computes what the int8 segments compute with exits off.
 
     Per channel, as the torch backend (``per_channel_dynamic_qconfig``): with one scale per weight matrix (ORT's
     default) the SST-2 demo models lost 0.81 accuracy points on all 872 dev rows at batch 1 (static 83.03 ->
@@ -245,7 +289,8 @@ def _quantize_int8(source: Path, target: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its "consider pre-processing" warning, once per segment, says nothing here
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         nodes_to_exclude=_lookup_nodes(source))
     finally:
         root.setLevel(level)
 
@@ -330,6 +375,20 @@ def _export_layer_heads(eager: nn.Module, out: Path, files: dict[str, Any]) -> d
     return pooling
 
 
+def _export_whole(eager: EATForSequenceClassification, out: Path, files: dict[str, Any]) -> None:
+    """The whole sentence model with every mechanism off (:class:`WholeModelSegment`) as ``out/fp32/model.onnx``,
+    its name into ``files["whole"]``. Example inputs: 2 rows of 7 tokens, the second padded after 4."""
+    B, n = 2, 7
+    ids = torch.randint(3, min(eager.config.vocab_size, 1000), (B, n))
+    mask = (torch.arange(n) < torch.tensor([[n], [4]])).long()  # (B, n)
+    name = "fp32/model.onnx"
+    _export(WholeModelSegment(eager), (ids, mask, torch.zeros_like(ids)), out / name,
+            ["input_ids", "attention_mask", "token_type_ids"], ["logits"],
+            {"input_ids": _BATCH_LENGTH, "attention_mask": _BATCH_LENGTH, "token_type_ids": _BATCH_LENGTH,
+             "logits": {0: "batch"}})
+    files["whole"] = name
+
+
 def _quantized_copy(out: Path, segments: dict[str, Any]) -> dict[str, Any]:
     """int8 twins (ORT dynamic quantization) of every fp32 segment with matrix products, written to
     ``out/int8``; returns the int8 segment table (the embeddings, lookups, stay the fp32 file)."""
@@ -363,7 +422,9 @@ def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str,
     Exports from a deep copy (tracing must not touch the caller's model). precisions: "fp32" always, plus "int8"
     for ONNX Runtime int8 segments. tokenizer_dir: a folder whose tokenizer files are copied into
     ``out/tokenizer``. A non-empty ``out`` is refused unless ``force``. fuse_heads (sentence models): also
-    write ``layer_head_<i>``, each layer and the head after it as one graph (the runner's default).
+    write ``layer_head_<i>``, each layer and the head after it as one graph (the runner's default). Sentence
+    models also get ``model.onnx`` per precision, the whole model with every mechanism off as one graph (the
+    static model; see the module docstring); token models do not.
     """
     kind = model_kind(model)
     unknown = set(precisions) - {"fp32", "int8"}
@@ -391,6 +452,8 @@ def export_segments(model: nn.Module, out: str | Path, *, precisions: tuple[str,
         _export_layers(eager, out, kind, files["fp32"])
         _export_heads(eager, out, kind, files["fp32"])
         fused_pooling = _export_layer_heads(eager, out, files["fp32"]) if kind == "sequence" and fuse_heads else {}
+        if kind == "sequence":
+            _export_whole(eager, out, files["fp32"])
     if "int8" in precisions:
         files["int8"] = _quantized_copy(out, files["fp32"])
     tokenizer_files = []
@@ -467,5 +530,6 @@ def export_checkpoint(path: str | Path, out: str | Path, *, precisions: tuple[st
 
 __all__ = ["ExportError", "EmbeddingSegment", "FinalSegment", "LayerHeadSegment", "LayerSegment", "MANIFEST",
            "MODEL_KINDS",
-           "QueryLayerSegment", "check_exportable", "export_checkpoint", "export_segments", "model_kind",
+           "QueryLayerSegment", "WholeModelSegment", "check_exportable", "export_checkpoint", "export_segments",
+           "model_kind",
            "read_manifest", "require_onnxruntime", "sha256"]
