@@ -134,3 +134,113 @@ def test_eat_export_cli(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output
     windowed = runner.invoke(app, ["export", str(run), str(tmp_path / "w"), "--knob", "attention_window=8"])
     assert windowed.exit_code == 2 and "attention_window=8" in windowed.output
+
+
+# ------------------------------------------------------------------------------------------- token tasks (D4)
+
+TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+def _saved_tagger(folder, seed=0):
+    """A random tiny token classifier with BIO tags and an exit head after every layer, saved to ``folder``."""
+    from eat.modeling_eat import EATForTokenClassification
+
+    torch.manual_seed(seed)
+    config = tiny_config(num_labels=len(TAGS), exit_layers="all", initializer_range=0.3,
+                         id2label=dict(enumerate(TAGS)), label2id={tag: i for i, tag in enumerate(TAGS)})
+    model = EATForTokenClassification(config).eval()
+    model.save_pretrained(folder)
+    return str(folder), model
+
+
+def _tagged_sentences(model, sentences=14, seed=0):
+    """(encoded chunks, sentences) of random words, some of two subwords, whose gold tags are the fp32 eager
+    model's own with every exit off: the static model scores entity F1 100 on them, so an equal F1 on another
+    backend means the same entities predicted."""
+    import random
+
+    from eat.ner_data import IGNORE, EncodedTagged, TaggedData, TaggedSentence
+    from eat.token_tasks import predict_tagged
+
+    rng = random.Random(seed)
+    ids, labels, starts = [], [], []
+    for _ in range(sentences):
+        row, flags = [1], [False]  # [CLS]
+        for _word in range(rng.randint(3, 9)):
+            row.append(rng.randint(3, 119))
+            flags.append(True)  # the word's first subword carries its label
+            if rng.random() < 0.3:
+                row.append(rng.randint(3, 119))
+                flags.append(False)
+        row.append(102 % 120)  # [SEP]
+        flags.append(False)
+        ids.append(row)
+        starts.append(flags)
+        labels.append([0 if flag else IGNORE for flag in flags])
+    encoded = EncodedTagged(ids, labels, starts, list(range(sentences)), [len(row) for row in ids])
+    words = [sum(flags) for flags in starts]
+    placeholder = TaggedData([TaggedSentence([f"w{i}" for i in range(n)], ["O"] * n) for n in words], TAGS,
+                             "synthetic")
+    gold = predict_tagged(model, encoded, placeholder, disable_exit=True).tags
+    data = TaggedData([TaggedSentence([f"w{i}" for i in range(len(tags))], tags) for tags in gold], TAGS,
+                      "synthetic tagged ids")
+    return encoded, data
+
+
+def test_token_peers_measured_in_the_same_run_with_their_own_f1(tmp_path):
+    """Issue #24 D4: a token task's static model and tuned point on PyTorch int8 and ONNX Runtime fp32 / int8, each
+    its own row of one interleaved run with the backend and precision it ran at and entity F1 from its own calls;
+    ONNX Runtime fp32 tags exactly as eager fp32; the report's fastest-static-peer table lists them."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("seqeval")
+    from eat.results import ResultRow, row_metric
+    from eat.tasks import named_task
+
+    checkpoint, model = _saved_tagger(tmp_path / "tagger")
+    encoded, data = _tagged_sentences(model)
+    base = [OperatingPoint("static", checkpoint, {"exit_layers": None, "exit_policy": "none"}, "baseline", "static"),
+            OperatingPoint("eat:tuned", checkpoint, {"exit_layers": "all", "exit_policy": "confidence",
+                                                     "exit_threshold": 0.5}, "tuned")]
+    points = base + peer_points(base, ["torch-int8", "ort-fp32", "ort-int8"])[0]
+    bench = BenchConfig(task="conll2003", rows=None, warmup=1, throughput_repeats=1, batch_size=4)
+    log = ResultsLog(tmp_path / "results")
+    rows = {r["point"]: r for r in measure_points(points, encoded, bench, log, dataset_source="synthetic",
+                                                  task=named_task("conll2003"), data=data)}
+    assert set(rows) == {p.name for p in points} and len(rows) == 8
+    assert len({r["run_id"] for r in rows.values()}) == 1  # one interleaved run
+    assert len({r["config_hash"] for r in rows.values()}) == 8
+    for point in points:
+        row = rows[point.name]
+        # the row keeps the precision it ran at (the entity precision has its own field)
+        assert (row["backend"], row["precision"]) == (point.backend, point.precision)
+        assert row["metric"] == "entity_f1" and row_metric(row) == ("entity_f1", row["entity_f1"])
+        assert 0.0 <= row["entity_f1"] <= 100.0 and row["accuracy"] == row["entity_f1"]
+        assert row["rows"] == len(encoded) and row["b1_p50_ms"] > 0 and row["throughput_rows_per_s"] > 0
+        assert [key for key in row if key not in ResultRow.__annotations__ and not key.startswith(("b1_", "b4_"))] \
+            == []
+    assert rows["static"]["entity_f1"] == pytest.approx(100.0)  # the gold tags are its own
+    assert rows["eat:tuned"]["mean_exit_layer"] < 4.0  # its token exits are on
+    for name in ("static", "eat:tuned"):  # ONNX Runtime fp32 computes the eager function: the same tags and exits
+        eager, ort = rows[name], rows[f"{name}:ort-fp32"]
+        for key in ("entity_f1", "entity_precision", "entity_recall", "exit_distribution", "token_layer_fraction"):
+            assert ort[key] == pytest.approx(eager[key]), (name, key)
+    report_rows = pd.DataFrame(log.rows()).assign(series="conll2003")
+    table = peer_speedup_table(report_rows, "conll2003")
+    for name in ("static:torch-int8", "static:ort-int8", "eat:tuned:ort-fp32", "eat:tuned:ort-int8"):
+        assert name in table
+    assert "| static:ort-int8 | onnxruntime | int8 |" in table
+
+
+def test_token_bench_points_get_peers(tmp_path):
+    """`eat bench` on a token task adds the peers of its static and tuned points (the token runner supports them)."""
+    from eat.pipeline import BenchRequest, bench_points
+    from eat.tasks import named_task
+
+    runner = named_task("conll2003").runner()
+    assert runner.supports_peers
+    bench = BenchConfig(task="conll2003")
+    request = BenchRequest(frozenset({"tuned"}), static="s", peers="torch-int8")
+    points = bench_points("e", bench, request, {"eat:tuned": {"exit_threshold": 0.9}}, runner)
+    peers = {p.name: (p.backend, p.precision) for p in points if (p.backend, p.precision) != ("torch", "fp32")}
+    assert peers == {"static:torch-int8": ("torch", "int8"), "eat:tuned:torch-int8": ("torch", "int8")}
+

@@ -232,8 +232,10 @@ def measure_points(points: Sequence[OperatingPoint], encoded, bench: BenchConfig
     What a call leaves behind and how a row is scored depends on the task's level; its runner's
     :meth:`~eat.runners.TaskRunner.measurement` does that part, this function the timing. A token task
     (``encoded`` from :func:`eat.ner_data.encode_tagged`, ``data`` its sentences) is timed per chunk and scored by
-    entity F1 over whole sentences (``accuracy`` holds it, ``metric`` says so), its exit layers per word, its
-    ``token_layer_fraction`` query token-layers over the static model's (no length-sorted pass).
+    entity F1 over whole sentences (``metric_value`` and ``accuracy`` hold it, ``metric`` says so), its exit layers
+    per word, its ``token_layer_fraction`` query token-layers over the static model's (no length-sorted pass). A
+    peer point (another ``backend`` / ``precision``) of either level is loaded by :func:`load_point` and timed and
+    scored like any other point of the run.
 
     ``all_rows``: the whole split when ``encoded`` is a sample of it. Every point then also predicts all of it
     (untimed, length-bucketed batches) and its row gets ``accuracy_all_rows`` (``f1_all_rows``) and

@@ -47,7 +47,7 @@ class ResultRow(TypedDict, total=False):
     checkpoint: str
     layers: int
     backend: str  # torch or onnxruntime (rows since peers)
-    precision: str  # fp32, bf16, int8 (a token task's rows: its entity precision, written over it)
+    precision: str  # fp32, bf16, int8 (token rows written before entity_precision: their entity precision)
     mech_prune: bool
     mech_sparse: bool
     mech_exit: bool
@@ -74,7 +74,10 @@ class ResultRow(TypedDict, total=False):
     f1: float
     metric_value_batched: float  # from the timed batch calls (accuracy_batched in older rows)
     accuracy_batched: float
-    recall: float
+    recall: float  # token rows written before entity_recall
+    entity_f1: float  # token tasks: entity F1 (also metric_value and accuracy), precision and recall, seqeval's
+    entity_precision: float
+    entity_recall: float
     # timing: "b1_" + LatencyStats fields (count, mean, p50, p90, p99, std, min, max in ms), batch throughput in
     # arrival order and length-sorted, and "b<N>_batch_" + LatencyStats of the batches
     b1_p50_ms: float

@@ -341,7 +341,8 @@ class SequenceMeasurement(Measurement):
 
 class TokenMeasurement(Measurement):
     """Per chunk: the tags and exit layer of every word from the batch-1 call; sentences are put back together
-    and scored by entity F1 (the row's ``accuracy``, ``metric`` says so); exit layers are per word."""
+    and scored by entity F1 (the row's ``metric_value``, also in ``accuracy`` for readers of older rows);
+    exit layers are per word. A peer (int8, ONNX Runtime) is scored the same way from its own calls."""
 
     def __init__(self, encoded, data, *, device: str, batch_size: int, pad_id: int) -> None:
         super().__init__(encoded, device=device, batch_size=batch_size, pad_id=pad_id)
@@ -404,10 +405,14 @@ class TokenMeasurement(Measurement):
             self._summary(name, model)
 
     def scores(self, name: str) -> dict[str, Any]:
-        """``metric`` (entity_f1), ``accuracy`` (the entity F1: reports and frontiers read it), precision, recall."""
+        """``metric`` (entity_f1), ``metric_value`` and ``entity_f1`` (the entity F1), ``accuracy`` (the same F1:
+        readers of rows written before ``metric_value`` read it), ``entity_precision``, ``entity_recall``. The
+        entity precision is not named ``precision``: that field of a row is the numeric precision it ran at
+        (fp32, int8), which a peer's row must keep."""
         summary = self.summaries[name]
-        return {"metric": "entity_f1", "accuracy": summary["f1"], "precision": summary["precision"],
-                "recall": summary["recall"]}
+        return {"metric": "entity_f1", "metric_value": summary["f1"], "entity_f1": summary["f1"],
+                "accuracy": summary["f1"], "entity_precision": summary["precision"],
+                "entity_recall": summary["recall"]}
 
     def exit_fields(self, name: str, model) -> dict[str, Any]:
         """Word exit layers; query and key/value-only token-layer work against the static model's."""
@@ -644,7 +649,9 @@ class TokenRunner(TaskRunner):
     sentence_calibration = False  # rows are sentences already
     supports_teacher = False
     supports_all_rows = False  # entity F1 is reported on the sentences timed
-    supports_peers = False
+    # peers load through eat.deploy.load_for_inference like a sentence task's (eat.bench.load_point): the token
+    # model runs at int8 and on ONNX Runtime (OrtTokenClassifier) with its token loop intact
+    supports_peers = True
     supports_sorted_throughput = False
 
     def label_names(self) -> tuple[str, ...]:
