@@ -1,9 +1,11 @@
-"""Issue #24's measurements in one command: EAT against the static model as deployed (D1, D2, D3, D5).
+"""Issue #24's measurements in one command: EAT against the static model as deployed (D1, D2, D3, D4, D5).
 
     .venv/bin/python benchmarks/deploy_peers.py --runs runs/demo/sst2 --tuned runs/demo/results/tuned_sst2.json \\
         --out benchmarks/results/deploy_peers [--rows 40] [--threads 2] [--task qqp|mnli] [--peers ...]
+    .venv/bin/python benchmarks/deploy_peers.py --task conll2003 --static runs/full/conll-static \\
+        --eat runs/full/conll-eat2 --tuned results/ner/tuned_conll2003.json --preset paper --out OUT [--rows 1000]
 
-Given the trained runs ``RUNS/static`` and ``RUNS/eat`` and the point `eat tune` chose:
+Given the trained runs ``RUNS/static`` and ``RUNS/eat`` (or ``--static`` / ``--eat``) and the point `eat tune` chose:
 
 1. D1 and D2, one interleaved `eat bench` run on SST-2 dev (every row unless ``--rows``): static as eager fp32
    and its peers (PyTorch int8, ONNX Runtime fp32 and int8), EAT's exits-off / exit / prune+exit rows and its
@@ -15,6 +17,13 @@ Given the trained runs ``RUNS/static`` and ``RUNS/eat`` and the point `eat tune`
    <= 0.5 points below static fp32) and D2 (the same at batch 32, >= 1.5x, arrival order; length-sorted
    reported); on QQP / MNLI D3 (batch 1 and 32, >= 1.4x at <= 1.0 point); D5 (int8 cost; goal <= 0.5 points on
    SST-2, reported elsewhere), each MET or MISSED with the figures. MNLI is judged on its matched dev split.
+
+CoNLL-2003 (``--task conll2003``, D4): the same bench on token models (token exits; every ``--rows`` is a sample of
+dev *sentences*, timed per chunk), judged at batch 1 and batch 32 in arrival order (a token bench has no
+length-sorted pass): the fastest EAT row >= 1.3x the fastest static peer at <= 1.0 entity F1 below static fp32.
+Scores are the task's primary metric (``metric_value``: entity F1 there, accuracy on SST-2, QQP and MNLI). Its D5
+part scores every model with the token evaluation of `eat eval` (:func:`eat.token_tasks.evaluate_tagged`, entity
+F1 over whole sentences).
 
 Timing needs a quiet machine: nothing else running on its cores (the script sets the thread count; 2 by default).
 """
@@ -28,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -42,6 +52,9 @@ GOALS = {
             ("D3 batch 32, length-sorted (reported)", "throughput_sorted_rows_per_s", True, 1.4, 1.0)),
 }
 GOALS["mnli"] = GOALS["qqp"]
+# D4: token exits on CoNLL-2003; a token bench has no length-sorted pass (TokenRunner.supports_sorted_throughput)
+GOALS["conll2003"] = (("D4 batch 1", "b1_p50_ms", False, 1.3, 1.0),
+                      ("D4 batch 32, arrival order", "throughput_rows_per_s", True, 1.3, 1.0))
 EVAL_SPLIT = {"mnli": "validation_matched"}
 
 
@@ -56,7 +69,7 @@ def run_bench(args, out: Path) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     # `--points tuned` reads the point from the results folder
     shutil.copy2(args.tuned, results / f"tuned_{args.task}.json")
-    command = [*_eat(), "bench", "--checkpoint", str(args.runs / "eat"), "--static", str(args.runs / "static"),
+    command = [*_eat(), "bench", "--checkpoint", str(args.eat), "--static", str(args.static),
                "--task", args.task, "--preset", args.preset, "--points", "tuned", "--peers", args.peers,
                "--batch-size", "32", "--threads", str(args.threads), "--results", str(results), "--force"]
     if args.rows:
@@ -67,27 +80,53 @@ def run_bench(args, out: Path) -> Path:
     return results
 
 
+def _score_sentences(model: Any, data: Any) -> dict[str, Any]:
+    """Accuracy and mean exit layer of a sentence model (an :class:`~eat.deploy.InferenceModel`) on ``data``
+    (length-bucketed batches of 64, as `eat eval`)."""
+    from eat.data import encode
+    from eat.evaluation import classification_metrics, predict_encoded
+
+    encoded = encode(data, model.tokenizer, 128)
+    predicted = predict_encoded(model.model, encoded, batch_size=64, pad_id=model.tokenizer.pad_token_id or 0)
+    return {"metric": "accuracy", "rows": len(encoded),
+            "accuracy": classification_metrics(predicted.labels, predicted.logits.argmax(-1))["accuracy"],
+            "mean_exit_layer": float(predicted.exit_layer.mean())}
+
+
+def _score_tagged(model: Any, data: Any) -> dict[str, Any]:
+    """Entity F1 and mean word exit layer of a token model (an :class:`~eat.deploy.InferenceModel`) on the
+    sentences ``data``: :func:`eat.token_tasks.evaluate_tagged`, the scoring of `eat eval` (chunks put back into
+    whole sentences; batches of 64)."""
+    from eat.ner_data import encode_tagged
+    from eat.token_tasks import evaluate_tagged
+
+    encoded = encode_tagged(data, model.tokenizer, 128)
+    summary = evaluate_tagged(model.model, encoded, data, batch_size=64, pad_id=model.tokenizer.pad_token_id or 0)
+    return {"metric": "entity_f1", "rows": summary["sentences"], "entity_f1": summary["f1"],
+            "mean_exit_layer": summary["mean_word_exit_layer"]}
+
+
 def run_d5(args, out: Path) -> list[dict]:
-    """D5: accuracy of static and tuned EAT at fp32 / torch int8 / ORT int8 on every dev row (or --rows)."""
+    """D5: the primary metric of static and tuned EAT at fp32 / torch int8 / ORT int8 on every dev row (or
+    --rows): accuracy for sentence tasks, entity F1 over whole sentences for CoNLL-2003. Each row names its
+    ``metric`` and holds the value under that name."""
     import torch
 
-    from eat.data import encode, load_glue
     from eat.deploy import load_for_inference, read_tuned
-    from eat.evaluation import classification_metrics, predict_encoded
+    from eat.tasks import named_task
 
     torch.set_num_threads(args.threads)
     tuned = read_tuned(args.tuned)
+    runner = named_task(args.task).runner()
+    score = _score_tagged if runner.token_level else _score_sentences
     rows = []
-    data = load_glue(args.task, EVAL_SPLIT.get(args.task, "validation")).subset(args.rows, seed=0)
-    for model_name, folder, knobs in (("static", args.runs / "static", {}), ("eat:tuned", args.runs / "eat", tuned)):
+    data = runner.load_split(EVAL_SPLIT.get(args.task, "validation")).subset(args.rows, seed=0)
+    for model_name, folder, knobs in (("static", args.static, {}), ("eat:tuned", args.eat, tuned)):
         for backend, precision in (("torch", "fp32"), ("torch", "int8"), ("onnxruntime", "int8")):
             model = load_for_inference(folder, knobs=knobs, precision=precision, backend=backend)
-            encoded = encode(data, model.tokenizer, 128)
             start = time.perf_counter()
-            predicted = predict_encoded(model.model, encoded, batch_size=64, pad_id=model.tokenizer.pad_token_id or 0)
-            accuracy = classification_metrics(predicted.labels, predicted.logits.argmax(-1))["accuracy"]
-            rows.append({"model": model_name, "backend": backend, "precision": precision, "rows": len(encoded),
-                         "accuracy": accuracy, "mean_exit_layer": float(predicted.exit_layer.mean()),
+            scores = score(model, data)
+            rows.append({"model": model_name, "backend": backend, "precision": precision, **scores,
                          "seconds_untimed_pass": round(time.perf_counter() - start, 2)})
             print(json.dumps(rows[-1]), flush=True)
     import pandas as pd
@@ -97,8 +136,9 @@ def run_d5(args, out: Path) -> list[dict]:
 
 
 def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
-    """targets.md: the task's targets (SST-2: D1, D2; QQP / MNLI: D3) and D5 from the bench rows and the D5 table."""
-    from eat.results import ResultsLog
+    """targets.md: the task's targets (SST-2: D1, D2; QQP / MNLI: D3; CoNLL-2003: D4) and D5 from the bench rows and
+    the D5 table. Drops are in the task's primary metric (:func:`eat.results.row_metric`: accuracy, or entity F1)."""
+    from eat.results import ResultsLog, row_metric
 
     rows = ResultsLog(results).rows()
     run_id = [r for r in rows if r["point"] == "static"][-1]["run_id"]
@@ -107,6 +147,12 @@ def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
     statics = {k: v for k, v in rows.items() if k == "static" or k.startswith("static:")}
     eats = {k: v for k, v in rows.items() if k.startswith("eat:tuned")}
     base = rows["static"]
+    metric = row_metric(base)[0]
+
+    def value(row: dict) -> float:
+        """The row's primary metric (metric_value; accuracy in rows written before it)."""
+        return row_metric(row)[1]
+
     first = next(iter(rows.values()))
     lines = [f"# Issue #24 targets: {args.task} {split}, {base['rows']} rows, {first['cpu']}, {first['threads']} threads, "
              f"commit {first['git_commit']}, run {run_id}", ""]
@@ -117,24 +163,28 @@ def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
     for target, column, higher, goal, bar in GOALS.get(args.task, GOALS["qqp"]):
         peer_name, peer = best(statics, column, higher)
         # the fastest EAT row that keeps the accuracy bar, else the fastest of all (then it misses on accuracy)
-        within = {k: v for k, v in eats.items() if base["accuracy"] - v["accuracy"] <= bar}
+        within = {k: v for k, v in eats.items() if value(base) - value(v) <= bar}
         eat_name, eat = best(within or eats, column, higher)
         ratio = eat[column] / peer[column] if higher else peer[column] / eat[column]
-        drop = base["accuracy"] - eat["accuracy"]
+        drop = value(base) - value(eat)
         met = ratio >= goal and drop <= bar
         lines.append(f"- {target}: fastest EAT {eat_name} vs fastest static peer {peer_name}: {ratio:.2f}x "
-                     f"(goal >= {goal}x); its accuracy {eat['accuracy']:.2f} vs static fp32 {base['accuracy']:.2f} "
+                     f"(goal >= {goal}x); its {metric} {value(eat):.2f} vs static fp32 {value(base):.2f} "
                      f"({-drop:+.2f}, goal >= {-bar:+.2f}) -> {'MET' if met else 'MISSED'}")
-    lines += ["", "| point | accuracy | b1 p50 ms | rows/s b32 | rows/s b32 sorted | mean exit |", "|---|---|---|---|---|---|"]
+    lines += ["", f"| point | {metric} | b1 p50 ms | rows/s b32 | rows/s b32 sorted | mean exit |",
+              "|---|---|---|---|---|---|"]
     for name, row in {**statics, **eats}.items():
-        lines.append(f"| {name} | {row['accuracy']:.2f} | {row['b1_p50_ms']:.2f} | {row['throughput_rows_per_s']:.0f} | "
+        lines.append(f"| {name} | {value(row):.2f} | {row['b1_p50_ms']:.2f} | {row['throughput_rows_per_s']:.0f} | "
                      f"{row.get('throughput_sorted_rows_per_s', float('nan')):.0f} | {row['mean_exit_layer']:.2f} |")
-    lines += ["", f"## D5: int8 accuracy cost ({d5[0]['rows']} dev rows, untimed)", ""]
+    # D5 rows name their metric (rows of CSVs written before it hold accuracy)
+    d5_metric = d5[0].get("metric", "accuracy")
+    unit = "sentences" if d5_metric == "entity_f1" else "rows"
+    lines += ["", f"## D5: int8 {d5_metric} cost ({d5[0]['rows']} dev {unit}, untimed)", ""]
     for model in ("static", "eat:tuned"):
         fp32 = next(r for r in d5 if r["model"] == model and r["precision"] == "fp32")
         for row in (r for r in d5 if r["model"] == model and r["precision"] == "int8"):
-            cost = fp32["accuracy"] - row["accuracy"]
-            lines.append(f"- {model} {row['backend']} int8: {row['accuracy']:.2f} vs fp32 {fp32['accuracy']:.2f} "
+            cost = fp32[d5_metric] - row[d5_metric]
+            lines.append(f"- {model} {row['backend']} int8: {row[d5_metric]:.2f} vs fp32 {fp32[d5_metric]:.2f} "
                          f"(cost {cost:+.2f} points; goal <= 0.50) -> {'MET' if cost <= 0.5 else 'MISSED'}")
     (out / "targets.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -144,6 +194,8 @@ def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/demo/sst2"), help="folder with static/ and eat/ runs")
+    parser.add_argument("--static", type=Path, default=None, help="the static run (default RUNS/static)")
+    parser.add_argument("--eat", type=Path, default=None, help="the EAT run (default RUNS/eat)")
     parser.add_argument("--tuned", type=Path, default=Path("runs/demo/results/tuned_sst2.json"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_peers"))
     parser.add_argument("--rows", type=int, default=None, help="seeded sample of dev rows (default: all 872)")
@@ -151,13 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="demo", help="eat bench --preset (its tokenizer length and repeats; "
                         "paper for models trained with the paper preset)")
     parser.add_argument("--task", default="sst2", choices=sorted(GOALS),
-                        help="sentence task (D1/D2: sst2; D3: qqp, mnli)")
+                        help="task (D1/D2: sst2; D3: qqp, mnli; D4: conll2003, token exits)")
     parser.add_argument("--peers", default=PEERS, help=f"peers timed beside fp32 eager (default {PEERS}; "
                         "add torch-bf16 on a CPU with native bf16)")
     args = parser.parse_args(argv)
-    for needed in (args.runs / "static", args.runs / "eat", args.tuned):
+    args.static = args.static or args.runs / "static"
+    args.eat = args.eat or args.runs / "eat"
+    for needed in (args.static, args.eat, args.tuned):
         if not needed.exists():
-            raise SystemExit(f"{needed}: missing (train with `eat run` first, or pass --runs / --tuned)")
+            raise SystemExit(f"{needed}: missing (train with `eat run` first, or pass --runs / --static / --eat / "
+                             "--tuned)")
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_bench(args, args.out)
     d5 = run_d5(args, args.out)

@@ -102,3 +102,34 @@ def test_user_jsonl_data_and_bad_input(tiny_backbone, tmp_path, conll_env, tagge
     assert result.exit_code == 2 and "conll2003" in result.output and "Traceback" not in result.output
     result = _invoke("tune", "--checkpoint", str(tagger_run), "--task", "conll2003", "--latency-budget", "5")
     assert result.exit_code == 2 and "--max-drop" in result.output
+
+
+def test_deploy_peers_judges_d4_on_a_smoke_tagger(tagger_run, tmp_path):
+    """benchmarks/deploy_peers.py --task conll2003 (issue #24 D4): one `eat bench` run with the token peers, one
+    row per peer point with its backend and precision, the report's peer table, D5 in entity F1 from the token
+    evaluation, and targets.md judging D4 at batch 1 and 32."""
+    pytest.importorskip("onnxruntime")
+    from .conftest import benchmark_script
+
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"knobs": {"exit_layers": "all", "exit_policy": "confidence",
+                                           "exit_threshold": 0.3}}))
+    out = tmp_path / "out"
+    benchmark_script("deploy_peers").main(["--task", "conll2003", "--static", str(tagger_run), "--eat",
+                                           str(tagger_run), "--tuned", str(tuned), "--rows", "10", "--threads", "1",
+                                           "--preset", "smoke", "--peers", "torch-int8,ort-int8", "--out", str(out)])
+    rows = {r["point"]: r for r in map(json.loads, (out / "bench" / "results.jsonl").read_text().splitlines())}
+    expected = {"static:torch-int8": ("torch", "int8"), "static:ort-int8": ("onnxruntime", "int8"),
+                "eat:tuned:torch-int8": ("torch", "int8"), "eat:tuned:ort-int8": ("onnxruntime", "int8"),
+                "static": ("torch", "fp32"), "eat:tuned": ("torch", "fp32")}
+    assert {name: (rows[name]["backend"], rows[name]["precision"]) for name in expected} == expected
+    assert len({rows[name]["run_id"] for name in expected}) == 1
+    assert all(rows[name]["metric"] == "entity_f1" and 0.0 <= rows[name]["metric_value"] <= 100.0
+               for name in expected)
+    assert "| eat:tuned:ort-int8 | onnxruntime | int8 |" in (out / "bench" / "report.md").read_text()
+    targets = (out / "targets.md").read_text()
+    assert "- D4 batch 1: fastest EAT eat:tuned" in targets and "- D4 batch 32, arrival order:" in targets
+    assert "its entity_f1" in targets and "length-sorted" not in targets
+    assert "## D5: int8 entity_f1 cost (10 dev sentences, untimed)" in targets
+    d5 = [line for line in targets.splitlines() if line.startswith(("- static ", "- eat:tuned "))]
+    assert len(d5) == 4 and all(" int8: " in line for line in d5)  # static and tuned EAT, torch and ORT int8

@@ -244,3 +244,43 @@ def test_token_bench_points_get_peers(tmp_path):
     peers = {p.name: (p.backend, p.precision) for p in points if (p.backend, p.precision) != ("torch", "fp32")}
     assert peers == {"static:torch-int8": ("torch", "int8"), "eat:tuned:torch-int8": ("torch", "int8")}
 
+
+def test_deploy_peers_judge_reads_the_primary_metric_and_older_rows(tmp_path):
+    """benchmarks/deploy_peers.py judges drops in the rows' primary metric (metric_value), and still reads rows and
+    D5 tables written before it (accuracy only)."""
+    from argparse import Namespace
+
+    from .conftest import benchmark_script
+
+    script = benchmark_script("deploy_peers")
+    env = {"run_id": "r", "split": "validation", "rows": 10, "cpu": "cpu", "threads": 1, "git_commit": "c",
+           "mean_exit_layer": 4.0}
+
+    def row(point, score, ms, rate, **extra):
+        return {**env, "point": point, "config_hash": point, "b1_p50_ms": ms, "throughput_rows_per_s": rate,
+                **score, **extra}
+
+    old = [row(point, {"accuracy": accuracy}, ms, rate, throughput_sorted_rows_per_s=2 * rate)
+           for point, accuracy, ms, rate in (("static", 90.0, 10.0, 100.0), ("static:ort-int8", 89.0, 5.0, 200.0),
+                                             ("eat:tuned", 89.8, 4.0, 260.0), ("eat:tuned:ort-int8", 88.0, 2.0, 500.0))]
+    d5_old = [{"model": m, "backend": b, "precision": p, "rows": 10, "accuracy": 90.0}
+              for m in ("static", "eat:tuned") for b, p in (("torch", "fp32"), ("torch", "int8"))]
+    ResultsLog(tmp_path / "old").append_rows(old)
+    lines = script.judge(Namespace(task="sst2"), tmp_path / "old", d5_old, tmp_path)
+    # eat:tuned:ort-int8 is 2 points below static: the fastest within 0.5 is eat:tuned (1.25x the ORT int8 peer)
+    assert lines[2].startswith("- D1 batch 1: fastest EAT eat:tuned vs fastest static peer static:ort-int8: 1.25x")
+    assert "its accuracy 89.80" in lines[2] and lines[2].endswith("MISSED")
+    f1 = {"metric": "entity_f1"}
+    new = [row("static", {**f1, "metric_value": 90.0, "accuracy": 90.0}, 10.0, 100.0),
+           row("static:ort-int8", {**f1, "metric_value": 89.5, "accuracy": 89.5}, 5.0, 150.0),
+           row("eat:tuned:ort-int8", {**f1, "metric_value": 89.2, "accuracy": 89.2}, 3.0, 200.0)]
+    ResultsLog(tmp_path / "new").append_rows(new)
+    d5 = [{**row_, "metric": "entity_f1", "entity_f1": 90.0 - 0.6 * (row_["precision"] == "int8")} for row_ in d5_old]
+    lines = script.judge(Namespace(task="conll2003"), tmp_path / "new", d5, tmp_path)
+    assert [line.split(":")[0] for line in lines if line.startswith("- D4")] == ["- D4 batch 1",
+                                                                               "- D4 batch 32, arrival order"]
+    assert "1.67x" in lines[2] and "its entity_f1 89.20 vs static fp32 90.00 (-0.80" in lines[2]
+    assert lines[2].endswith("MET")
+    assert "1.33x" in lines[3] and lines[3].endswith("MET")
+    assert "## D5: int8 entity_f1 cost (10 dev sentences, untimed)" in lines
+    assert lines[-1] == "- eat:tuned torch int8: 89.40 vs fp32 90.00 (cost +0.60 points; goal <= 0.50) -> MISSED"
