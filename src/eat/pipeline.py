@@ -102,9 +102,10 @@ def _log(message: str, log: Callable[[str], None] | None) -> None:
         log(message)
 
 
-def _train_variant(config: TrainConfig, folder: Path, log) -> Path:
+def _train_variant(config: TrainConfig, folder: Path, log, progress=None) -> Path:
     """Train ``config`` into ``folder``, or reuse the finished run there if it was trained with the same settings
-    (a run made with other settings, e.g. by the other recipe, is an error: it is never silently mixed in)."""
+    (a run made with other settings, e.g. by the other recipe, is an error: it is never silently mixed in).
+    progress: the main job's ``(label, done, total)`` callback, told every training step."""
     if (folder / "train_summary.json").is_file():
         saved_file = folder / "train_config.json"
         saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
@@ -117,7 +118,9 @@ def _train_variant(config: TrainConfig, folder: Path, log) -> Path:
         _log(f"{folder}: trained already, reusing", log)
     else:
         _log(f"training {config.variant} on {config.task} into {folder}", log)
-        result = train(config, folder)
+        label = f"train {config.task} {config.variant}"
+        step_progress = None if progress is None else (lambda p: progress(label, p["step"], p["total"]))
+        result = train(config, folder, progress=step_progress)
         _log(f"{config.variant}: dev {result.dev_metric} {result.dev_accuracy} in {result.seconds / 60:.1f} min", log)
     return folder / "model"
 
@@ -189,7 +192,7 @@ def run_task(task: str, preset: str, runs_dir: Path, results_dir: Path, *, devic
         raise ValueError(f"{results_dir} holds results of another run of {task} ({run_file.read_text().strip()}); "
                          "use another --results folder")
     configs = training_configs(run, runs_dir, train_overrides)
-    models = {variant: str(_train_variant(config, runs_dir / task / variant, log))
+    models = {variant: str(_train_variant(config, runs_dir / task / variant, log, progress))
               for variant, config in configs.items()}
     eat_config = configs["eat"]
     save_json(run_file, run_saved_fields(run))
