@@ -286,7 +286,7 @@ class Server:
     """`eat serve` in a subprocess on 127.0.0.1 (started, waited for /health, stopped with SIGTERM)."""
 
     def __init__(self, checkpoint: str, tuned: str | None, threads: int | None, extra: list[str], log: Path | None,
-                 cpus: str | None = None):
+                 cpus: str | None = None, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "eat.cli", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
@@ -298,7 +298,9 @@ class Server:
         if cpus:  # pin the server (taskset), so that the load generator does not share its cores
             command = ["taskset", "-c", cpus, *command]
         self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        # env: extra variables for the server process only (e.g. OMP_WAIT_POLICY), not for the load generator
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until /health answers 200 (the model is loaded and warmed up)."""
@@ -354,6 +356,9 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", help="eat serve --backend for every server (and the "
                         "in-process model of --overhead)")
     parser.add_argument("--serve-args", default="", help="extra eat serve options, the same for every server")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for the servers only (repeatable), e.g. "
+                             "OMP_WAIT_POLICY=ACTIVE (OpenMP workers spin between requests instead of sleeping)")
     parser.add_argument("--rates", default="", help="comma list of request rates per second to run")
     parser.add_argument("--search", action="store_true", help="find the highest rate with p99 <= --slo-ms")
     parser.add_argument("--slo-ms", type=float, default=50.0)
@@ -371,6 +376,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here (and the table beside it)")
     args = parser.parse_args()
     serve_args = ["--precision", args.precision, "--backend", args.backend, *args.serve_args.split()]
+    if any("=" not in item for item in args.server_env):
+        parser.error("--server-env takes KEY=VALUE")
+    server_env = dict(item.split("=", 1) for item in args.server_env)
 
     servers = []
     if args.url:
@@ -412,7 +420,7 @@ def main() -> None:
             server_log = args.server_log / f"{name}.log" if args.server_log else None
             if server_log:
                 server_log.parent.mkdir(parents=True, exist_ok=True)
-            server = Server(checkpoint, tuned, args.threads, serve_args, server_log, args.server_cpus)
+            server = Server(checkpoint, tuned, args.threads, serve_args, server_log, args.server_cpus, server_env)
             server.wait_ready()
             url = server.url
         else:
@@ -473,7 +481,7 @@ def main() -> None:
         for name, checkpoint, tuned in servers:  # S2: both at half of static's sustainable rate, one at a time
             if name not in ("static", "eat"):
                 continue
-            server = Server(checkpoint, tuned, args.threads, serve_args, None, args.server_cpus)
+            server = Server(checkpoint, tuned, args.threads, serve_args, None, args.server_cpus, server_env)
             try:
                 server.wait_ready()
                 result = asyncio.run(run_rate(server.url, texts, half, requests=args.requests,
