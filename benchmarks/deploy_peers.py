@@ -141,8 +141,9 @@ def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
     from eat.results import ResultsLog, row_metric
 
     rows = ResultsLog(results).rows()
-    run_id = [r for r in rows if r["point"] == "static"][-1]["run_id"]
     split = EVAL_SPLIT.get(args.task, "validation")
+    # the last bench run on the judged split (MNLI's bench writes one run per dev split, matched first)
+    run_id = [r for r in rows if r["point"] == "static" and r.get("split", split) == split][-1]["run_id"]
     rows = {r["point"]: r for r in rows if r["run_id"] == run_id and r.get("split", split) == split}
     statics = {k: v for k, v in rows.items() if k == "static" or k.startswith("static:")}
     eats = {k: v for k, v in rows.items() if k.startswith("eat:tuned")}
@@ -206,7 +207,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="task (D1/D2: sst2; D3: qqp, mnli; D4: conll2003, token exits)")
     parser.add_argument("--peers", default=PEERS, help=f"peers timed beside fp32 eager (default {PEERS}; "
                         "add torch-bf16 on a CPU with native bf16)")
+    parser.add_argument("--judge-only", action="store_true", help="write OUT/targets.md again from OUT/bench and "
+                        "OUT/d5_int8_cost.csv of an earlier run (times nothing)")
     args = parser.parse_args(argv)
+    if args.judge_only:
+        import pandas as pd
+
+        d5_table = args.out / "d5_int8_cost.csv"
+        if not (args.out / "bench").is_dir() or not d5_table.is_file():
+            raise SystemExit(f"{args.out}: no bench/ or d5_int8_cost.csv to judge (run without --judge-only first)")
+        judge(args, args.out / "bench", pd.read_csv(d5_table).to_dict("records"), args.out)
+        return
     args.static = args.static or args.runs / "static"
     args.eat = args.eat or args.runs / "eat"
     for needed in (args.static, args.eat, args.tuned):

@@ -284,3 +284,29 @@ def test_deploy_peers_judge_reads_the_primary_metric_and_older_rows(tmp_path):
     assert "1.33x" in lines[3] and lines[3].endswith("MET")
     assert "## D5: int8 entity_f1 cost (10 dev sentences, untimed)" in lines
     assert lines[-1] == "- eat:tuned torch int8: 89.40 vs fp32 90.00 (cost +0.60 points; goal <= 0.50) -> MISSED"
+
+
+def test_deploy_peers_judges_mnli_on_its_matched_run(tmp_path):
+    """MNLI's bench writes one run per dev split (matched, then mismatched): D3 is judged on the matched run even
+    though the mismatched one came last."""
+    from argparse import Namespace
+
+    from .conftest import benchmark_script
+
+    script = benchmark_script("deploy_peers")
+
+    def row(run_id, split, point, accuracy, ms):
+        return {"run_id": run_id, "split": split, "rows": 10, "cpu": "cpu", "threads": 1, "git_commit": "c",
+                "mean_exit_layer": 3.0, "point": point, "config_hash": point, "b1_p50_ms": ms,
+                "throughput_rows_per_s": 100.0 / ms, "throughput_sorted_rows_per_s": 200.0 / ms,
+                "accuracy": accuracy}
+
+    rows = [row("m", "validation_matched", "static", 60.0, 10.0), row("m", "validation_matched", "eat:tuned", 59.5, 5.0),
+            row("mm", "validation_mismatched", "static", 70.0, 10.0),
+            row("mm", "validation_mismatched", "eat:tuned", 60.0, 9.0)]
+    ResultsLog(tmp_path / "mnli").append_rows(rows)
+    d5 = [{"model": m, "backend": "torch", "precision": p, "rows": 10, "accuracy": 60.0}
+          for m in ("static", "eat:tuned") for p in ("fp32", "int8")]
+    lines = script.judge(Namespace(task="mnli"), tmp_path / "mnli", d5, tmp_path)
+    assert lines[0].startswith("# Issue #24 targets: mnli validation_matched") and "run m" in lines[0]
+    assert "2.00x" in lines[2] and "its accuracy 59.50 vs static fp32 60.00" in lines[2] and lines[2].endswith("MET")
