@@ -140,11 +140,11 @@ def judge(args, results: Path, d5: list[dict], out: Path) -> list[str]:
     the D5 table. Drops are in the task's primary metric (:func:`eat.results.row_metric`: accuracy, or entity F1)."""
     from eat.results import ResultsLog, row_metric
 
-    rows = ResultsLog(results).rows()
     split = EVAL_SPLIT.get(args.task, "validation")
-    # the last bench run on the judged split (MNLI's bench writes one run per dev split, matched first)
-    run_id = [r for r in rows if r["point"] == "static" and r.get("split", split) == split][-1]["run_id"]
-    rows = {r["point"]: r for r in rows if r["run_id"] == run_id and r.get("split", split) == split}
+    # only the judged split's rows (MNLI's bench writes one run per dev split), then its last bench run
+    rows = [r for r in ResultsLog(results).rows() if r.get("split", split) == split]
+    run_id = [r for r in rows if r["point"] == "static"][-1]["run_id"]
+    rows = {r["point"]: r for r in rows if r["run_id"] == run_id}
     statics = {k: v for k, v in rows.items() if k == "static" or k.startswith("static:")}
     eats = {k: v for k, v in rows.items() if k.startswith("eat:tuned")}
     base = rows["static"]
