@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_eat import EATConfig
+from ..configuration_eat import KNOB_DEFAULTS, EATConfig
 from ..modeling_eat import (EATForSequenceClassification, EATForTokenClassification, EATSequenceClassifierOutput,
                             WorkCounters, _early_exit_enabled, exit_head_width)
 from .onnx_export import ExportError, check_exportable, export_checkpoint, read_manifest, require_onnxruntime
 
 
-def make_session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for one segment (spinning off, torch's thread count)."""
+def make_session(path: Path | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session for one segment file, or a serialized model (spinning off, torch's thread
+    count)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -52,7 +54,8 @@ def make_session(path: Path, threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class _Segment(nn.Module):
@@ -200,6 +203,21 @@ class OrtFinal(_Segment):
         return self.run(cls=cls)[0]
 
 
+class OrtCascade(_Segment):
+    """The exit cascade graph (:mod:`eat.deploy.onnx_cascade`): a batch-1 input through every layer it needs,
+    the exit rule included, in one session call."""
+
+    def forward(self, input_ids, token_type_ids, key_bias, exit_threshold, entropy_threshold):
+        """input_ids, token_type_ids (1, n) int64 tensors, key_bias (1, n) float32 array, the thresholds as
+        float32 0-d arrays -> logits (1, C), exit_layer (1,) tensors. Feeds the session numpy arrays directly
+        (this call is the batch-1 fast path: every microsecond around it counts)."""
+        self.calls += 1
+        logits, exit_layer = self.session.run(None, {
+            "input_ids": input_ids.numpy(), "token_type_ids": token_type_ids.numpy(), "key_bias": key_bias,
+            "exit_threshold": exit_threshold, "entropy_threshold": entropy_threshold})
+        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
+
+
 class OrtWholeModel(_Segment):
     """The whole-model graph (``model.onnx``): the static sentence model as one session."""
 
@@ -230,7 +248,9 @@ class OrtSequenceClassifier(EATForSequenceClassification):
 
     Modifications: embeddings, layers, exit heads and the final head are ONNX Runtime sessions; the layer loop,
     exit rule, compaction and pruning are EATModel's own. A call in which nothing adaptive can happen
-    (:func:`runs_static`) runs the export's whole-model graph instead, when it has one (``whole_graph``)."""
+    (:func:`runs_static`) runs the export's whole-model graph instead, when it has one (``whole_graph``). A
+    batch-1 call with exits on runs the exit cascade graph (:mod:`eat.deploy.onnx_cascade`: the layers, heads
+    and exit rule as one session with ``If`` nodes) when the knobs allow it (``cascade``)."""
 
     precision: str = "fp32"
     export_dir: Path | None = None
@@ -242,6 +262,12 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         self.whole_graph: OrtWholeModel | None = None
         self.whole_graph_file: Path | None = None
         self.whole_graph_threads: int | None = None
+        # the exit cascade: on or off, the export's manifest, and the sessions built so far by the knobs baked
+        # into them (exit layers, policy, patience, pooling); None where the knobs have no cascade
+        self.cascade_enabled = False
+        self.manifest: dict[str, Any] | None = None
+        self.cascades: dict[tuple, OrtCascade | None] = {}
+        self.plans: dict[tuple, _FastPlan] = {}  # by the knobs' raw values (see _plan)
 
     def _head(self, layer: int, hidden, state):
         """The head's logits (B, C): those its fused layer session computed for ``hidden``, else its own session."""
@@ -258,54 +284,157 @@ class OrtSequenceClassifier(EATForSequenceClassification):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
                 output_exit_logits: bool = False, disable_exit: bool = False, on_exit=None, **unused):
         """As :meth:`EATForSequenceClassification.forward`; a call :func:`runs_static` allows runs the whole-model
-        session (when there is one), the others the segments under EAT's layer loop."""
-        if self._whole_graph_serves(output_exit_logits, disable_exit):
-            return self._static_forward(input_ids, attention_mask, token_type_ids, labels, on_exit)
+        session (when there is one), a batch-1 call with exits on the cascade session (when the knobs have one),
+        the others the segments under EAT's layer loop."""
+        if not self.training and not output_exit_logits:
+            plan = self._plan(disable_exit)
+            if plan.whole is not None:
+                return self._static_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
+            if plan.cascade is not None and input_ids.shape[0] == 1:
+                return self._cascade_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
         return super().forward(input_ids, attention_mask, token_type_ids, labels,
                                output_exit_logits=output_exit_logits, disable_exit=disable_exit, on_exit=on_exit,
                                **unused)
 
-    def _whole_graph_serves(self, output_exit_logits: bool, disable_exit: bool) -> bool:
-        """Whether this call runs the whole-model session: there is one, nothing adaptive can happen
-        (:func:`runs_static`), and the exit heads have the width the pooling knob reads (else the segmented
-        forward raises its error about them, as it does without a whole graph)."""
-        if self.whole_graph_file is None or not runs_static(self.config, training=self.training,
-                                                            disable_exit=disable_exit,
-                                                            output_exit_logits=output_exit_logits):
-            return False
-        width = exit_head_width(self.config)
-        return all(head.dense.in_features == width for head in self.exit_heads.values())
+    def _plan(self, disable_exit: bool) -> "_FastPlan":
+        """Which single-session path serves an inference call under the knobs as they are now (cached by the knobs'
+        raw values: reading a transformers config attribute costs microseconds, a batch-1 call is ~1 ms)."""
+        raw = self.config.__dict__
+        key = (disable_exit,) + tuple(_frozen(raw.get(name)) for name in KNOB_DEFAULTS)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = self._make_plan(disable_exit)
+        return plan
 
-    def _static_forward(self, input_ids, attention_mask, token_type_ids, labels,
-                        on_exit) -> EATSequenceClassifierOutput:
-        """One call of the whole-model session, with the outputs the layer loop gives with exits off: every row
-        ran every layer with all its real tokens, only the final head ran. input_ids etc.: (B, n)."""
+    def _make_plan(self, disable_exit: bool) -> "_FastPlan":
+        """The :class:`_FastPlan` of the current knobs: the whole graph when nothing adaptive can happen
+        (:func:`runs_static`) and the exit heads have the width the pooling knob reads (else the segmented forward
+        raises its error about them, as it does without a whole graph); else the cascade when exits are on and the
+        knobs have one (batch-1 calls only)."""
         self._check_exit_heads()  # the segmented forward's check: exit_layers naming layers without a head
-        config, whole = self.config, self.open_whole_graph()
-        B, n = input_ids.shape
-        L = config.num_hidden_layers
-        _check_positions(n, config.max_position_embeddings)
-        # the loop's own input checks (right padding, no empty row) and real lengths (B,)
-        lengths = self.bert._initial_state(input_ids, attention_mask, config.keep_schedule, token_type_ids).lengths
+        config = self.config
+        plan = _FastPlan(layers=config.num_hidden_layers, exit_layers=config.exit_layer_list,
+                         max_positions=config.max_position_embeddings,
+                         exit_threshold=np.array(config.exit_threshold, dtype=np.float32),
+                         entropy_threshold=np.array(config.entropy_threshold, dtype=np.float32))
+        width = exit_head_width(config)
+        if (self.whole_graph_file is not None and runs_static(config, disable_exit=disable_exit)
+                and all(head.dense.in_features == width for head in self.exit_heads.values())):
+            plan.whole = self.open_whole_graph()
+        elif (self.cascade_enabled and _early_exit_enabled(config, False, disable_exit)
+              and config.exit_layers is not None):
+            plan.cascade = self.open_cascade()
+        return plan
+
+    def _cascade_key(self) -> tuple:
+        """What a cascade graph bakes in from the config (the thresholds are its inputs)."""
+        config = self.config
+        return (config.exit_layer_list, config.exit_policy, config.exit_patience, config.exit_pooling,
+                config.keep_schedule, config.attention_window)
+
+    def open_cascade(self) -> OrtCascade | None:
+        """The cascade session for the knobs as they are now, built on first use (None when the knobs have no
+        cascade form, see :func:`~eat.deploy.onnx_cascade.cascade_unsupported`, or it is switched off)."""
+        if not self.cascade_enabled or self.manifest is None:
+            return None
+        key = self._cascade_key()
+        if key not in self.cascades:
+            from .onnx_cascade import build_cascade, cascade_unsupported
+
+            cascade = None
+            if cascade_unsupported(self.config, self.manifest, self.precision) is None:
+                graph = build_cascade(self.export_dir, self.manifest, self.precision, self.config)
+                cascade = OrtCascade(make_session(graph, self.whole_graph_threads))
+            self.cascades[key] = cascade
+        return self.cascades[key]
+
+    def _lengths(self, input_ids, attention_mask, B: int, n: int):
+        """Real tokens per row (B,), with the layer loop's input checks (right padding, no empty row) when there
+        is a mask; (B, n) input_ids and mask."""
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            return torch.full((B,), n, dtype=torch.long)
+        return self.bert._initial_state(input_ids, attention_mask, (1.0,)).lengths
+
+    def _cascade_forward(self, plan: "_FastPlan", input_ids, attention_mask, token_type_ids, labels,
+                         on_exit) -> EATSequenceClassifierOutput:
+        """One call of the cascade session for a batch of one row (1, n), with the outputs the layer loop gives:
+        the exit layer, the real tokens that entered each layer it ran, and the counters of that many layers
+        and heads."""
+        B, n = input_ids.shape
+        L = plan.layers
+        _check_positions(n, plan.max_positions)
+        lengths = self._lengths(input_ids, attention_mask, B, n)
+        key_bias = np.zeros((B, n), dtype=np.float32)
+        if attention_mask is not None:
+            key_bias[(attention_mask == 0).numpy()] = -np.inf  # padding keys
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        logits = whole(input_ids, attention_mask, token_type_ids)  # (B, C)
-        exit_layer = torch.full((B,), L, dtype=torch.long)
-        tokens_per_layer = lengths[:, None].expand(B, L).clone()  # (B, L): no token left in any layer
-        # the counters the layer loop keeps: L layers on (B, n) padded slots with B n^2 scores each, one head per row
-        work = WorkCounters(padded_token_layers=L * B * n, attention_scores=L * B * n * n, exit_head_rows=B)
-        work.finish(tokens_per_layer, exit_layer)
-        if on_exit is not None:  # the last layer answers every row (a server delivers its answers here)
-            on_exit(L, torch.arange(B), logits, lengths)
+        logits, exit_layer = plan.cascade(input_ids.long(), token_type_ids.long(), key_bias, plan.exit_threshold,
+                                          plan.entropy_threshold)  # (1, C), (1,)
+        layers_run = int(exit_layer[0])
+        tokens_per_layer = torch.zeros(B, L, dtype=torch.long)
+        tokens_per_layer[:, :layers_run] = lengths[:, None]  # (1, L): 0 in the layers the row skipped
+        heads_read = sum(1 for layer in plan.exit_layers if layer <= layers_run)
+        work = WorkCounters(layers_run=layers_run * B, token_layers=int(lengths.sum()) * layers_run,
+                            padded_token_layers=layers_run * B * n, attention_scores=layers_run * B * n * n,
+                            exit_head_rows=heads_read * B)
+        if on_exit is not None:
+            on_exit(layers_run, torch.arange(B), logits, lengths)
+        return self._output(plan, logits, exit_layer.long(), tokens_per_layer, work, labels)
+
+    def _output(self, plan: "_FastPlan", logits, exit_layer, tokens_per_layer, work,
+                labels) -> EATSequenceClassifierOutput:
+        """The model output of a single-session call; the loss as the segmented forward computes it: MSE for one
+        regression output, else cross-entropy."""
         loss = None
-        if labels is not None:  # as the segmented forward: MSE for one regression output, else cross-entropy
+        if labels is not None:
             loss = (F.mse_loss(logits[:, 0], labels.to(logits.dtype)) if self.num_labels == 1
                     else F.cross_entropy(logits, labels))
         return EATSequenceClassifierOutput(loss=loss, logits=logits, exit_layer=exit_layer,
                                            tokens_per_layer=tokens_per_layer, exit_logits=None,
-                                           exit_layers=config.exit_layer_list, work=work)
+                                           exit_layers=plan.exit_layers, work=work)
+
+    def _static_forward(self, plan: "_FastPlan", input_ids, attention_mask, token_type_ids, labels,
+                        on_exit) -> EATSequenceClassifierOutput:
+        """One call of the whole-model session, with the outputs the layer loop gives with exits off: every row
+        ran every layer with all its real tokens, only the final head ran. input_ids etc.: (B, n)."""
+        B, n = input_ids.shape
+        L = plan.layers
+        _check_positions(n, plan.max_positions)
+        lengths = self._lengths(input_ids, attention_mask, B, n)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        logits = plan.whole(input_ids, attention_mask, token_type_ids)  # (B, C)
+        exit_layer = torch.full((B,), L, dtype=torch.long)
+        tokens_per_layer = lengths[:, None].expand(B, L).clone()  # (B, L): no token left in any layer
+        # the counters the layer loop keeps: L layers on (B, n) padded slots with B n^2 scores each, one head per row
+        work = WorkCounters(layers_run=L * B, token_layers=int(lengths.sum()) * L, padded_token_layers=L * B * n,
+                            attention_scores=L * B * n * n, exit_head_rows=B)
+        if on_exit is not None:  # the last layer answers every row (a server delivers its answers here)
+            on_exit(L, torch.arange(B), logits, lengths)
+        return self._output(plan, logits, exit_layer, tokens_per_layer, work, labels)
+
+
+def _frozen(value):
+    """A knob's raw value in a hashable form (lists, as set_knobs stores sequences, become tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass
+class _FastPlan:
+    """What a single-session call needs from the config, read once per set of knob values: the whole-model
+    session (when nothing adaptive can happen), or the cascade session (batch-1 calls with exits on), neither
+    (the segments serve every call), and the config values those paths read."""
+
+    layers: int
+    exit_layers: tuple[int, ...]
+    max_positions: int
+    exit_threshold: np.ndarray  # () float32, as the cascade session reads it
+    entropy_threshold: np.ndarray
+    whole: OrtWholeModel | None = None
+    cascade: OrtCascade | None = None
 
 
 class OrtTokenClassifier(EATForTokenClassification):
@@ -320,14 +449,16 @@ class OrtTokenClassifier(EATForTokenClassification):
 
 
 def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
-                    threads: int | None = None, fuse_heads: bool = True,
-                    whole_graph: bool = True) -> OrtSequenceClassifier | OrtTokenClassifier:
+                    threads: int | None = None, fuse_heads: bool = True, whole_graph: bool = True,
+                    cascade: bool = True) -> OrtSequenceClassifier | OrtTokenClassifier:
     """The ONNX Runtime model of an export folder (checksums verified), ``knobs`` applied over the exported ones:
     an :class:`OrtSequenceClassifier`, or an :class:`OrtTokenClassifier` for a token model's export.
     fuse_heads: run each sentence layer with its head as one session where the export has that graph and its
     pooling is the one the knobs ask for. whole_graph: run calls in which nothing adaptive can happen
     (:func:`runs_static`) on the export's whole-model graph where it has one (exports made before it existed do
-    not); False runs every call on the segments (e.g. to time both)."""
+    not); False runs every call on the segments (e.g. to time both). cascade: run batch-1 calls with exits on
+    as one graph (:mod:`eat.deploy.onnx_cascade`) where the knobs allow it; built now for the knobs given (not
+    in the first, maybe timed, call) and again when exit layers, policy or patience change."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if precision not in manifest["segments"]:
@@ -372,6 +503,10 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
                 model.open_whole_graph()
     model.dropout = nn.Identity()
     model.precision, model.export_dir = precision, folder
+    if kind != "token":
+        model.cascade_enabled, model.manifest, model.whole_graph_threads = cascade, manifest, threads
+        if cascade and _early_exit_enabled(config, False, False) and config.exit_layers is not None:
+            model.open_cascade()
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
     if leftover:  # pragma: no cover - a module the runner forgot to replace
         raise ExportError(f"ONNX runner left modules without weights: {leftover[:3]}")
@@ -401,11 +536,12 @@ _EXPORT_CACHE: dict[str, Path] = {}
 
 
 def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
-                    threads: int | None = None, token_level: bool | None = None, whole_graph: bool = True):
+                    threads: int | None = None, token_level: bool | None = None, whole_graph: bool = True,
+                    cascade: bool = True):
     """An :class:`~eat.deploy.InferenceModel` on ONNX Runtime from an export folder or a checkpoint (exported
     first, to a temporary folder reused within this process). token_level: export a checkpoint as a token
     classification model (default: what it says it is); an export folder says what it holds. whole_graph: see
-    :func:`build_ort_model` (False: segments only)."""
+    :func:`build_ort_model` (False: segments only); cascade: the same (False: batch 1 on the segments too)."""
     from . import InferenceModel, _is_token_checkpoint, load_tokenizer
     from ..checkpoints import model_folder
 
@@ -434,7 +570,8 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
             atexit.register(shutil.rmtree, exported, True)  # sessions hold their graphs; the files can go
             _EXPORT_CACHE[key] = exported
         folder = _EXPORT_CACHE[key]
-    model = build_ort_model(folder, knobs=knobs, precision=precision, threads=threads, whole_graph=whole_graph)
+    model = build_ort_model(folder, knobs=knobs, precision=precision, threads=threads, whole_graph=whole_graph,
+                            cascade=cascade)
     if token_level is not None and token_level != isinstance(model, EATForTokenClassification):
         raise ExportError(f"{folder}: holds a {'token' if not token_level else 'sentence'} classification model, "
                           f"not the {'token' if token_level else 'sentence'} model asked for")
@@ -443,5 +580,5 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
                           backend="onnxruntime", token_level=isinstance(model, EATForTokenClassification))
 
 
-__all__ = ["OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model", "load_onnx_model",
+__all__ = ["OrtCascade", "OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model", "load_onnx_model",
            "make_session", "runs_static"]

@@ -1,0 +1,181 @@
+"""The exit cascade (eat.deploy.onnx_cascade): a batch-1 call with exits on as ONE ONNX Runtime session with `If`
+nodes, computing what the segmented runner and eager PyTorch compute, every exit rule included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from eat.deploy.onnx_cascade import build_cascade, cascade_unsupported  # noqa: E402
+from eat.deploy.onnx_export import export_segments, read_manifest  # noqa: E402
+from eat.deploy.onnx_runtime import build_ort_model  # noqa: E402
+from eat.modeling_eat import EATForSequenceClassification  # noqa: E402
+
+from .conftest import mixed_batch, tiny_config  # noqa: E402
+
+CLASS_RULES = [
+    {"exit_policy": "confidence", "exit_threshold": 0.5},
+    {"exit_policy": "confidence", "exit_threshold": 0.8},
+    {"exit_policy": "entropy", "entropy_threshold": 0.5},
+    {"exit_policy": "patience", "exit_patience": 2},
+    {"exit_policy": "agreement", "exit_threshold": 0.45, "exit_patience": 2},
+]
+REGRESSION_RULES = [
+    {"exit_policy": "delta", "exit_threshold": 0.6, "exit_patience": 2},
+    {"exit_policy": "spread", "exit_threshold": 0.8, "exit_patience": 2},
+]
+
+
+def _export(tmp_path_factory, name: str, **config):
+    torch.manual_seed(0)
+    model = EATForSequenceClassification(tiny_config(initializer_range=0.3, exit_layers="all", **config)).eval()
+    folder = tmp_path_factory.mktemp(name) / "export"
+    export_segments(model, folder, precisions=("fp32", "int8"))
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """(eager 3-class model, its fp32 + int8 export), mean-pooled exit heads."""
+    return _export(tmp_path_factory, "cascade", exit_pooling="mean")
+
+
+@pytest.fixture(scope="module")
+def regressor(tmp_path_factory):
+    """(eager one-output regression model, its export), `[CLS]` exit heads."""
+    return _export(tmp_path_factory, "cascade-reg", num_labels=1, problem_type="regression")
+
+
+def _rows(count: int = 12):
+    """Batch-1 inputs of different lengths; every third one right-padded (a padded single row is legal)."""
+    rows = []
+    for seed in range(count):
+        ids, mask = mixed_batch(seed, lengths=(4 + 3 * seed,))
+        if seed % 3 == 2:
+            ids = torch.cat([ids, torch.zeros(1, 5, dtype=torch.long)], 1)
+            mask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.long)], 1)
+        rows.append((ids, mask))
+    return rows
+
+
+def _assert_same_pass(got, want, tolerance: float = 1e-5) -> None:
+    """Two outputs of one row: the same exit layer, tokens per layer, counters and (within tolerance) logits."""
+    assert torch.equal(got.exit_layer, want.exit_layer)
+    assert torch.equal(got.tokens_per_layer, want.tokens_per_layer)
+    assert got.work == want.work
+    assert (got.logits - want.logits).abs().max() < tolerance
+
+
+def _check_rules(model, folder, rules, precision="fp32"):
+    """Per rule: the cascade serves every batch-1 call in one session run and equals the segmented runner (and
+    eager PyTorch at fp32); returns the exit layers seen per rule."""
+    seen = []
+    for knobs in rules:
+        cascade = build_ort_model(folder, knobs=knobs, precision=precision)
+        segments = build_ort_model(folder, knobs=knobs, precision=precision, cascade=False)
+        session = cascade.open_cascade()
+        assert session is not None and segments.open_cascade() is None
+        model.config.set_knobs(**knobs)
+        layers = []
+        for ids, mask in _rows():
+            before = (session.calls, cascade.bert.embeddings.calls)
+            with torch.no_grad():
+                got, want = cascade(ids, mask), segments(ids, mask)
+            # one session call, no segment ran
+            assert (session.calls - before[0], cascade.bert.embeddings.calls - before[1]) == (1, 0)
+            _assert_same_pass(got, want)
+            if precision == "fp32":
+                with torch.no_grad():
+                    eager = model(ids, mask)
+                assert torch.equal(got.exit_layer, eager.exit_layer) and (got.logits - eager.logits).abs().max() < 1e-4
+            layers.append(int(got.exit_layer))
+        seen.append(layers)
+    model.config.set_knobs(exit_policy="none")
+    return seen
+
+
+def test_every_classification_rule_equals_the_segments_and_eager(classifier):
+    model, folder = classifier
+    seen = _check_rules(model, folder, CLASS_RULES)
+    # rows really left at every layer (each branch of the cascade was taken), by the rules that hold state too
+    assert set().union(*map(set, seen)) == {1, 2, 3, 4}, seen
+    assert min(seen[-1]) < 4 and min(seen[-2]) < 4, seen
+
+
+def test_regression_rules_equal_the_segments_and_eager(regressor):
+    model, folder = regressor
+    seen = _check_rules(model, folder, REGRESSION_RULES)
+    assert all(min(layers) < 4 and max(layers) == 4 for layers in seen), seen
+
+
+def test_int8_cascade_equals_the_int8_segments(classifier):
+    _, folder = classifier
+    seen = _check_rules(classifier[0], folder, CLASS_RULES[1:2] + CLASS_RULES[4:], precision="int8")
+    assert min(seen[0]) < 4 and max(seen[0]) == 4, seen
+
+
+def test_threshold_is_an_input_and_baked_knobs_rebuild(classifier):
+    _, folder = classifier
+    model = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.0})
+    ids, mask = _rows()[0]
+    first = model.open_cascade()
+    assert model(ids, mask).exit_layer.tolist() == [1]  # tau 0: the first head answers
+    model.config.set_knobs(exit_threshold=0.9999)
+    assert model(ids, mask).exit_layer.tolist() == [4] and model.open_cascade() is first  # no new graph
+    assert first.calls == 2
+    model.config.set_knobs(exit_layers=[2, 4], exit_threshold=0.0)  # exit layers are baked in: a new cascade
+    out = model(ids, mask)
+    assert out.exit_layer.tolist() == [2] and model.open_cascade() is not first
+    assert out.work.exit_head_rows == 1 and out.work.layers_run == 2  # the head after layer 1 was not read
+    assert len(model.cascades) == 2
+
+
+def test_cascade_serves_batch_one_only_and_falls_back_when_it_cannot(classifier):
+    _, folder = classifier
+    model = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5})
+    session = model.open_cascade()
+    ids, mask = mixed_batch(lengths=(9, 5, 12))
+    model(ids, mask)  # a batch: rows leave one by one on the segments
+    model(ids[:1, :9], None, output_exit_logits=True)  # every head's logits: only the segments have them
+    assert session.calls == 0 and model.bert.embeddings.calls == 2
+    for knobs, reason in (({"keep_ratio": 0.5}, "pruning"), ({"exit_pooling": "cls"}, "no fused layer + head segment with cls pooling"),
+                          ({"exit_policy": "none"}, "no early exit")):
+        pruned = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5, **knobs})
+        assert pruned.open_cascade() is None
+        assert reason in cascade_unsupported(pruned.config, read_manifest(folder), "fp32")
+        pruned(*_rows()[1])  # still answers, on the segments or the whole graph
+    off = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5}, cascade=False)
+    assert off.open_cascade() is None
+
+
+def test_cascade_graph_is_valid_onnx_and_refuses_what_it_cannot_express(classifier):
+    model, folder = classifier
+    manifest = read_manifest(folder)
+    config = model.config.__class__.from_dict(manifest["config"])
+    config.set_knobs(exit_policy="agreement", exit_threshold=0.5, exit_layers=[1, 3])
+    graph = onnx.load_from_string(build_cascade(folder, manifest, "int8", config))
+    onnx.checker.check_model(graph, full_check=True)
+    # one If per exit layer before the last, nested: the head after layer 3 lives in the first If's else branch
+    top_ifs = [node for node in graph.graph.node if node.op_type == "If"]
+    assert len(top_ifs) == 1
+    stay = next(attr.g for attr in top_ifs[0].attribute if attr.name == "else_branch")
+    assert [node.op_type for node in stay.node].count("If") == 1
+    config.set_knobs(keep_ratio=0.7)
+    with pytest.raises(ValueError, match="keep ratios"):
+        build_cascade(folder, manifest, "fp32", config)
+
+
+def test_on_exit_and_labels_on_the_cascade(classifier):
+    _, folder = classifier
+    model = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.0})
+    ids, mask = _rows()[2]  # padded
+    told = []
+    out = model(ids, mask, labels=torch.tensor([1]), on_exit=lambda *args: told.append(args))
+    layer, rows, logits, tokens = told[0]
+    assert layer == 1 and rows.tolist() == [0] and torch.equal(logits, out.logits)
+    assert tokens.tolist() == [int(mask.sum())] and out.loss is not None and out.loss.ndim == 0
+    with pytest.raises(ValueError, match="position limit"):
+        model(torch.ones(1, 200, dtype=torch.long))
