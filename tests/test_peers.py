@@ -310,3 +310,31 @@ def test_deploy_peers_judges_mnli_on_its_matched_run(tmp_path):
     lines = script.judge(Namespace(task="mnli"), tmp_path / "mnli", d5, tmp_path)
     assert lines[0].startswith("# Issue #24 targets: mnli validation_matched") and "run m" in lines[0]
     assert "2.00x" in lines[2] and "its accuracy 59.50 vs static fp32 60.00" in lines[2] and lines[2].endswith("MET")
+
+
+def test_deploy_peers_head_to_head_must_meet_the_goal_too(tmp_path):
+    """A target is MET only when the full interleaved table and the head-to-head timing of the same pair (the two
+    systems alone, benchmarks/deploy_peers.py run_head_to_head) both reach its goal; a pair that is not the
+    table's is not used."""
+    from argparse import Namespace
+
+    from .conftest import benchmark_script
+
+    script = benchmark_script("deploy_peers")
+    env = {"run_id": "r", "split": "validation", "rows": 10, "cpu": "cpu", "threads": 1, "git_commit": "c",
+           "mean_exit_layer": 3.0}
+    rows = [{**env, "point": point, "config_hash": point, "accuracy": 90.0, "b1_p50_ms": ms,
+             "throughput_rows_per_s": 100.0 / ms, "throughput_sorted_rows_per_s": 100.0 / ms}
+            for point, ms in (("static", 10.0), ("static:ort-int8", 4.0), ("eat:tuned:ort-int8", 2.0))]
+    ResultsLog(tmp_path / "bench").append_rows(rows)
+    d5 = [{"model": m, "backend": "torch", "precision": p, "rows": 10, "accuracy": 90.0}
+          for m in ("static", "eat:tuned") for p in ("fp32", "int8")]
+    pair = {"peer": "static:ort-int8", "eat": "eat:tuned:ort-int8"}
+    alone = [{**pair, "target": "D1 batch 1", "ratio": 1.5},
+             {**pair, "target": "D2 batch 32, arrival order", "ratio": 1.9},
+             {"peer": "static", "eat": "eat:tuned:ort-int8", "target": "D2 batch 32, length-sorted (reported)",
+              "ratio": 0.5}]
+    lines = script.judge(Namespace(task="sst2"), tmp_path / "bench", d5, tmp_path, alone)
+    assert "2.00x in the full table; timed alone, head to head: 1.50x" in lines[2] and lines[2].endswith("MISSED")
+    assert "head to head: 1.90x" in lines[3] and lines[3].endswith("MET")
+    assert "head to head" not in lines[4] and lines[4].endswith("MET")  # another pair: not this target's
