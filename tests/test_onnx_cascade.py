@@ -179,3 +179,42 @@ def test_on_exit_and_labels_on_the_cascade(classifier):
     assert tokens.tolist() == [int(mask.sum())] and out.loss is not None and out.loss.ndim == 0
     with pytest.raises(ValueError, match="position limit"):
         model(torch.ones(1, 200, dtype=torch.long))
+
+
+def test_single_session_outputs_behave_as_the_model_output(classifier):
+    """The fast paths build their output without transformers' checks: it must still be the same ModelOutput
+    (attributes, items in field order, tuple view, later items) as the segmented forward returns."""
+    _, folder = classifier
+    cascade = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5})
+    segments = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5}, cascade=False)
+    ids, mask = _rows()[0]
+    got, want = cascade(ids, mask), segments(ids, mask)
+    assert type(got) is type(want) and list(got.keys()) == list(want.keys())
+    assert got[0] is got.logits and got["work"] is got.work and len(got.to_tuple()) == len(want.to_tuple())
+    got["loss"] = torch.tensor(1.0)
+    assert got.loss is got["loss"]
+
+
+def test_torch_runs_single_threaded_between_segments(classifier, monkeypatch):
+    """Between ONNX Runtime sessions the torch work runs on one thread (its OpenMP workers would spin on the cores
+    the next session wants), and the caller's thread count is back afterwards, also after an error."""
+    from eat.deploy import onnx_runtime
+
+    _, folder = classifier
+    model = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5}, threads=2)
+    seen = []
+    original = onnx_runtime.OrtLayerHead.forward
+    monkeypatch.setattr(onnx_runtime.OrtLayerHead, "forward",
+                        lambda self, *args: seen.append(torch.get_num_threads()) or original(self, *args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model(*mixed_batch(lengths=(9, 5, 12)))  # a batch: the segments under the layer loop
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        assert all(session.get_session_options().intra_op_num_threads == 2
+                   for session in (model.bert.embeddings.session, model.open_cascade().session))
+        with pytest.raises(ValueError, match="right-padded"):
+            model(torch.ones(2, 4, dtype=torch.long), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

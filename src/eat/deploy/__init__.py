@@ -52,8 +52,13 @@ class InferenceModel:
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         """Run a right-padded batch (B, n); returns the model's output (``logits`` (B, C) as float32,
         ``exit_layer`` (B,), ``tokens_per_layer`` (B, L), ``work``; token models: their per-token fields)."""
-        with torch.inference_mode():
+        if self.backend == "onnxruntime":
+            # no autograd anywhere in it (its tensors come from numpy), and entering and leaving inference mode
+            # costs tens of microseconds on the caches a session call leaves cold: a few % of a batch-1 call
             output = self.model(input_ids, attention_mask, token_type_ids, **kwargs)
+        else:
+            with torch.inference_mode():
+                output = self.model(input_ids, attention_mask, token_type_ids, **kwargs)
         if output.logits is not None and output.logits.dtype != torch.float32:
             output.logits = output.logits.float()  # bf16 logits: callers' softmax and numpy want float32
         return output

@@ -14,12 +14,13 @@ format; the graph depends on knobs that a tuned point changes, so it is built fo
 - body: the ``embeddings`` segment, then per layer its fused ``layer_head_<i>`` segment where an exit head is
   read after it (``layer_<i>`` where not), the exit rule on that head's logits (:func:`~eat.modeling_eat.
   exit_decision` itself, traced, with the policy's state, e.g. the streak of agreeing heads, passed on as
-  tensors) reduced to "every row leaves", and an ``If``: leave with these logits, or run the next layers, which
-  live in the ``else`` branch. The last layer's head answers whoever is still running.
+  tensors) as the (1,) condition of an ``If``: leave with these logits, or run the next layers, which live in
+  the ``else`` branch. The last layer's head answers whoever is still running.
 
-With one row "every row leaves" is the row's own decision, so the cascade computes exactly what the layer loop
-does (the runner uses it at batch 1 only; :func:`cascade_unsupported` lists the knobs it cannot express:
-pruning or merging, windows, pair pooling, regression with a classification policy...). The exit threshold and
+The graph takes ONE row (a batch of several fails to reshape the condition): with one row there is nothing to
+compact, so it computes exactly what the layer loop does; the runner uses it at batch 1 only.
+:func:`cascade_unsupported` lists the knobs it cannot express (pruning or merging, windows, pair pooling).
+Nodes whose outputs nothing reads (the `[CLS]` query and keys the fused segments return for pruning) are dropped. The exit threshold and
 entropy threshold are inputs, so a threshold sweep or a tuned tau needs no new graph; exit layers, policy and
 patience are baked in (the runner builds a new cascade when they change).
 """
@@ -67,10 +68,11 @@ def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: 
 
 
 class ExitRuleStep(nn.Module):
-    """EAT's exit rule after one head, as a graph: :func:`~eat.modeling_eat.exit_decision` on logits (B, C),
-    reduced to whether EVERY row leaves (at batch 1: whether the row leaves). ``first``: the first head the
-    rule reads (no state comes in). Stateful policies pass their state on: streak (B,) int64 and previous (B,)
-    (patience, agreement: the prediction; delta: the value) or (B, <= patience) (spread: the last values)."""
+    """EAT's exit rule after one head, as a graph: :func:`~eat.modeling_eat.exit_decision` on the logits (1, C)
+    of ONE row: whether it leaves, as the (1,) condition of an ``If`` (a batch of several rows fails to reshape:
+    the cascade is for batch 1 only). ``first``: the first head the rule reads (no state comes in). Stateful
+    policies pass their state on: streak (1,) int64 and previous (1,) (patience, agreement: the prediction;
+    delta: the value) or (1, <= patience) (spread: the last values)."""
 
     def __init__(self, config: EATConfig, first: bool):
         super().__init__()
@@ -81,7 +83,7 @@ class ExitRuleStep(nn.Module):
         previous]."""
         leave, streak, previous = exit_decision(logits, self.policy, tau, entropy_threshold, self.patience,
                                                 None if self.first else streak, None if self.first else previous)
-        every = leave.all().reshape(1)  # (1,): the If condition
+        every = leave.reshape(1)  # (1,): the If condition (one row; no reduction over rows to pay for)
         if self.policy in STATELESS_POLICIES:
             return every
         return every, streak, previous
@@ -241,11 +243,64 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
     for model in sources:
         for entry in model.opset_import:
             opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    _drop_unused(graph)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(domain, version)
                                                     for domain, version in sorted(opsets.items())],
                               producer_name="eat-cascade")
     model.ir_version = max(source.ir_version for source in sources)
     return model.SerializeToString()
+
+
+def _drop_unused(graph) -> None:
+    """Remove, in ``graph`` and its ``If`` branches, the nodes whose outputs nothing reads (e.g. the `[CLS]`
+    query and keys a fused segment returns for pruning, which the cascade never prunes with), until none is
+    left: ORT would otherwise run them on every call."""
+    def consumed(g, names: set[str]) -> None:
+        """Every value a node of ``g`` or of its branches reads, and every graph output, into ``names``."""
+        names.update(output.name for output in g.output)
+        for node in g.node:
+            names.update(node.input)
+            for attribute in node.attribute:
+                if attribute.type == attribute.GRAPH:
+                    consumed(attribute.g, names)
+
+    def prune(g, names: set[str]) -> bool:
+        """Drop ``g``'s unread nodes (and its branches'); whether any went."""
+        changed = False
+        keep = []
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.type == attribute.GRAPH:
+                    changed |= prune(attribute.g, names)
+            if any(output in names for output in node.output):
+                keep.append(node)
+            else:
+                changed = True
+        if len(keep) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep)
+        return changed
+
+    while True:
+        names: set[str] = set()
+        consumed(graph, names)
+        if not prune(graph, names):
+            break
+    # initializers nothing reads any more (those of the dropped nodes)
+    names = set()
+    consumed(graph, names)
+
+    def drop_weights(g) -> None:
+        kept = [tensor for tensor in g.initializer if tensor.name in names]
+        if len(kept) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.type == attribute.GRAPH:
+                    drop_weights(attribute.g)
+
+    drop_weights(graph)
 
 
 def _constant(scope: _Scope, name: str, value: int) -> str:

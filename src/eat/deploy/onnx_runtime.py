@@ -28,6 +28,8 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,26 +207,15 @@ class OrtFinal(_Segment):
 
 class OrtCascade(_Segment):
     """The exit cascade graph (:mod:`eat.deploy.onnx_cascade`): a batch-1 input through every layer it needs,
-    the exit rule included, in one session call."""
-
-    def forward(self, input_ids, token_type_ids, key_bias, exit_threshold, entropy_threshold):
-        """input_ids, token_type_ids (1, n) int64 tensors, key_bias (1, n) float32 array, the thresholds as
-        float32 0-d arrays -> logits (1, C), exit_layer (1,) tensors. Feeds the session numpy arrays directly
-        (this call is the batch-1 fast path: every microsecond around it counts)."""
-        self.calls += 1
-        logits, exit_layer = self.session.run(None, {
-            "input_ids": input_ids.numpy(), "token_type_ids": token_type_ids.numpy(), "key_bias": key_bias,
-            "exit_threshold": exit_threshold, "entropy_threshold": entropy_threshold})
-        return torch.from_numpy(logits), torch.from_numpy(exit_layer)
+    the exit rule included, in one session call. Inputs input_ids, token_type_ids (1, n) int64, key_bias (1, n)
+    float32, exit_threshold and entropy_threshold () float32; outputs logits (1, C), exit_layer (1,) int64. The
+    runner feeds its session numpy arrays directly (``OrtSequenceClassifier._cascade_forward``)."""
 
 
 class OrtWholeModel(_Segment):
-    """The whole-model graph (``model.onnx``): the static sentence model as one session."""
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        """input_ids, attention_mask (1 real, 0 padding), token_type_ids: (B, n) -> logits (B, C) float32."""
-        return self.run(input_ids=input_ids.long(), attention_mask=attention_mask.long(),
-                        token_type_ids=token_type_ids.long())[0]
+    """The whole-model graph (``model.onnx``): the static sentence model as one session. Inputs input_ids,
+    attention_mask (1 real, 0 padding), token_type_ids (B, n) int64; output logits (B, C) float32. The runner
+    feeds its session numpy arrays directly (``OrtSequenceClassifier._static_forward``)."""
 
 
 def runs_static(config: EATConfig, *, training: bool = False, disable_exit: bool = False,
@@ -292,16 +283,21 @@ class OrtSequenceClassifier(EATForSequenceClassification):
                 return self._static_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
             if plan.cascade is not None and input_ids.shape[0] == 1:
                 return self._cascade_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
-        return super().forward(input_ids, attention_mask, token_type_ids, labels,
-                               output_exit_logits=output_exit_logits, disable_exit=disable_exit, on_exit=on_exit,
-                               **unused)
+        with single_threaded_torch():
+            return super().forward(input_ids, attention_mask, token_type_ids, labels,
+                                   output_exit_logits=output_exit_logits, disable_exit=disable_exit,
+                                   on_exit=on_exit, **unused)
 
     def _plan(self, disable_exit: bool) -> "_FastPlan":
         """Which single-session path serves an inference call under the knobs as they are now (cached by the knobs'
         raw values: reading a transformers config attribute costs microseconds, a batch-1 call is ~1 ms)."""
         raw = self.config.__dict__
-        key = (disable_exit,) + tuple(_frozen(raw.get(name)) for name in KNOB_DEFAULTS)
-        plan = self.plans.get(key)
+        key = (disable_exit, *map(raw.get, _KNOB_NAMES))
+        try:
+            plan = self.plans.get(key)
+        except TypeError:  # a list-valued knob (keep ratios or exit layers per layer)
+            key = tuple(_frozen(value) for value in key)
+            plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = self._make_plan(disable_exit)
         return plan
@@ -348,73 +344,122 @@ class OrtSequenceClassifier(EATForSequenceClassification):
             self.cascades[key] = cascade
         return self.cascades[key]
 
-    def _lengths(self, input_ids, attention_mask, B: int, n: int):
-        """Real tokens per row (B,), with the layer loop's input checks (right padding, no empty row) when there
-        is a mask; (B, n) input_ids and mask."""
-        if attention_mask is None:
-            return torch.full((B,), n, dtype=torch.long)
-        return self.bert._initial_state(input_ids, attention_mask, (1.0,)).lengths
+    # The single-session paths below do all their torch work (output tensors, the output object) BEFORE the
+    # session call and only numpy copies after it: an ONNX Runtime call of the int8 model leaves the CPU caches
+    # cold, and right after it each torch op costs ~20 us and building the output object ~90 us (AMD EPYC Zen 5,
+    # measured), against ~1 us warm; that was ~0.3 ms of a ~1-2 ms batch-1 call for the static model and EAT alike.
 
     def _cascade_forward(self, plan: "_FastPlan", input_ids, attention_mask, token_type_ids, labels,
                          on_exit) -> EATSequenceClassifierOutput:
         """One call of the cascade session for a batch of one row (1, n), with the outputs the layer loop gives:
         the exit layer, the real tokens that entered each layer it ran, and the counters of that many layers
         and heads."""
-        B, n = input_ids.shape
-        L = plan.layers
-        _check_positions(n, plan.max_positions)
-        lengths = self._lengths(input_ids, attention_mask, B, n)
+        ids, mask, types, lengths = _numpy_inputs(input_ids, attention_mask, token_type_ids, plan.max_positions)
+        B, n = ids.shape
         key_bias = np.zeros((B, n), dtype=np.float32)
-        if attention_mask is not None:
-            key_bias[(attention_mask == 0).numpy()] = -np.inf  # padding keys
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        logits, exit_layer = plan.cascade(input_ids.long(), token_type_ids.long(), key_bias, plan.exit_threshold,
-                                          plan.entropy_threshold)  # (1, C), (1,)
-        layers_run = int(exit_layer[0])
-        tokens_per_layer = torch.zeros(B, L, dtype=torch.long)
+        if mask is not None:
+            key_bias[mask == 0] = -np.inf  # padding keys
+        output, logits, exit_layer, tokens_per_layer = self._prepared_output(plan, B)
+        plan.cascade.calls += 1
+        answer, layer = plan.cascade.session.run(None, {
+            "input_ids": ids, "token_type_ids": types, "key_bias": key_bias,
+            "exit_threshold": plan.exit_threshold, "entropy_threshold": plan.entropy_threshold})  # (1, C), (1,)
+        logits[:] = answer
+        layers_run = int(layer[0])
+        exit_layer[:] = layers_run
         tokens_per_layer[:, :layers_run] = lengths[:, None]  # (1, L): 0 in the layers the row skipped
-        heads_read = sum(1 for layer in plan.exit_layers if layer <= layers_run)
-        work = WorkCounters(layers_run=layers_run * B, token_layers=int(lengths.sum()) * layers_run,
-                            padded_token_layers=layers_run * B * n, attention_scores=layers_run * B * n * n,
-                            exit_head_rows=heads_read * B)
-        if on_exit is not None:
-            on_exit(layers_run, torch.arange(B), logits, lengths)
-        return self._output(plan, logits, exit_layer.long(), tokens_per_layer, work, labels)
+        heads_read = sum(1 for number in plan.exit_layers if number <= layers_run)
+        output["work"] = WorkCounters(layers_run=layers_run * B, token_layers=int(lengths.sum()) * layers_run,
+                                   padded_token_layers=layers_run * B * n, attention_scores=layers_run * B * n * n,
+                                   exit_head_rows=heads_read * B)
+        return self._finish(output, lengths, labels, on_exit)
 
-    def _output(self, plan: "_FastPlan", logits, exit_layer, tokens_per_layer, work,
-                labels) -> EATSequenceClassifierOutput:
-        """The model output of a single-session call; the loss as the segmented forward computes it: MSE for one
-        regression output, else cross-entropy."""
-        loss = None
+    def _prepared_output(self, plan: "_FastPlan", B: int):
+        """(output object, numpy views of its logits (B, C), exit_layer (B,) and tokens_per_layer (B, L)) for
+        a single-session call to fill in."""
+        logits = torch.empty(B, self.num_labels)
+        exit_layer = torch.full((B,), plan.layers, dtype=torch.long)
+        tokens_per_layer = torch.zeros(B, plan.layers, dtype=torch.long)
+        output = _new_output(logits=logits, exit_layer=exit_layer, tokens_per_layer=tokens_per_layer,
+                             exit_layers=plan.exit_layers)
+        return output, logits.numpy(), exit_layer.numpy(), tokens_per_layer.numpy()
+
+    def _finish(self, output: EATSequenceClassifierOutput, lengths, labels, on_exit) -> EATSequenceClassifierOutput:
+        """Tell ``on_exit`` (every row answered at its exit layer; a single-session call answers them all at once)
+        and add the loss as the segmented forward computes it (MSE for one regression output, else cross-entropy).
+        lengths: (B,) real tokens per row."""
+        if on_exit is not None:
+            tokens, exit_layer = torch.from_numpy(lengths), output.exit_layer
+            for layer in exit_layer.unique().tolist():
+                rows = (exit_layer == layer).nonzero()[:, 0]
+                on_exit(int(layer), rows, output.logits[rows], tokens[rows])
         if labels is not None:
-            loss = (F.mse_loss(logits[:, 0], labels.to(logits.dtype)) if self.num_labels == 1
-                    else F.cross_entropy(logits, labels))
-        return EATSequenceClassifierOutput(loss=loss, logits=logits, exit_layer=exit_layer,
-                                           tokens_per_layer=tokens_per_layer, exit_logits=None,
-                                           exit_layers=plan.exit_layers, work=work)
+            logits = output.logits
+            output["loss"] = (F.mse_loss(logits[:, 0], labels.to(logits.dtype)) if self.num_labels == 1
+                           else F.cross_entropy(logits, labels))
+        return output
 
     def _static_forward(self, plan: "_FastPlan", input_ids, attention_mask, token_type_ids, labels,
                         on_exit) -> EATSequenceClassifierOutput:
         """One call of the whole-model session, with the outputs the layer loop gives with exits off: every row
         ran every layer with all its real tokens, only the final head ran. input_ids etc.: (B, n)."""
-        B, n = input_ids.shape
+        ids, mask, types, lengths = _numpy_inputs(input_ids, attention_mask, token_type_ids, plan.max_positions)
+        B, n = ids.shape
         L = plan.layers
-        _check_positions(n, plan.max_positions)
-        lengths = self._lengths(input_ids, attention_mask, B, n)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        logits = plan.whole(input_ids, attention_mask, token_type_ids)  # (B, C)
-        exit_layer = torch.full((B,), L, dtype=torch.long)
-        tokens_per_layer = lengths[:, None].expand(B, L).clone()  # (B, L): no token left in any layer
+        output, logits, _, tokens_per_layer = self._prepared_output(plan, B)  # exit layer: L, as prepared
+        tokens_per_layer[:] = lengths[:, None]  # (B, L): no token left in any layer
         # the counters the layer loop keeps: L layers on (B, n) padded slots with B n^2 scores each, one head per row
-        work = WorkCounters(layers_run=L * B, token_layers=int(lengths.sum()) * L, padded_token_layers=L * B * n,
-                            attention_scores=L * B * n * n, exit_head_rows=B)
-        if on_exit is not None:  # the last layer answers every row (a server delivers its answers here)
-            on_exit(L, torch.arange(B), logits, lengths)
-        return self._output(plan, logits, exit_layer, tokens_per_layer, work, labels)
+        output["work"] = WorkCounters(layers_run=L * B, token_layers=int(lengths.sum()) * L,
+                                   padded_token_layers=L * B * n, attention_scores=L * B * n * n, exit_head_rows=B)
+        plan.whole.calls += 1
+        logits[:] = plan.whole.session.run(None, {
+            "input_ids": ids, "attention_mask": np.ones((B, n), dtype=np.int64) if mask is None else mask,
+            "token_type_ids": types})[0]  # (B, C)
+        return self._finish(output, lengths, labels, on_exit)
+
+
+def _numpy_inputs(input_ids, attention_mask, token_type_ids, max_positions: int):
+    """The single-session paths' inputs as int64 numpy arrays (ids (B, n); mask (B, n) or None when absent or all
+    real; token types (B, n), zeros when absent) and real lengths (B,), with the layer loop's input checks: the
+    position limit, right padding, no empty row. In numpy, not torch: right after an ONNX Runtime call the caches
+    are cold and each torch op costs ~20 us there (AMD EPYC Zen 5), several times a numpy op."""
+    ids = _int64(input_ids)
+    B, n = ids.shape
+    _check_positions(n, max_positions)
+    types = np.zeros((B, n), dtype=np.int64) if token_type_ids is None else _int64(token_type_ids)
+    mask = None if attention_mask is None else _int64(attention_mask)
+    if mask is None or mask.all():
+        return ids, mask, types, np.full(B, n, dtype=np.int64)
+    real = mask != 0
+    lengths = real.sum(1)
+    if not np.array_equal(real, np.arange(n)[None, :] < lengths[:, None]):
+        raise ValueError("attention_mask must be right-padded (real tokens first); use padding_side='right'")
+    if (lengths == 0).any():
+        raise ValueError("a row of the batch has no real token (attention_mask all zero)")
+    return ids, mask, types, lengths.astype(np.int64)
+
+
+def _int64(tensor) -> np.ndarray:
+    """A CPU tensor (or array) as a contiguous int64 numpy array (no copy when it already is one)."""
+    array = tensor.numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+_KNOB_NAMES = tuple(KNOB_DEFAULTS)
+_OUTPUT_FIELDS = tuple(EATSequenceClassifierOutput.__dataclass_fields__)
+
+
+def _new_output(**values) -> EATSequenceClassifierOutput:
+    """An :class:`EATSequenceClassifierOutput` of ``values`` as its constructor builds it (attributes, and the
+    non-None ones as items in field order), without transformers' ``ModelOutput.__post_init__`` checks: they
+    cost ~50 us on the caches a session call leaves cold, and the fields here are known to be right."""
+    output = EATSequenceClassifierOutput.__new__(EATSequenceClassifierOutput)
+    for name in _OUTPUT_FIELDS:
+        value = values.get(name)
+        object.__setattr__(output, name, value)
+        if value is not None:
+            OrderedDict.__setitem__(output, name, value)
+    return output
 
 
 def _frozen(value):
@@ -447,6 +492,32 @@ class OrtTokenClassifier(EATForTokenClassification):
     precision: str = "fp32"
     export_dir: Path | None = None
 
+    def forward(self, *args, **kwargs):
+        """As :meth:`EATForTokenClassification.forward`, the torch work between the sessions on one thread
+        (:func:`single_threaded_torch`)."""
+        with single_threaded_torch():
+            return super().forward(*args, **kwargs)
+
+
+@contextmanager
+def single_threaded_torch():
+    """Run the torch work between ONNX Runtime sessions (exit rule, row and token compaction, pooling) on one
+    thread, restoring the thread count after.
+
+    That work is small, and with torch's thread pool its OpenMP worker spins for a while after each op on the
+    other core, just when the next session's threads want it: on 2 cores (AMD EPYC Zen 5) the SST-2 demo EAT
+    model on ORT int8 took 38.8 ms per batch of 32 with torch at 2 threads between its sessions and 31.1 ms at
+    1 (the sessions keep the threads they were built with)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, precision: str = "fp32",
                     threads: int | None = None, fuse_heads: bool = True, whole_graph: bool = True,
@@ -460,6 +531,7 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
     as one graph (:mod:`eat.deploy.onnx_cascade`) where the knobs allow it; built now for the knobs given (not
     in the first, maybe timed, call) and again when exit layers, policy or patience change."""
     folder = Path(folder)
+    threads = threads or torch.get_num_threads()  # fixed now: sessions opened later must not read a changed count
     manifest = read_manifest(folder)
     if precision not in manifest["segments"]:
         raise ExportError(f"{folder}: exported at {', '.join(manifest['segments'])} only, not {precision}; "
@@ -580,5 +652,5 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
                           backend="onnxruntime", token_level=isinstance(model, EATForTokenClassification))
 
 
-__all__ = ["OrtCascade", "OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model", "load_onnx_model",
+__all__ = ["OrtCascade", "OrtSequenceClassifier", "single_threaded_torch", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model", "load_onnx_model",
            "make_session", "runs_static"]
