@@ -37,7 +37,7 @@ def _state(model, ids, mask):
 
 def test_every_fp32_segment_matches_eager(exported):
     model, folder = exported
-    ort = build_ort_model(folder)
+    ort = build_ort_model(folder, knobs={"keep_ratio": 0.5})  # pruning after layers 1-3: q and k are fetched
     ids, mask = mixed_batch(lengths=(17, 9, 30, 4))  # padded; longer than the export's example (7 tokens)
     types = (torch.arange(ids.shape[1]) > 5).long().expand_as(ids) * mask
     with torch.no_grad():
@@ -49,8 +49,15 @@ def test_every_fp32_segment_matches_eager(exported):
             got, q_cls, k_ort, _ = ort_layer(hidden, ctx)
             real = mask.bool()
             assert (got - want)[real].abs().max() < 1e-4  # padding rows are never read
+            if ort_layer.number == 4:  # no pruning after the last layer: q and k not fetched
+                assert q_cls is None and k_ort is None
+                continue
             assert (q_cls - q[:, :, :1]).abs().max() < 1e-4 and (k_ort - k).abs().max() < 1e-4
             hidden = want
+        # without pruning after a layer its q and k are not fetched from the session
+        ort.config.set_knobs(keep_ratio=1.0)
+        got, q_cls, k_ort, _ = ort.bert.encoder.layer[0](hidden, ctx)
+        assert q_cls is None and k_ort is None and got.shape == hidden.shape
         pooled = torch.randn(6, 32)
         for layer, head in model.exit_heads.items():
             assert (ort.exit_heads[layer](pooled) - head(pooled)).abs().max() < 1e-4

@@ -70,12 +70,13 @@ class _Segment(nn.Module):
         self.input_names = {node.name for node in session.get_inputs()}
         self.calls = 0
 
-    def run(self, **feeds: torch.Tensor) -> list[torch.Tensor]:
-        """Feed the named inputs the graph has (an input the export pruned, e.g. unused token types, is skipped)."""
+    def run(self, outputs: list[str] | None = None, **feeds: torch.Tensor) -> list[torch.Tensor]:
+        """Feed the named inputs the graph has (an input the export pruned, e.g. unused token types, is skipped);
+        returns the graph's ``outputs`` (None: all of them)."""
         arrays = {name: np.ascontiguousarray(value.detach().numpy()) for name, value in feeds.items()
                   if name in self.input_names}
         self.calls += 1
-        return [torch.from_numpy(array) for array in self.session.run(None, arrays)]
+        return [torch.from_numpy(array) for array in self.session.run(outputs, arrays)]
 
 
 def _check_positions(n: int, limit: int) -> None:
@@ -111,15 +112,27 @@ def _key_bias(mask, B: int, n: int):
 class OrtLayer(_Segment):
     """``layer_<i>`` segment, called as ``EATLayer`` is: (hidden, ctx) -> (hidden, q, k, scores computed).
 
-    q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads. A token model's layer
-    graph returns hidden alone (q and k are then None: its pruning reads norms)."""
+    q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads, asked of the session
+    only when pruning follows this layer (``config``'s keep ratio for layer ``number`` below 1.0; else q and k
+    are None, and a batch of 32 is spared copying its keys out). A token model's layer graph returns hidden
+    alone (q and k are then None: its pruning reads norms)."""
+
+    config: EATConfig | None = None  # set by build_ort_model on sentence runners
+    number: int = 0  # 1-based
+
+    def _outputs(self, *extra: str) -> list[str] | None:
+        """The session outputs to fetch: all when pruning after this layer reads q and k (or the runner did not
+        say), else hidden (and ``extra``)."""
+        if self.config is None or self.config.keep_schedule[self.number - 1] < 1.0:
+            return None
+        return ["hidden_out", *extra]
 
     def forward(self, hidden, ctx):
         """hidden (B, n, d) and the batch's attention context -> (hidden, q_cls, k, attention scores computed)."""
         if ctx.radius is not None:  # refused at load; a guard against knobs set on the config afterwards
             raise ExportError("attention_window cannot run on the ONNX Runtime backend")
         B, n, _ = hidden.shape
-        outputs = self.run(hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
+        outputs = self.run(self._outputs(), hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
         q_cls, k = outputs[1:3] if len(outputs) == 3 else (None, None)
         return outputs[0], q_cls, k, B * n * n
 
@@ -154,7 +167,10 @@ class OrtLayerHead(OrtLayer):
         if ctx.radius is not None:  # refused at load; a guard against knobs set on the config afterwards
             raise ExportError("attention_window cannot run on the ONNX Runtime backend")
         B, n, _ = hidden.shape
-        hidden, q_cls, k, logits = self.run(hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
+        names = self._outputs("logits")
+        outputs = self.run(names, hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
+        hidden, logits = outputs[0], outputs[-1]
+        q_cls, k = (outputs[1], outputs[2]) if names is None else (None, None)
         self.fused.layer, self.fused.hidden, self.fused.logits = self.number, hidden, logits
         return hidden, q_cls, k, B * n * n
 
@@ -601,6 +617,7 @@ def _sentence_layers(config: EATConfig, manifest: dict[str, Any], segments: dict
             layers.append(OrtLayerHead(session(fused[key]), model.fused, number))
         else:
             layers.append(OrtLayer(session(name)))
+        layers[-1].config, layers[-1].number = model.config, number  # which outputs pruning needs (OrtLayer._outputs)
     return layers
 
 
