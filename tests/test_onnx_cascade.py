@@ -49,6 +49,12 @@ def regressor(tmp_path_factory):
     return _export(tmp_path_factory, "cascade-reg", num_labels=1, problem_type="regression")
 
 
+@pytest.fixture(scope="module")
+def pair_model(tmp_path_factory):
+    """(eager 3-class model with pair-pooled exit heads, its fp32 + int8 export)."""
+    return _export(tmp_path_factory, "cascade-pair", exit_pooling="pair")
+
+
 def _rows(count: int = 12):
     """Batch-1 inputs of different lengths; every third one right-padded (a padded single row is legal)."""
     rows = []
@@ -69,7 +75,13 @@ def _assert_same_pass(got, want, tolerance: float = 1e-5) -> None:
     assert (got.logits - want.logits).abs().max() < tolerance
 
 
-def _check_rules(model, folder, rules, precision="fp32"):
+def _pair_types(ids, mask):
+    """Token types of a sentence pair: the second segment from the middle of the real tokens on (0 on padding)."""
+    length = int(mask.sum())
+    return ((torch.arange(ids.shape[1]) >= length // 2) & (torch.arange(ids.shape[1]) < length)).long()[None]
+
+
+def _check_rules(model, folder, rules, precision="fp32", pairs=False, tolerance=1e-5):
     """Per rule: the cascade serves every batch-1 call in one session run and equals the segmented runner (and
     eager PyTorch at fp32); returns the exit layers seen per rule."""
     seen = []
@@ -81,15 +93,16 @@ def _check_rules(model, folder, rules, precision="fp32"):
         model.config.set_knobs(**knobs)
         layers = []
         for ids, mask in _rows():
+            types = _pair_types(ids, mask) if pairs else None
             before = (session.calls, cascade.bert.embeddings.calls)
             with torch.no_grad():
-                got, want = cascade(ids, mask), segments(ids, mask)
+                got, want = cascade(ids, mask, types), segments(ids, mask, types)
             # one session call, no segment ran
             assert (session.calls - before[0], cascade.bert.embeddings.calls - before[1]) == (1, 0)
-            _assert_same_pass(got, want)
+            _assert_same_pass(got, want, tolerance)
             if precision == "fp32":
                 with torch.no_grad():
-                    eager = model(ids, mask)
+                    eager = model(ids, mask, types)
                 assert torch.equal(got.exit_layer, eager.exit_layer) and (got.logits - eager.logits).abs().max() < 1e-4
             layers.append(int(got.exit_layer))
         seen.append(layers)
@@ -109,6 +122,17 @@ def test_regression_rules_equal_the_segments_and_eager(regressor):
     model, folder = regressor
     seen = _check_rules(model, folder, REGRESSION_RULES)
     assert all(min(layers) < 4 and max(layers) == 4 for layers in seen), seen
+
+
+def test_pair_pooled_heads_in_the_cascade(pair_model):
+    """Pair heads (sentence pairs): the cascade builds the two segment means and [a, b, |a - b|, a * b] itself
+    from the pair weights the runner feeds, and equals the segments and eager on pairs, padded ones included."""
+    model, folder = pair_model
+    seen = _check_rules(model, folder, CLASS_RULES[1:2] + CLASS_RULES[4:], pairs=True)
+    assert all(min(layers) < 4 for layers in seen) and max(map(max, seen)) == 4, seen
+    # int8: the pair features quantized inside one graph rather than fed to the head's own session: close, the
+    # same exit layers
+    _check_rules(model, folder, CLASS_RULES[1:2], precision="int8", pairs=True, tolerance=0.02)
 
 
 def test_int8_cascade_equals_the_int8_segments(classifier):

@@ -53,8 +53,9 @@ class InferenceModel:
         """Run a right-padded batch (B, n); returns the model's output (``logits`` (B, C) as float32,
         ``exit_layer`` (B,), ``tokens_per_layer`` (B, L), ``work``; token models: their per-token fields)."""
         if self.backend == "onnxruntime":
-            # no autograd anywhere in it (its tensors come from numpy), and entering and leaving inference mode
-            # costs tens of microseconds on the caches a session call leaves cold: a few % of a batch-1 call
+            # its runners enter inference mode themselves where torch works between sessions; the single-session
+            # paths have no torch op to spare it for, and entering and leaving costs tens of microseconds on the
+            # caches a session call leaves cold: a few % of a batch-1 call
             output = self.model(input_ids, attention_mask, token_type_ids, **kwargs)
         else:
             with torch.inference_mode():

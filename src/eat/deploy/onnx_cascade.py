@@ -19,7 +19,10 @@ format; the graph depends on knobs that a tuned point changes, so it is built fo
 
 The graph takes ONE row (a batch of several fails to reshape the condition): with one row there is nothing to
 compact, so it computes exactly what the layer loop does; the runner uses it at batch 1 only.
-:func:`cascade_unsupported` lists the knobs it cannot express (pruning or merging, windows, pair pooling).
+:func:`cascade_unsupported` lists the knobs it cannot express (pruning or merging, windows). Pair-pooled exit heads
+(sentence pairs) read features the cascade builds itself from a ``pair_weights`` input (1, 2, n), the weights of
+:func:`~eat.modeling_eat.pair_pooling_weights` the runner computes: after such a layer come its ``layer_<i>``
+segment, the pair features and the inlined ``exit_<i>`` head.
 Nodes whose outputs nothing reads (the `[CLS]` query and keys the fused segments return for pruning) are dropped. The exit threshold and
 entropy threshold are inputs, so a threshold sweep or a tuned tau needs no new graph; exit layers, policy and
 patience are baked in (the runner builds a new cascade when they change).
@@ -58,9 +61,14 @@ def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: 
         return "attention_window"
     if manifest.get("model", "sequence") != "sequence":
         return "a token classification model"
-    fused = manifest["segments"][precision].get("layer_heads", {})
+    segments = manifest["segments"][precision]
+    fused = segments.get("layer_heads", {})
     pooling = manifest.get("fused_pooling", {})
     for layer in config.exit_layer_list:
+        if config.exit_pooling == "pair" and layer < config.num_hidden_layers:
+            if str(layer) not in segments["exit_heads"]:  # pair features are built in the cascade, the head inlined
+                return f"no exit head segment after layer {layer}"
+            continue
         wanted = "cls" if layer == config.num_hidden_layers else config.exit_pooling
         if str(layer) not in fused or pooling.get(str(layer)) != wanted:
             return f"no fused layer + head segment with {wanted} pooling after layer {layer}"
@@ -178,6 +186,7 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
     exits = set(config.exit_layer_list)  # always holds L
     classes = config.num_labels
     stateful = config.exit_policy in STATEFUL_POLICIES
+    pair = config.exit_pooling == "pair"  # then the graph also reads pair_weights (1, 2, n)
     sources = []  # every model inlined, for the opset table
 
     def load(name: str):
@@ -200,9 +209,15 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
                 hidden = _inline(scope, load(segments["layers"][layer - 1]), tag,
                                  {"hidden": hidden, "key_bias": "key_bias"})["hidden_out"]
                 continue
-            out = _inline(scope, load(segments["layer_heads"][str(layer)]), tag,
-                          {"hidden": hidden, "key_bias": "key_bias"})
-            hidden, logits = out["hidden_out"], out["logits"]
+            if pair and layer < L:  # the layer, the pair features of its output, the exit head on them
+                hidden = _inline(scope, load(segments["layers"][layer - 1]), tag,
+                                 {"hidden": hidden, "key_bias": "key_bias"})["hidden_out"]
+                logits = _inline(scope, load(segments["exit_heads"][str(layer)]), tag + "head/",
+                                 {"pooled": _pair_features(scope, hidden, tag + "pair/")})["logits"]
+            else:
+                out = _inline(scope, load(segments["layer_heads"][str(layer)]), tag,
+                              {"hidden": hidden, "key_bias": "key_bias"})
+                hidden, logits = out["hidden_out"], out["logits"]
             if layer == L:  # the last head answers whoever is still running
                 return logits, _constant(scope, tag + "exit_layer", layer)
             feeds = {"logits": logits, "tau": "exit_threshold", "entropy_threshold": "entropy_threshold"}
@@ -235,7 +250,8 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
          helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "length"]),
          helper.make_tensor_value_info("key_bias", TensorProto.FLOAT, ["batch", "length"]),
          helper.make_tensor_value_info("exit_threshold", TensorProto.FLOAT, []),
-         helper.make_tensor_value_info("entropy_threshold", TensorProto.FLOAT, [])],
+         helper.make_tensor_value_info("entropy_threshold", TensorProto.FLOAT, [])]
+        + ([helper.make_tensor_value_info("pair_weights", TensorProto.FLOAT, ["batch", 2, "length"])] if pair else []),
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes]),
          helper.make_tensor_value_info("exit_layer", TensorProto.INT64, [1])],
         initializer=main.initializers)
@@ -301,6 +317,26 @@ def _drop_unused(graph) -> None:
                     drop_weights(attribute.g)
 
     drop_weights(graph)
+
+
+def _pair_features(scope: _Scope, hidden: str, prefix: str) -> str:
+    """Nodes for :func:`~eat.modeling_eat.exit_head_input`'s "pair" features of ``hidden`` (1, n, d) into
+    ``scope``: the segment means a, b = pair_weights (1, 2, n) @ hidden, then [a, b, |a - b|, a * b] (1, 4 d), as
+    the layer loop computes them (the same batched product). Returns the features' name."""
+    from onnx import helper
+
+    def node(op: str, inputs: list[str], name: str, **attributes) -> str:
+        scope.nodes.append(helper.make_node(op, inputs, [prefix + name], name=prefix + name, **attributes))
+        return prefix + name
+
+    means = node("MatMul", ["pair_weights", hidden], "means")  # (1, 2, d)
+    first, second = node("Split", [means], "split_0", axis=1), prefix + "split_1"  # equal halves: (1, 1, d) each
+    scope.nodes[-1].output.append(second)
+    axis = _constant(scope, prefix + "axis_1", 1)
+    a = node("Squeeze", [first, axis], "a")
+    b = node("Squeeze", [second, axis], "b")
+    gap = node("Abs", [node("Sub", [a, b], "a_minus_b")], "gap")
+    return node("Concat", [a, b, gap, node("Mul", [a, b], "a_times_b")], "features", axis=-1)
 
 
 def _constant(scope: _Scope, name: str, value: int) -> str:

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..configuration_eat import KNOB_DEFAULTS, EATConfig
 from ..modeling_eat import (EATForSequenceClassification, EATForTokenClassification, EATSequenceClassifierOutput,
-                            WorkCounters, _early_exit_enabled, exit_head_width)
+                            WorkCounters, _early_exit_enabled, exit_head_width, pair_pooling_weights)
 from .onnx_export import ExportError, check_exportable, export_checkpoint, read_manifest, require_onnxruntime
 
 
@@ -113,17 +113,18 @@ class OrtLayer(_Segment):
     """``layer_<i>`` segment, called as ``EATLayer`` is: (hidden, ctx) -> (hidden, q, k, scores computed).
 
     q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads, asked of the session
-    only when pruning follows this layer (``config``'s keep ratio for layer ``number`` below 1.0; else q and k
-    are None, and a batch of 32 is spared copying its keys out). A token model's layer graph returns hidden
+    only when pruning follows this layer (``pruning``, set per call by the runner: its keep ratio for layer
+    ``number`` below 1.0; else q and k are None, and a batch of 32 is spared copying its keys out). A token model's layer graph returns hidden
     alone (q and k are then None: its pruning reads norms)."""
 
-    config: EATConfig | None = None  # set by build_ort_model on sentence runners
+    pruning: "_PruningLayers | None" = None  # set by build_ort_model on sentence runners
     number: int = 0  # 1-based
 
     def _outputs(self, *extra: str) -> list[str] | None:
         """The session outputs to fetch: all when pruning after this layer reads q and k (or the runner did not
         say), else hidden (and ``extra``)."""
-        if self.config is None or self.config.keep_schedule[self.number - 1] < 1.0:
+        layers = None if self.pruning is None else self.pruning.layers
+        if layers is None or layers[self.number - 1]:
             return None
         return ["hidden_out", *extra]
 
@@ -135,6 +136,15 @@ class OrtLayer(_Segment):
         outputs = self.run(self._outputs(), hidden=hidden, key_bias=_key_bias(ctx.dense_mask, B, n))
         q_cls, k = outputs[1:3] if len(outputs) == 3 else (None, None)
         return outputs[0], q_cls, k, B * n * n
+
+
+class _PruningLayers:
+    """Which layers pruning follows in the current call (``layers[i]``: after layer i + 1; None: unknown, fetch
+    q and k everywhere), set by the runner per call from its cached plan: the layers read it instead of the
+    config, whose keep schedule costs microseconds per read."""
+
+    def __init__(self):
+        self.layers: tuple[bool, ...] | None = None
 
 
 class _FusedLogits:
@@ -275,6 +285,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         self.manifest: dict[str, Any] | None = None
         self.cascades: dict[tuple, OrtCascade | None] = {}
         self.plans: dict[tuple, _FastPlan] = {}  # by the knobs' raw values (see _plan)
+        self.pruning = _PruningLayers()  # shared with the layers (OrtLayer._outputs)
 
     def _head(self, layer: int, hidden, state):
         """The head's logits (B, C): those its fused layer session computed for ``hidden``, else its own session."""
@@ -293,13 +304,15 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         """As :meth:`EATForSequenceClassification.forward`; a call :func:`runs_static` allows runs the whole-model
         session (when there is one), a batch-1 call with exits on the cascade session (when the knobs have one),
         the others the segments under EAT's layer loop."""
+        self.pruning.layers = None  # fetch q and k everywhere unless the plan says where pruning follows
         if not self.training and not output_exit_logits:
             plan = self._plan(disable_exit)
             if plan.whole is not None:
                 return self._static_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
             if plan.cascade is not None and input_ids.shape[0] == 1:
                 return self._cascade_forward(plan, input_ids, attention_mask, token_type_ids, labels, on_exit)
-        with single_threaded_torch():
+            self.pruning.layers = plan.prunes_after
+        with torch.inference_mode(), single_threaded_torch(input_ids.shape[0] > 1):
             return super().forward(input_ids, attention_mask, token_type_ids, labels,
                                    output_exit_logits=output_exit_logits, disable_exit=disable_exit,
                                    on_exit=on_exit, **unused)
@@ -326,6 +339,8 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         self._check_exit_heads()  # the segmented forward's check: exit_layers naming layers without a head
         config = self.config
         plan = _FastPlan(layers=config.num_hidden_layers, exit_layers=config.exit_layer_list,
+                         prunes_after=tuple(ratio < 1.0 for ratio in config.keep_schedule),
+                         pair=config.exit_pooling == "pair",
                          max_positions=config.max_position_embeddings,
                          exit_threshold=np.array(config.exit_threshold, dtype=np.float32),
                          entropy_threshold=np.array(config.entropy_threshold, dtype=np.float32))
@@ -375,11 +390,15 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         key_bias = np.zeros((B, n), dtype=np.float32)
         if mask is not None:
             key_bias[mask == 0] = -np.inf  # padding keys
+        feeds = {"input_ids": ids, "token_type_ids": types, "key_bias": key_bias,
+                 "exit_threshold": plan.exit_threshold, "entropy_threshold": plan.entropy_threshold}
+        if plan.pair:  # the segment means' weights (1, 2, n), as the layer loop builds them
+            real = None if mask is None else torch.from_numpy(mask != 0)
+            feeds["pair_weights"] = pair_pooling_weights(torch.empty(B, n, 1), real, None,
+                                                         torch.from_numpy(types)).numpy()
         output, logits, exit_layer, tokens_per_layer = self._prepared_output(plan, B)
         plan.cascade.calls += 1
-        answer, layer = plan.cascade.session.run(None, {
-            "input_ids": ids, "token_type_ids": types, "key_bias": key_bias,
-            "exit_threshold": plan.exit_threshold, "entropy_threshold": plan.entropy_threshold})  # (1, C), (1,)
+        answer, layer = plan.cascade.session.run(None, feeds)  # (1, C), (1,)
         logits[:] = answer
         layers_run = int(layer[0])
         exit_layer[:] = layers_run
@@ -491,6 +510,8 @@ class _FastPlan:
 
     layers: int
     exit_layers: tuple[int, ...]
+    prunes_after: tuple[bool, ...]  # per layer: pruning or merging follows it (its q and k are read)
+    pair: bool  # pair-pooled exit heads: the cascade reads pair_weights
     max_positions: int
     exit_threshold: np.ndarray  # () float32, as the cascade session reads it
     entropy_threshold: np.ndarray
@@ -508,24 +529,26 @@ class OrtTokenClassifier(EATForTokenClassification):
     precision: str = "fp32"
     export_dir: Path | None = None
 
-    def forward(self, *args, **kwargs):
-        """As :meth:`EATForTokenClassification.forward`, the torch work between the sessions on one thread
-        (:func:`single_threaded_torch`)."""
-        with single_threaded_torch():
-            return super().forward(*args, **kwargs)
+    def forward(self, input_ids, *args, **kwargs):
+        """As :meth:`EATForTokenClassification.forward`, in inference mode, the torch work between the sessions
+        of a batch on one thread (:func:`single_threaded_torch`)."""
+        with torch.inference_mode(), single_threaded_torch(input_ids.shape[0] > 1):
+            return super().forward(input_ids, *args, **kwargs)
 
 
 @contextmanager
-def single_threaded_torch():
+def single_threaded_torch(active: bool = True):
     """Run the torch work between ONNX Runtime sessions (exit rule, row and token compaction, pooling) on one
-    thread, restoring the thread count after.
+    thread, restoring the thread count after (``active`` False: leave it alone).
 
     That work is small, and with torch's thread pool its OpenMP worker spins for a while after each op on the
     other core, just when the next session's threads want it: on 2 cores (AMD EPYC Zen 5) the SST-2 demo EAT
     model on ORT int8 took 38.8 ms per batch of 32 with torch at 2 threads between its sessions and 31.1 ms at
-    1 (the sessions keep the threads they were built with)."""
+    1 (the sessions keep the threads they were built with). The runners switch it on for batches of more than
+    one row: one row's tensors are below torch's parallel grain, and switching cost a batch-1 call more than it
+    saved."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or not active:
         yield
         return
     torch.set_num_threads(1)
@@ -617,7 +640,7 @@ def _sentence_layers(config: EATConfig, manifest: dict[str, Any], segments: dict
             layers.append(OrtLayerHead(session(fused[key]), model.fused, number))
         else:
             layers.append(OrtLayer(session(name)))
-        layers[-1].config, layers[-1].number = model.config, number  # which outputs pruning needs (OrtLayer._outputs)
+        layers[-1].pruning, layers[-1].number = model.pruning, number  # which outputs it fetches (OrtLayer._outputs)
     return layers
 
 
