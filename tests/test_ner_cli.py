@@ -128,7 +128,8 @@ def test_deploy_peers_judges_d4_on_a_smoke_tagger(tagger_run, tmp_path):
                for name in expected)
     assert "| eat:tuned:ort-int8 | onnxruntime | int8 |" in (out / "bench" / "report.md").read_text()
     targets = (out / "targets.md").read_text()
-    assert "- D4 batch 1: fastest EAT eat:tuned" in targets and "- D4 batch 32, arrival order:" in targets
+    assert "- D4 batch 1: EAT eat:tuned" in targets and "- D4 batch 32, arrival order:" in targets
+    assert "in the full table" in targets and "head to head" not in targets  # token tasks: no head-to-head pass
     assert "its entity_f1" in targets and "length-sorted" not in targets
     assert "## D5: int8 entity_f1 cost (10 dev sentences, untimed)" in targets
     d5 = [line for line in targets.splitlines() if line.startswith(("- static ", "- eat:tuned "))]
