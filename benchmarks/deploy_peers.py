@@ -210,13 +210,19 @@ def run_head_to_head(args, results: Path, out: Path) -> list[dict]:
     bench = bench_config_from_preset(args.preset, task=args.task, rows=args.rows)
     data = named_task(args.task).runner().load_split(EVAL_SPLIT.get(args.task, "validation"))
     data = data.subset(args.head_to_head_rows or bench.rows, seed=bench.seed)
-    loaded: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}  # each point's model, loaded once for all its pairs
+    encodings: dict[str, Any] = {}  # the rows encoded once per tokenizer (every EAT point shares its checkpoint's)
     entries = []
     for target, column, higher, goal, bar, peer, eats in _pairs(rows, args.task):
         for eat in eats:
-            models = {name: loaded.setdefault(name, _point_model(name, args)) for name in (peer, eat)}
+            for name in (peer, eat):
+                if name not in loaded:
+                    loaded[name] = _point_model(name, args)
+            models = {name: loaded[name] for name in (peer, eat)}
             tokenizer = models[eat].tokenizer
-            encoded = encode(data, tokenizer, bench.max_length)
+            if tokenizer.name_or_path not in encodings:
+                encodings[tokenizer.name_or_path] = encode(data, tokenizer, bench.max_length)
+            encoded = encodings[tokenizer.name_or_path]
             pad = tokenizer.pad_token_id or 0
             if column == "b1_p50_ms":
                 labels = np.asarray(encoded.labels)

@@ -165,7 +165,8 @@ def test_cascade_serves_batch_one_only_and_falls_back_when_it_cannot(classifier)
     model(ids, mask)  # a batch: rows leave one by one on the segments
     model(ids[:1, :9], None, output_exit_logits=True)  # every head's logits: only the segments have them
     assert session.calls == 0 and model.bert.embeddings.calls == 2
-    for knobs, reason in (({"keep_ratio": 0.5}, "pruning"), ({"exit_pooling": "cls"}, "no fused layer + head segment with cls pooling"),
+    for knobs, reason in (({"keep_ratio": 0.5}, "pruning"),
+                          ({"exit_pooling": "cls"}, "no fused layer + head segment with cls pooling"),
                           ({"exit_policy": "none"}, "no early exit")):
         pruned = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.5, **knobs})
         assert pruned.open_cascade() is None

@@ -343,6 +343,11 @@ def bipartite_merge_plan(metric, merges, mergeable):
     return src, dst
 
 
+# the input checks of a batch (the layer loop's, and the ONNX Runtime runner's numpy twin of them)
+NOT_RIGHT_PADDED = "attention_mask must be right-padded (real tokens first); use padding_side='right'"
+EMPTY_ROW = "a row of the batch has no real token (attention_mask all zero)"
+
+
 def exit_decision(logits, policy: str, tau: float, entropy_threshold: float, patience: int, streak=None, previous=None):
     """Which rows leave at this head. logits: (B, C). Returns (exit (B,) bool, streak, previous prediction).
 
@@ -1108,9 +1113,9 @@ class EATModel(EATPreTrainedModel):
             key_mask = attention_mask.bool()
             lengths = key_mask.sum(1)
             if not torch.equal(key_mask, positions < lengths[:, None]):
-                raise ValueError("attention_mask must be right-padded (real tokens first); use padding_side='right'")
+                raise ValueError(NOT_RIGHT_PADDED)
             if bool((lengths == 0).any()):
-                raise ValueError("a row of the batch has no real token (attention_mask all zero)")
+                raise ValueError(EMPTY_ROW)
         config = self.config
         protected = positions < config.num_global_tokens
         if config.keep_sep:

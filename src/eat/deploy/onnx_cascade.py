@@ -23,9 +23,9 @@ compact, so it computes exactly what the layer loop does; the runner uses it at 
 (sentence pairs) read features the cascade builds itself from a ``pair_weights`` input (1, 2, n), the weights of
 :func:`~eat.modeling_eat.pair_pooling_weights` the runner computes: after such a layer come its ``layer_<i>``
 segment, the pair features and the inlined ``exit_<i>`` head.
-Nodes whose outputs nothing reads (the `[CLS]` query and keys the fused segments return for pruning) are dropped. The exit threshold and
-entropy threshold are inputs, so a threshold sweep or a tuned tau needs no new graph; exit layers, policy and
-patience are baked in (the runner builds a new cascade when they change).
+Nodes whose outputs nothing reads (the `[CLS]` query and keys the fused segments return for pruning) are dropped.
+The exit threshold and entropy threshold are inputs, so a threshold sweep or a tuned tau needs no new graph; exit
+layers, policy and patience are baked in (the runner builds a new cascade when they change).
 """
 
 from __future__ import annotations

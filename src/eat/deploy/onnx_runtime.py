@@ -41,7 +41,8 @@ from torch import nn
 
 from ..configuration_eat import KNOB_DEFAULTS, EATConfig
 from ..modeling_eat import (EATForSequenceClassification, EATForTokenClassification, EATSequenceClassifierOutput,
-                            WorkCounters, _early_exit_enabled, exit_head_width, pair_pooling_weights)
+                            EMPTY_ROW, NOT_RIGHT_PADDED, WorkCounters, _early_exit_enabled, exit_head_width,
+                            pair_pooling_weights)
 from .onnx_export import ExportError, check_exportable, export_checkpoint, read_manifest, require_onnxruntime
 
 
@@ -114,8 +115,8 @@ class OrtLayer(_Segment):
 
     q is the `[CLS]` query only (B, H, 1, dh): all that `cls_attention` pruning reads, asked of the session
     only when pruning follows this layer (``pruning``, set per call by the runner: its keep ratio for layer
-    ``number`` below 1.0; else q and k are None, and a batch of 32 is spared copying its keys out). A token model's layer graph returns hidden
-    alone (q and k are then None: its pruning reads norms)."""
+    ``number`` below 1.0; else q and k are None, and a batch of 32 is spared copying its keys out). A token
+    model's layer graph returns hidden alone (q and k are then None: its pruning reads norms)."""
 
     pruning: "_PruningLayers | None" = None  # set by build_ort_model on sentence runners
     number: int = 0  # 1-based
@@ -275,10 +276,11 @@ class OrtSequenceClassifier(EATForSequenceClassification):
 
     def __init__(self, config: EATConfig):
         super().__init__(config)
-        # the whole-model session (an OrtWholeModel once opened), and the export file and threads it opens from
+        # the whole-model session (an OrtWholeModel once opened) and the export file it opens from; the threads of
+        # every session opened after load (the whole graph, cascades)
         self.whole_graph: OrtWholeModel | None = None
         self.whole_graph_file: Path | None = None
-        self.whole_graph_threads: int | None = None
+        self.session_threads: int | None = None
         # the exit cascade: on or off, the export's manifest, and the sessions built so far by the knobs baked
         # into them (exit layers, policy, patience, pooling); None where the knobs have no cascade
         self.cascade_enabled = False
@@ -296,7 +298,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         """The whole-model session, opened now if it is not yet (None when the export has no whole graph or the
         runner was built with ``whole_graph=False``)."""
         if self.whole_graph is None and self.whole_graph_file is not None:
-            self.whole_graph = OrtWholeModel(make_session(self.whole_graph_file, self.whole_graph_threads))
+            self.whole_graph = OrtWholeModel(make_session(self.whole_graph_file, self.session_threads))
         return self.whole_graph
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *,
@@ -371,7 +373,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
             cascade = None
             if cascade_unsupported(self.config, self.manifest, self.precision) is None:
                 graph = build_cascade(self.export_dir, self.manifest, self.precision, self.config)
-                cascade = OrtCascade(make_session(graph, self.whole_graph_threads))
+                cascade = OrtCascade(make_session(graph, self.session_threads))
             self.cascades[key] = cascade
         return self.cascades[key]
 
@@ -405,8 +407,8 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         tokens_per_layer[:, :layers_run] = lengths[:, None]  # (1, L): 0 in the layers the row skipped
         heads_read = sum(1 for number in plan.exit_layers if number <= layers_run)
         output["work"] = WorkCounters(layers_run=layers_run * B, token_layers=int(lengths.sum()) * layers_run,
-                                   padded_token_layers=layers_run * B * n, attention_scores=layers_run * B * n * n,
-                                   exit_head_rows=heads_read * B)
+                                      padded_token_layers=layers_run * B * n,
+                                      attention_scores=layers_run * B * n * n, exit_head_rows=heads_read * B)
         return self._finish(output, lengths, labels, on_exit)
 
     def _prepared_output(self, plan: "_FastPlan", B: int):
@@ -431,7 +433,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         if labels is not None:
             logits = output.logits
             output["loss"] = (F.mse_loss(logits[:, 0], labels.to(logits.dtype)) if self.num_labels == 1
-                           else F.cross_entropy(logits, labels))
+                              else F.cross_entropy(logits, labels))
         return output
 
     def _static_forward(self, plan: "_FastPlan", input_ids, attention_mask, token_type_ids, labels,
@@ -445,7 +447,8 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         tokens_per_layer[:] = lengths[:, None]  # (B, L): no token left in any layer
         # the counters the layer loop keeps: L layers on (B, n) padded slots with B n^2 scores each, one head per row
         output["work"] = WorkCounters(layers_run=L * B, token_layers=int(lengths.sum()) * L,
-                                   padded_token_layers=L * B * n, attention_scores=L * B * n * n, exit_head_rows=B)
+                                      padded_token_layers=L * B * n, attention_scores=L * B * n * n,
+                                      exit_head_rows=B)
         plan.whole.calls += 1
         logits[:] = plan.whole.session.run(None, {
             "input_ids": ids, "attention_mask": np.ones((B, n), dtype=np.int64) if mask is None else mask,
@@ -468,9 +471,9 @@ def _numpy_inputs(input_ids, attention_mask, token_type_ids, max_positions: int)
     real = mask != 0
     lengths = real.sum(1)
     if not np.array_equal(real, np.arange(n)[None, :] < lengths[:, None]):
-        raise ValueError("attention_mask must be right-padded (real tokens first); use padding_side='right'")
+        raise ValueError(NOT_RIGHT_PADDED)
     if (lengths == 0).any():
-        raise ValueError("a row of the batch has no real token (attention_mask all zero)")
+        raise ValueError(EMPTY_ROW)
     return ids, mask, types, lengths.astype(np.int64)
 
 
@@ -601,6 +604,7 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
                                           for layer, name in segments["exit_heads"].items()})
         model.classifier = OrtTokenHead(session(segments["final"]))
     else:
+        model.session_threads = threads
         model.bert.encoder.layer = nn.ModuleList(_sentence_layers(config, manifest, segments, session, model,
                                                                   fuse_heads))
         width = config.hidden_size * (4 if config.exit_pooling == "pair" else 1)
@@ -609,13 +613,13 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
         model.bert.pooler = OrtFinal(session(segments["final"]))
         model.classifier = nn.Identity()
         if whole_graph and "whole" in segments:
-            model.whole_graph_file, model.whole_graph_threads = folder / segments["whole"], threads
+            model.whole_graph_file = folder / segments["whole"]
             if runs_static(config):  # static knobs: open it now, not in the first (maybe timed) call
                 model.open_whole_graph()
     model.dropout = nn.Identity()
     model.precision, model.export_dir = precision, folder
     if kind != "token":
-        model.cascade_enabled, model.manifest, model.whole_graph_threads = cascade, manifest, threads
+        model.cascade_enabled, model.manifest = cascade, manifest
         if cascade and _early_exit_enabled(config, False, False) and config.exit_layers is not None:
             model.open_cascade()
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
@@ -692,5 +696,5 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
                           backend="onnxruntime", token_level=isinstance(model, EATForTokenClassification))
 
 
-__all__ = ["OrtCascade", "OrtSequenceClassifier", "single_threaded_torch", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model", "load_onnx_model",
-           "make_session", "runs_static"]
+__all__ = ["OrtCascade", "OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model",
+           "load_onnx_model", "make_session", "runs_static", "single_threaded_torch"]
