@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/deploy_peers.py --task conll2003 --static runs/full/conll-static \\
         --eat runs/full/conll-eat2 --tuned results/ner/tuned_conll2003.json --preset paper --out OUT [--rows 1000]
 
-Given the trained runs ``RUNS/static`` and ``RUNS/eat`` (or ``--static`` / ``--eat``) and the point `eat tune` chose:
+Given the trained runs ``RUNS/static`` and ``RUNS/eat`` (or ``--static`` / ``--eat``) and the point `eat tune` chose
+(``--tuned``; with ``--tuned-int8``, the point `eat tune --precision int8` chose, which EAT's int8 rows then run):
 
 1. D1 and D2, one interleaved `eat bench` run on SST-2 dev (every row unless ``--rows``): static as eager fp32
    and its peers (PyTorch int8, ONNX Runtime fp32 and int8), EAT's exits-off / exit / prune+exit rows and its
@@ -80,6 +81,8 @@ def run_bench(args, out: Path) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     # `--points tuned` reads the point from the results folder
     shutil.copy2(args.tuned, results / f"tuned_{args.task}.json")
+    if args.tuned_int8 is not None:  # the int8 peers of the tuned point run the point the int8 tuner chose
+        shutil.copy2(args.tuned_int8, results / f"tuned_{args.task}_int8.json")
     command = [*_eat(), "bench", "--checkpoint", str(args.eat), "--static", str(args.static),
                "--task", args.task, "--preset", args.preset, "--points", "tuned", "--peers", args.peers,
                "--batch-size", "32", "--threads", str(args.threads), "--results", str(results), "--force"]
@@ -189,7 +192,8 @@ def _point_model(name: str, args) -> Any:
     backend, precision = PEER_BACKENDS.get(parts[-1], ("torch", "fp32"))
     if parts[0] == "static":
         return load_for_inference(args.static, precision=precision, backend=backend)
-    return load_for_inference(args.eat, knobs=read_tuned(args.tuned), precision=precision, backend=backend)
+    tuned = args.tuned_int8 if precision == "int8" and args.tuned_int8 is not None else args.tuned
+    return load_for_inference(args.eat, knobs=read_tuned(tuned), precision=precision, backend=backend)
 
 
 def run_head_to_head(args, results: Path, out: Path) -> list[dict]:
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--static", type=Path, default=None, help="the static run (default RUNS/static)")
     parser.add_argument("--eat", type=Path, default=None, help="the EAT run (default RUNS/eat)")
     parser.add_argument("--tuned", type=Path, default=Path("runs/demo/results/tuned_sst2.json"))
+    parser.add_argument("--tuned-int8", type=Path, default=None,
+                        help="the point `eat tune --precision int8` chose (tuned_<task>_int8.json): EAT's int8 "
+                        "peers run it instead of --tuned (D5 still compares both precisions at --tuned)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_peers"))
     parser.add_argument("--rows", type=int, default=None, help="seeded sample of dev rows (default: all 872)")
     parser.add_argument("--threads", type=int, default=2)
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.static = args.static or args.runs / "static"
     args.eat = args.eat or args.runs / "eat"
-    for needed in (args.static, args.eat, args.tuned):
+    for needed in (args.static, args.eat, args.tuned, *((args.tuned_int8,) if args.tuned_int8 else ())):
         if not needed.exists():
             raise SystemExit(f"{needed}: missing (train with `eat run` first, or pass --runs / --static / --eat / "
                              "--tuned)")

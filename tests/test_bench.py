@@ -162,6 +162,7 @@ def test_the_row_schema_names_every_key_measure_points_writes(tmp_path):
     for name in ("tuned_mnli_b32.json", "tuned_mnli_b32_int8.json", "tuned_mnli_int8.json", "tuned_qqp_b8.json"):
         (tmp_path / name).write_text("{}")
     assert batch_tuned_files(tmp_path, "mnli") == {32: tmp_path / "tuned_mnli_b32.json"}
+    assert batch_tuned_files(tmp_path, "mnli", "int8") == {32: tmp_path / "tuned_mnli_b32_int8.json"}
     assert run_config_file(tmp_path, "sst2") == tmp_path / "run_config_sst2.json"
 
 

@@ -314,3 +314,42 @@ def test_gpu_pack_for_target_eight(trained_tiny, tmp_path, data_dir):
     assert (pack_dir / "glue" / "sst2" / "validation.parquet").is_file() and (pack_dir / "tuned_sst2.json").is_file()
     with safe_open(str(pack_dir / "eat" / "model" / "model.safetensors"), "pt") as weights:
         assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {"torch.float16"}
+
+
+def test_deploy_peers_head_to_head_on_a_sentence_task(trained_tiny, tmp_path):
+    """benchmarks/deploy_peers.py on SST-2 end to end (issue #24 D1 / D2): one bench run with the peers, the EAT
+    int8 rows at the point the int8 tuner chose (--tuned-int8), each target's fastest static peer timed again
+    head to head against the EAT rows with the accuracy of the timed calls, and targets.md judging on those pairs."""
+    pytest.importorskip("onnxruntime")
+    from .conftest import benchmark_script
+
+    fp32, int8 = ({"exit_layers": "all", "exit_policy": "confidence", "exit_threshold": tau} for tau in (0.3, 0.4))
+    (tmp_path / "tuned.json").write_text(json.dumps({"knobs": fp32}))
+    (tmp_path / "tuned_int8.json").write_text(json.dumps({"knobs": int8}))
+    out = tmp_path / "out"
+    benchmark_script("deploy_peers").main(["--runs", str(tmp_path), "--static", str(trained_tiny), "--eat",
+                                           str(trained_tiny), "--tuned", str(tmp_path / "tuned.json"),
+                                           "--tuned-int8", str(tmp_path / "tuned_int8.json"), "--rows", "10",
+                                           "--threads", "1", "--preset", "smoke", "--peers", "ort-fp32,ort-int8",
+                                           "--out", str(out)])
+    rows = {r["point"]: r for r in map(json.loads, (out / "bench" / "results.jsonl").read_text().splitlines())}
+    assert rows["eat:tuned:ort-int8"]["knobs"]["exit_threshold"] == 0.4  # the int8 tuner's point
+    assert rows["eat:tuned:ort-fp32"]["knobs"]["exit_threshold"] == 0.3
+    assert rows["eat:tuned"]["knobs"]["exit_threshold"] == 0.3
+    pairs = json.loads((out / "head_to_head.json").read_text())
+    targets = {pair["target"] for pair in pairs}
+    assert {"D1 batch 1", "D2 batch 32, arrival order", "D2 batch 32, length-sorted (reported)"} == targets
+    for pair in pairs:
+        assert pair["peer"].startswith("static") and pair["eat"].startswith("eat:tuned")
+        assert pair["rows"] == 10 and pair["peer_value"] > 0 and pair["eat_value"] > 0
+        higher = pair["column"] != "b1_p50_ms"
+        expected = pair["eat_value"] / pair["peer_value"] if higher else pair["peer_value"] / pair["eat_value"]
+        assert pair["ratio"] == pytest.approx(expected)
+        if not higher:  # batch 1: the accuracy of the very calls timed, for both systems
+            assert set(pair["accuracy"]) == {pair["peer"], pair["eat"]}
+            assert all(0.0 <= value <= 100.0 for value in pair["accuracy"].values())
+    assert {pair["eat"] for pair in pairs if pair["target"] == "D1 batch 1"} <= {
+        name for name in rows if name.startswith("eat:tuned")}
+    judged = (out / "targets.md").read_text()
+    assert "- D1 batch 1: EAT eat:tuned" in judged and "timed head to head" in judged
+    assert "Head to head (OUT/head_to_head.json)" in judged

@@ -47,6 +47,35 @@ def test_peer_points_of_static_and_tuned_only():
                                                                                    "baseline", "static")
 
 
+def test_quantized_peers_of_a_tuned_point_run_the_point_tuned_at_their_precision(tmp_path):
+    """`eat tune --precision int8` saves tuned_<task>_int8.json: the bench's int8 peers of the tuned point run those
+    knobs (exits chosen on the int8 model's outputs), the fp32 peers and the static ones keep theirs; bench_points
+    reads the file from the results folder."""
+    from eat.pipeline import BenchRequest, bench_points, quantized_tuned_points
+    from eat.runners import SequenceRunner
+
+    fp32, int8 = {"exit_threshold": 0.8}, {"exit_threshold": 0.95, "exit_policy": "agreement"}
+    points = [OperatingPoint("static", "s", {}, "baseline", "static"),
+              OperatingPoint("eat:tuned", "e", fp32, "tuned")]
+    new, notes = peer_points(points, ["torch-int8", "ort-fp32", "ort-int8"], {"int8": {"eat:tuned": int8}})
+    knobs = {p.name: p.knobs for p in new}
+    assert knobs == {"static:torch-int8": {}, "static:ort-fp32": {}, "static:ort-int8": {},
+                     "eat:tuned:torch-int8": int8, "eat:tuned:ort-fp32": fp32, "eat:tuned:ort-int8": int8}
+    assert len(notes) == 2 and all("tuned at int8" in note for note in notes)
+
+    (tmp_path / "tuned_sst2.json").write_text(json.dumps({"knobs": fp32}))
+    assert quantized_tuned_points(tmp_path, "sst2") == {"int8": {}, "bf16": {}}  # no int8 tuner ran: fp32 knobs
+    (tmp_path / "tuned_sst2_int8.json").write_text(json.dumps({"knobs": int8}))
+    (tmp_path / "tuned_sst2_b32_int8.json").write_text(json.dumps({"knobs": {"keep_ratio": 0.7}}))
+    saved = quantized_tuned_points(tmp_path, "sst2")
+    assert saved == {"int8": {"eat:tuned": int8, "eat:tuned-b32": {"keep_ratio": 0.7}}, "bf16": {}}
+    request = BenchRequest(frozenset({"tuned"}), static="s", peers="torch-int8")
+    chosen = bench_points("e", BenchConfig(task="sst2"), request, {"eat:tuned": fp32}, SequenceRunner(None),
+                          tuned_at=saved)
+    assert {p.name: p.knobs for p in chosen}["eat:tuned:torch-int8"] == int8
+    assert {p.name: p.knobs for p in chosen}["eat:tuned"] == fp32
+
+
 def test_missing_onnxruntime_drops_default_peers_with_a_note(monkeypatch):
     import sys
 
@@ -229,6 +258,50 @@ def test_token_peers_measured_in_the_same_run_with_their_own_f1(tmp_path):
     for name in ("static:torch-int8", "static:ort-int8", "eat:tuned:ort-fp32", "eat:tuned:ort-int8"):
         assert name in table
     assert "| static:ort-int8 | onnxruntime | int8 |" in table
+
+
+def test_token_tuner_at_int8_runs_the_int8_model_and_counts_the_drop_from_fp32(tmp_path, monkeypatch):
+    """`eat tune --precision int8` on a token task: every rule runs on a quantized copy (its exits read the int8
+    model's outputs), the reference F1 is the fp32 model's with exits off; bf16 is refused."""
+    pytest.importorskip("seqeval")
+    from types import SimpleNamespace
+
+    import eat.token_tasks
+    from eat.deploy.quantize import quantize_int8
+    from eat.runners import TuneRequest
+    from eat.tasks import named_task
+    from eat.token_tasks import evaluate_tagged, tune_token_exits
+
+    _, model = _saved_tagger(tmp_path / "tagger")
+    encoded, data = _tagged_sentences(model)
+    runner = named_task("conll2003").runner()
+    runner.check_tune(TuneRequest(max_drop=1.0, precision="int8"))
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        runner.check_tune(TuneRequest(max_drop=1.0, precision="bf16"))
+    grid = [{"exit_policy": "confidence", "exit_threshold": 0.5}]
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    int8 = quantize_int8(model)
+    result = tune_token_exits(int8, encoded, data, max_drop=100.0, grid=grid, reference_model=model)
+    assert result["reference_f1"] == pytest.approx(100.0)  # the gold tags are the fp32 model's own
+    int8.config.set_knobs(exit_layers="all", token_exit_window=0, **grid[0])
+    assert result["candidates"][0]["f1"] == pytest.approx(evaluate_tagged(int8, encoded, data)["f1"])
+    assert isinstance(int8.classifier, quantized) and not isinstance(model.classifier, quantized)
+
+    # the runner's tune: rules on a quantized copy, the fp32 model as the reference, the caller's model left fp32
+    seen = {}
+
+    def spy(tuned, encoded, data, **kwargs):
+        seen.update(tuned=tuned, reference=kwargs["reference_model"])
+        return {"knobs": dict(grid[0]), "calibration_f1": 99.0, "reference_f1": 100.0, "token_layer_ratio": 0.5,
+                "mean_sentence_layers": 2.0, "criterion": "spy"}
+
+    monkeypatch.setattr(eat.token_tasks, "tune_token_exits", spy)
+    monkeypatch.setattr(runner, "encode", lambda data, tokenizer, max_length: encoded)
+    outcome = runner.tune(model, tmp_path, SimpleNamespace(pad_token_id=0), data, 16,
+                          TuneRequest(max_drop=1.0, precision="int8"))
+    assert seen["reference"] is model and not isinstance(model.classifier, quantized)
+    assert isinstance(seen["tuned"].classifier, quantized)
+    assert outcome.saved["precision"] == "int8" and "at int8" in outcome.lines[0]
 
 
 def test_token_bench_points_get_peers(tmp_path):

@@ -294,15 +294,21 @@ def comparison_points(eat_checkpoint: str, bench: BenchConfig, *, static: str | 
     return grid + [OperatingPoint(name, eat_checkpoint, knobs, "tuned") for name, knobs in tuned.items()]
 
 
-def saved_tuned_points(results_dir: Path, task: str) -> dict[str, dict[str, Any]]:
-    """name -> knobs of the fp32 points `eat tune` saved for ``task`` in ``results_dir`` (batch 1 first, then each
-    batch size)."""
+def saved_tuned_points(results_dir: Path, task: str, precision: str = "fp32") -> dict[str, dict[str, Any]]:
+    """name -> knobs of the points `eat tune` saved for ``task`` in ``results_dir`` at ``precision`` (batch 1
+    first, then each batch size)."""
     points = {}
-    if tuned_file(results_dir, task).is_file():
-        points[TUNED] = json.loads(tuned_file(results_dir, task).read_text())["knobs"]
-    for size, path in batch_tuned_files(results_dir, task).items():
+    if tuned_file(results_dir, task, 1, precision).is_file():
+        points[TUNED] = json.loads(tuned_file(results_dir, task, 1, precision).read_text())["knobs"]
+    for size, path in batch_tuned_files(results_dir, task, precision).items():
         points[tuned_point_name(size)] = json.loads(path.read_text())["knobs"]
     return points
+
+
+def quantized_tuned_points(results_dir: Path, task: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """precision -> the points the int8 and bf16 tuners saved (:func:`saved_tuned_points`), for the peers that
+    run those precisions (:func:`~eat.deploy.peers.peer_points`)."""
+    return {precision: saved_tuned_points(results_dir, task, precision) for precision in ("int8", "bf16")}
 
 
 def everything_off() -> dict[str, Any]:
@@ -314,14 +320,16 @@ def everything_off() -> dict[str, Any]:
 
 
 def peer_points_for(points: list[OperatingPoint], peers: str | None,
-                    note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
+                    note: Callable[[str], None] | None = None,
+                    tuned_at: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[OperatingPoint]:
     """The static model and the tuned points among ``points`` also as a CPU user would deploy them (PyTorch int8,
     ONNX Runtime fp32 and int8; :mod:`eat.deploy.peers`), timed in the same interleaved run. ``peers``: a comma
-    list or "none" (None: the defaults, each left out with a ``note`` when this machine cannot run it)."""
+    list or "none" (None: the defaults, each left out with a ``note`` when this machine cannot run it).
+    ``tuned_at``: the points tuned at other precisions (:func:`quantized_tuned_points`), which those peers run."""
     from .deploy.peers import available_peers, parse_peers, peer_points
 
     names, notes = available_peers(parse_peers(peers), explicit=peers is not None)
-    new, more = peer_points(points, names)
+    new, more = peer_points(points, names, tuned_at)
     for text in notes + more:
         if note is not None:
             note(text)
@@ -427,9 +435,11 @@ class BenchRequest:
 
 
 def bench_points(model_dir: str, bench: BenchConfig, request: BenchRequest, tuned: dict[str, dict[str, Any]],
-                 runner, note: Callable[[str], None] | None = None) -> list[OperatingPoint]:
+                 runner, note: Callable[[str], None] | None = None,
+                 tuned_at: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[OperatingPoint]:
     """The points of one `eat bench` table: the comparison points (``request.points`` "ablation": the whole
-    grid, "tuned": the short table) with the saved ``tuned`` points, the sweeps, and the peers."""
+    grid, "tuned": the short table) with the saved ``tuned`` points, the sweeps, and the peers (a tuned point's
+    int8 / bf16 peers at the point tuned at that precision, where ``tuned_at`` has one)."""
     chosen: list[OperatingPoint] = []
     if request.points & {"ablation", "tuned"}:
         # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
@@ -438,7 +448,7 @@ def bench_points(model_dir: str, bench: BenchConfig, request: BenchRequest, tune
                                     short="ablation" not in request.points)
     if "sweeps" in request.points:
         chosen += sweep_points(model_dir, bench)
-    return chosen + (peer_points_for(chosen, request.peers, note) if runner.supports_peers else [])
+    return chosen + (peer_points_for(chosen, request.peers, note, tuned_at) if runner.supports_peers else [])
 
 
 def bench_split(spec: Task, split: str, model_dir: Path, tokenizer, bench: BenchConfig, request: BenchRequest,
@@ -455,7 +465,7 @@ def bench_split(spec: Task, split: str, model_dir: Path, tokenizer, bench: Bench
                 if request.accuracy_all_rows and len(data) < len(whole) else None)
     split_bench = dataclasses.replace(bench, split=split)
     points = bench_points(str(model_dir), split_bench, request, saved_tuned_points(results_dir, bench.task), runner,
-                          note)
+                          note, quantized_tuned_points(results_dir, bench.task))
     new = measure_points(points, encoded, split_bench, ResultsLog(results_dir),
                          dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=request.force,
                          pad_id=tokenizer.pad_token_id or 0, examples_dir=results_dir / "examples", progress=progress,
@@ -516,6 +526,7 @@ def _sorted_rate(row: dict) -> str:
 
 __all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "HEADLINE_TASKS", "run_task_of",
            "regression_bench", "RUN_RECIPES", "HEAD_STAGE", "PAIR_POOLING", "BenchConfig", "comparison_points",
-           "tuned_rule", "saved_tuned_points", "everything_off", "peer_points_for", "tune_checkpoint", "tuned_line",
+           "tuned_rule", "saved_tuned_points", "quantized_tuned_points", "everything_off", "peer_points_for",
+           "tune_checkpoint", "tuned_line",
            "calibration_split", "BenchRequest", "run_task_names", "bench_points", "bench_split", "record_bench_call", "SHORT_TABLE",
            "MIN_CALIBRATION_ROWS"]

@@ -135,10 +135,13 @@ def tuned_file(folder: str | Path, task: str, batch_size: int = 1, precision: st
                            else f"tuned_{task}_b{batch_size}{suffix}.json")
 
 
-def batch_tuned_files(folder: str | Path, task: str) -> dict[int, Path]:
-    """{batch size: file} of the fp32 points `eat tune --batch-size N` saved for ``task`` in ``folder``."""
-    sizes = (path.stem.rsplit("_b", 1)[1] for path in sorted(Path(folder).glob(f"tuned_{task}_b*.json")))
-    return {int(size): tuned_file(folder, task, int(size)) for size in sizes if size.isdigit()}
+def batch_tuned_files(folder: str | Path, task: str, precision: str = "fp32") -> dict[int, Path]:
+    """{batch size: file} of the points `eat tune --batch-size N [--precision P]` saved for ``task`` in
+    ``folder`` at ``precision``."""
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    stems = (path.stem for path in sorted(Path(folder).glob(f"tuned_{task}_b*{suffix}.json")))
+    sizes = (stem[:len(stem) - len(suffix)].rsplit("_b", 1)[1] for stem in stems)
+    return {int(size): tuned_file(folder, task, int(size), precision) for size in sizes if size.isdigit()}
 
 
 def run_config_file(folder: str | Path, task: str) -> Path:

@@ -764,8 +764,8 @@ class TokenRunner(TaskRunner):
     def check_tune(self, request: TuneRequest) -> None:
         """The token tuner bounds an entity-F1 drop at batch 1, fp32, against the same model with exits off."""
         super().check_tune(request)
-        if request.precision != "fp32":
-            raise ValueError("--precision: token tasks are tuned at fp32 (eat.deploy runs their int8 model)")
+        if request.precision == "bf16":
+            raise ValueError("--precision: token tasks are tuned at fp32 or int8")
         if request.certify is not None:
             raise ValueError("--certify bounds a sentence-level accuracy drop; token tasks are tuned on entity F1 "
                              "without it")
@@ -778,15 +778,25 @@ class TokenRunner(TaskRunner):
 
     def tune(self, model, model_dir: Path, tokenizer, calibration, max_length: int,
              request: TuneRequest) -> TuneOutcome:
-        """:func:`eat.token_tasks.tune_token_exits` on the calibration sentences (every head loaded)."""
+        """:func:`eat.token_tasks.tune_token_exits` on the calibration sentences (every head loaded). At int8 the
+        rules run on the int8 model (its exits read its own outputs) and the drop counts from the fp32 model with
+        exits off, so the quantization's cost is part of it."""
         from .token_tasks import tune_token_exits
 
         model.config.set_knobs(exit_layers="all")
+        reference = None
+        if request.precision != "fp32":
+            from .deploy.quantize import apply_precision
+
+            reference, model = model, apply_precision(model, request.precision)  # a quantized copy
         result = tune_token_exits(model, self.encode(calibration, tokenizer, max_length), calibration,
                                   max_drop=request.max_drop, max_work=request.max_work, device=request.device,
-                                  pad_id=tokenizer.pad_token_id or 0)
-        lines = [f"chosen on {len(calibration)} calibration sentences ({result['criterion']}): {result['knobs']}",
-                 f"calibration F1 {result['calibration_f1']:.2f} (exits off: {result['reference_f1']:.2f}), "
+                                  pad_id=tokenizer.pad_token_id or 0, reference_model=reference)
+        result["precision"] = request.precision
+        off = "exits off" if reference is None else "fp32, exits off"
+        lines = [f"chosen on {len(calibration)} calibration sentences at {request.precision} "
+                 f"({result['criterion']}): {result['knobs']}",
+                 f"calibration F1 {result['calibration_f1']:.2f} ({off}: {result['reference_f1']:.2f}), "
                  f"token-layer fraction {result['token_layer_ratio']:.3f}, {result['mean_sentence_layers']:.2f} "
                  "layers per sentence"]
         return TuneOutcome(result["knobs"], result, lines)

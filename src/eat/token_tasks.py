@@ -131,15 +131,21 @@ TOKEN_EXIT_GRID = (
 
 def tune_token_exits(model: EATForTokenClassification, encoded: EncodedTagged, data: TaggedData, *,
                      max_drop: float, max_work: float = 1.0, grid: Sequence[dict[str, Any]] = TOKEN_EXIT_GRID,
-                     device: str = "cpu", pad_id: int = 0) -> dict[str, Any]:
+                     device: str = "cpu", pad_id: int = 0,
+                     reference_model: EATForTokenClassification | None = None) -> dict[str, Any]:
     """Choose the token exit rule on a calibration split: among the rules whose entity F1 is at most ``max_drop``
     points below the same model with exits off and whose token-layer work is at most ``max_work`` of the static
     model's, the one whose sentences run the fewest layers (what batch-1 latency follows: a sentence stops when
     its last token has left), ties broken by token-layer work. Every rule is a real run (a token's exit changes
     what the others attend to, so one cached pass cannot stand in). Rules need heads at their ``exit_layers``
-    (rules naming layers without heads are skipped)."""
+    (rules naming layers without heads are skipped).
+
+    ``reference_model``: the model whose exits-off F1 the drop counts from, when not ``model`` itself: the int8
+    tuner passes the fp32 model, so that the quantization's own cost is inside the allowed drop (as the sentence
+    tuner counts from the fp32 reference)."""
     saved = model.config.knobs()
-    reference = evaluate_tagged(model, encoded, data, device=device, pad_id=pad_id, disable_exit=True)
+    reference = evaluate_tagged(reference_model if reference_model is not None else model, encoded, data,
+                                device=device, pad_id=pad_id, disable_exit=True)
     candidates = []
     try:
         for knobs in grid:

@@ -70,10 +70,16 @@ def available_peers(peers: Sequence[str], *, explicit: bool) -> tuple[list[str],
     return kept, notes
 
 
-def peer_points(points, peers: Sequence[str]) -> tuple[list, list[str]]:
+def peer_points(points, peers: Sequence[str],
+                tuned_at: dict[str, dict[str, dict]] | None = None) -> tuple[list, list[str]]:
     """The peer operating points of ``points``: every ``static`` and ``eat:tuned*`` point (fp32, torch) on each of
-    ``peers``. Returns (new points, notes on peers a point cannot have, e.g. a windowed point on ONNX Runtime)."""
+    ``peers``. ``tuned_at``: precision -> {tuned point name: knobs} of the tuners that ran at that precision
+    (`eat tune --precision int8` saves ``tuned_<task>_int8.json``): a tuned point's peer at that precision runs
+    that point (its exits chosen on the quantized model's own outputs, as it would be deployed) instead of the
+    fp32 knobs. Returns (new points, notes: a point a peer cannot have, e.g. a windowed point on ONNX Runtime, and
+    which peers run another precision's tuned point)."""
     new, notes = [], []
+    tuned_at = tuned_at or {}
     for point in points:
         if point.name != "static" and not point.name.startswith("eat:tuned"):
             continue
@@ -81,10 +87,15 @@ def peer_points(points, peers: Sequence[str]) -> tuple[list, list[str]]:
             continue
         for peer in peers:
             backend, precision = PEERS[peer]
-            if backend == "onnxruntime" and point.knobs.get("attention_window") is not None:
+            knobs = point.knobs
+            if point.name != "static" and point.name in tuned_at.get(precision, {}):
+                knobs = tuned_at[precision][point.name]
+                notes.append(f"{point.name}:{peer} runs the point tuned at {precision}: {knobs}")
+            if backend == "onnxruntime" and knobs.get("attention_window") is not None:
                 notes.append(f"{point.name}:{peer} left out: attention_window has no ONNX segment form")
                 continue
-            new.append(dataclasses.replace(point, name=f"{point.name}:{peer}", backend=backend, precision=precision))
+            new.append(dataclasses.replace(point, name=f"{point.name}:{peer}", backend=backend, precision=precision,
+                                           knobs=knobs))
     return new, notes
 
 
