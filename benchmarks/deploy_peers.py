@@ -6,7 +6,8 @@
         --eat runs/full/conll-eat2 --tuned results/ner/tuned_conll2003.json --preset paper --out OUT [--rows 1000]
 
 Given the trained runs ``RUNS/static`` and ``RUNS/eat`` (or ``--static`` / ``--eat``) and the point `eat tune` chose
-(``--tuned``; with ``--tuned-int8``, the point `eat tune --precision int8` chose, which EAT's int8 rows then run):
+(``--tuned``; with ``--tuned-int8`` / ``--tuned-ort-int8``, the points `eat tune --precision int8 [--backend
+onnxruntime]` chose, which EAT's int8 rows then run, the ONNX Runtime one preferring its own):
 
 1. D1 and D2, one interleaved `eat bench` run on SST-2 dev (every row unless ``--rows``): static as eager fp32
    and its peers (PyTorch int8, ONNX Runtime fp32 and int8), EAT's exits-off / exit / prune+exit rows and its
@@ -81,8 +82,11 @@ def run_bench(args, out: Path) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     # `--points tuned` reads the point from the results folder
     shutil.copy2(args.tuned, results / f"tuned_{args.task}.json")
-    if args.tuned_int8 is not None:  # the int8 peers of the tuned point run the point the int8 tuner chose
+    # the int8 peers of the tuned point run the point the int8 tuner chose (eat.pipeline.peer_tuned_points)
+    if args.tuned_int8 is not None:
         shutil.copy2(args.tuned_int8, results / f"tuned_{args.task}_int8.json")
+    if args.tuned_ort_int8 is not None:
+        shutil.copy2(args.tuned_ort_int8, results / f"tuned_{args.task}_ort-int8.json")
     command = [*_eat(), "bench", "--checkpoint", str(args.eat), "--static", str(args.static),
                "--task", args.task, "--preset", args.preset, "--points", "tuned", "--peers", args.peers,
                "--batch-size", "32", "--threads", str(args.threads), "--results", str(results), "--force"]
@@ -192,7 +196,10 @@ def _point_model(name: str, args) -> Any:
     backend, precision = PEER_BACKENDS.get(parts[-1], ("torch", "fp32"))
     if parts[0] == "static":
         return load_for_inference(args.static, precision=precision, backend=backend)
-    tuned = args.tuned_int8 if precision == "int8" and args.tuned_int8 is not None else args.tuned
+    tuned = args.tuned
+    if precision == "int8":  # as the bench: the tuner of this backend and precision, else of this precision
+        own = args.tuned_ort_int8 if backend == "onnxruntime" else None
+        tuned = own or args.tuned_int8 or args.tuned
     return load_for_inference(args.eat, knobs=read_tuned(tuned), precision=precision, backend=backend)
 
 
@@ -330,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tuned-int8", type=Path, default=None,
                         help="the point `eat tune --precision int8` chose (tuned_<task>_int8.json): EAT's int8 "
                         "peers run it instead of --tuned (D5 still compares both precisions at --tuned)")
+    parser.add_argument("--tuned-ort-int8", type=Path, default=None,
+                        help="the point `eat tune --backend onnxruntime --precision int8` chose "
+                        "(tuned_<task>_ort-int8.json): EAT's ONNX Runtime int8 rows run it")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/deploy_peers"))
     parser.add_argument("--rows", type=int, default=None, help="seeded sample of dev rows (default: all 872)")
     parser.add_argument("--threads", type=int, default=2)
@@ -357,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.static = args.static or args.runs / "static"
     args.eat = args.eat or args.runs / "eat"
-    for needed in (args.static, args.eat, args.tuned, *((args.tuned_int8,) if args.tuned_int8 else ())):
+    for needed in (args.static, args.eat, args.tuned, *(path for path in (args.tuned_int8, args.tuned_ort_int8)
+                                                        if path is not None)):
         if not needed.exists():
             raise SystemExit(f"{needed}: missing (train with `eat run` first, or pass --runs / --static / --eat / "
                              "--tuned)")

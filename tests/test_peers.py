@@ -47,33 +47,81 @@ def test_peer_points_of_static_and_tuned_only():
                                                                                    "baseline", "static")
 
 
-def test_quantized_peers_of_a_tuned_point_run_the_point_tuned_at_their_precision(tmp_path):
-    """`eat tune --precision int8` saves tuned_<task>_int8.json: the bench's int8 peers of the tuned point run those
-    knobs (exits chosen on the int8 model's outputs), the fp32 peers and the static ones keep theirs; bench_points
-    reads the file from the results folder."""
-    from eat.pipeline import BenchRequest, bench_points, quantized_tuned_points
+def test_peers_of_a_tuned_point_run_the_point_tuned_for_their_backend_and_precision(tmp_path):
+    """`eat tune --precision int8` saves tuned_<task>_int8.json, with --backend onnxruntime tuned_<task>_ort-int8.json:
+    the bench's peers of the tuned point run the knobs of their own tuner (an ORT int8 peer: its own, else the int8
+    tuner's), the fp32 peers and the static ones keep theirs; bench_points reads the files from the results folder."""
+    from eat.pipeline import BenchRequest, bench_points, peer_tuned_points
     from eat.runners import SequenceRunner
 
     fp32, int8 = {"exit_threshold": 0.8}, {"exit_threshold": 0.95, "exit_policy": "agreement"}
+    ort_int8 = {"exit_threshold": 0.9}
     points = [OperatingPoint("static", "s", {}, "baseline", "static"),
               OperatingPoint("eat:tuned", "e", fp32, "tuned")]
-    new, notes = peer_points(points, ["torch-int8", "ort-fp32", "ort-int8"], {"int8": {"eat:tuned": int8}})
+    new, notes = peer_points(points, ["torch-int8", "ort-fp32", "ort-int8"],
+                             {"torch-int8": {"eat:tuned": int8}, "ort-int8": {"eat:tuned": ort_int8}})
     knobs = {p.name: p.knobs for p in new}
     assert knobs == {"static:torch-int8": {}, "static:ort-fp32": {}, "static:ort-int8": {},
-                     "eat:tuned:torch-int8": int8, "eat:tuned:ort-fp32": fp32, "eat:tuned:ort-int8": int8}
-    assert len(notes) == 2 and all("tuned at int8" in note for note in notes)
+                     "eat:tuned:torch-int8": int8, "eat:tuned:ort-fp32": fp32, "eat:tuned:ort-int8": ort_int8}
+    assert len(notes) == 2 and all("runs the point tuned for" in note for note in notes)
 
     (tmp_path / "tuned_sst2.json").write_text(json.dumps({"knobs": fp32}))
-    assert quantized_tuned_points(tmp_path, "sst2") == {"int8": {}, "bf16": {}}  # no int8 tuner ran: fp32 knobs
+    assert all(points == {} for points in peer_tuned_points(tmp_path, "sst2").values())  # only fp32: its knobs
     (tmp_path / "tuned_sst2_int8.json").write_text(json.dumps({"knobs": int8}))
     (tmp_path / "tuned_sst2_b32_int8.json").write_text(json.dumps({"knobs": {"keep_ratio": 0.7}}))
-    saved = quantized_tuned_points(tmp_path, "sst2")
-    assert saved == {"int8": {"eat:tuned": int8, "eat:tuned-b32": {"keep_ratio": 0.7}}, "bf16": {}}
-    request = BenchRequest(frozenset({"tuned"}), static="s", peers="torch-int8")
-    chosen = bench_points("e", BenchConfig(task="sst2"), request, {"eat:tuned": fp32}, SequenceRunner(None),
-                          tuned_at=saved)
-    assert {p.name: p.knobs for p in chosen}["eat:tuned:torch-int8"] == int8
-    assert {p.name: p.knobs for p in chosen}["eat:tuned"] == fp32
+    saved = peer_tuned_points(tmp_path, "sst2")
+    assert saved["torch-int8"] == saved["ort-int8"] == {"eat:tuned": int8, "eat:tuned-b32": {"keep_ratio": 0.7}}
+    assert saved["ort-fp32"] == saved["torch-bf16"] == {}
+    (tmp_path / "tuned_sst2_ort-int8.json").write_text(json.dumps({"knobs": ort_int8}))
+    saved = peer_tuned_points(tmp_path, "sst2")
+    assert saved["ort-int8"] == {"eat:tuned": ort_int8, "eat:tuned-b32": {"keep_ratio": 0.7}}
+    assert saved["torch-int8"]["eat:tuned"] == int8
+    request = BenchRequest(frozenset({"tuned"}), static="s", peers="torch-int8,ort-int8")
+    chosen = {p.name: p.knobs for p in bench_points("e", BenchConfig(task="sst2"), request, {"eat:tuned": fp32},
+                                                    SequenceRunner(None), tuned_at=saved)}
+    assert (chosen["eat:tuned"], chosen["eat:tuned:torch-int8"], chosen["eat:tuned:ort-int8"]) == (fp32, int8, ort_int8)
+
+
+def test_tuner_on_onnx_runtime_reads_and_times_the_deployed_model(tmp_path, monkeypatch):
+    """`eat tune --backend onnxruntime --precision int8`: the cached sweep and the finalists run the ONNX Runtime
+    int8 runner (the sweep in batches of the objective's size, as deployed), the reference stays PyTorch fp32."""
+    pytest.importorskip("onnxruntime")
+    import eat.bench
+    from eat.bench import tune
+    from eat.deploy.onnx_runtime import OrtSequenceClassifier
+
+    loaded, batches = [], []
+    original_model, original_predict = eat.bench.tuner_model, eat.bench.predict_encoded
+
+    def spy_model(checkpoint, knobs, precision, backend, device):
+        model = original_model(checkpoint, knobs, precision, backend, device)
+        loaded.append((checkpoint, precision, backend, type(model)))
+        return model
+
+    def spy_predict(model, encoded, **kwargs):
+        batches.append((type(model), kwargs.get("batch_size")))
+        return original_predict(model, encoded, **kwargs)
+
+    monkeypatch.setattr(eat.bench, "tuner_model", spy_model)
+    monkeypatch.setattr(eat.bench, "predict_encoded", spy_predict)
+    checkpoint = _saved(tmp_path / "eat", seed=3)
+    reference = _saved(tmp_path / "static", seed=4)
+    result = tune(checkpoint, _encoded(12), precision="int8", backend="onnxruntime", max_drop=100.0,
+                  keep_grid=(1.0,), tau_grid=[0.4, 0.9], timing_rows=3, warmup=1, policies=("confidence",),
+                  reference_checkpoint=reference)
+    assert result.knobs["exit_policy"] in ("confidence", "none")
+    assert {(precision, backend, kind) for path, precision, backend, kind in loaded if path == checkpoint} == {
+        ("int8", "onnxruntime", OrtSequenceClassifier)}
+    assert [(precision, backend) for path, precision, backend, _ in loaded if path == reference] == [("fp32", "torch")]
+    assert (OrtSequenceClassifier, 1) in batches and all(size == 1 for kind, size in batches
+                                                         if kind is OrtSequenceClassifier)
+    assert all(c["calibration_p50_ms"] > 0 for c in result.candidates)
+    with pytest.raises(ValueError, match="torch or onnxruntime"):
+        tune(checkpoint, _encoded(12), backend="tensorrt", max_drop=1.0)
+    from eat.runners import SequenceRunner, TuneRequest
+
+    with pytest.raises(ValueError, match="fp32 or int8, not bf16"):
+        SequenceRunner(None).check_tune(TuneRequest(max_drop=1.0, precision="bf16", backend="onnxruntime"))
 
 
 def test_missing_onnxruntime_drops_default_peers_with_a_note(monkeypatch):
@@ -278,6 +326,8 @@ def test_token_tuner_at_int8_runs_the_int8_model_and_counts_the_drop_from_fp32(t
     runner.check_tune(TuneRequest(max_drop=1.0, precision="int8"))
     with pytest.raises(ValueError, match="fp32 or int8"):
         runner.check_tune(TuneRequest(max_drop=1.0, precision="bf16"))
+    with pytest.raises(ValueError, match="tuned in PyTorch"):
+        runner.check_tune(TuneRequest(max_drop=1.0, precision="int8", backend="onnxruntime"))
     grid = [{"exit_policy": "confidence", "exit_threshold": 0.5}]
     quantized = torch.ao.nn.quantized.dynamic.Linear
     int8 = quantize_int8(model)

@@ -305,7 +305,7 @@ def measure_points(points: Sequence[OperatingPoint], encoded, bench: BenchConfig
 def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus: Sequence[float], *,
               policy: str = "confidence", device: str = "cpu", pad_id: int = 0, f1: bool = False,
               reference_correct: np.ndarray | None = None, task: Task | None = None, patience: int = 2,
-              keep_predictions: bool = False) -> list[dict]:
+              keep_predictions: bool = False, batch_size: int = 64) -> list[dict]:
     """Accuracy and mean exit layer at every threshold from ONE cached pass (every head evaluated, no exits).
 
     ``reference_correct`` (N,) bool, whether a reference model got each row right: each row then also counts the
@@ -314,9 +314,10 @@ def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus
 
     ``task``: score each threshold with the task's metrics (``metric`` names the primary one, ``metric_value``
     holds it); regression rules ("delta", "spread") take ``patience``. ``keep_predictions``: each row also holds
-    its (N,) predictions as ``_predicted`` (for a bootstrap bound; not for files).
+    its (N,) predictions as ``_predicted`` (for a bootstrap bound; not for files). ``batch_size``: rows per call
+    of the cached pass.
     """
-    cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id)
+    cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id, batch_size=batch_size)
     labels = cached.labels
     rows = []
     lengths = cached.input_length
@@ -446,7 +447,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
          warmup: int = 5, policies: Sequence[str] | None = None,
          reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None,
-         task: Task | None = None) -> TuneResult:
+         task: Task | None = None, backend: str = "torch") -> TuneResult:
     """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
     and a keep schedule on the calibration split.
 
@@ -471,6 +472,11 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     Finalists timed within :data:`TIMING_TIE` of the fastest are a tie, broken by the least token-layer work
     (:func:`fastest_within_noise`).
 
+    ``backend`` "onnxruntime" (with ``precision`` fp32 or int8): the model is the one `eat.deploy` runs on ONNX
+    Runtime; its cached sweep runs in batches of ``batch_size`` (dynamic int8 quantizes each call's activations
+    with one scale, so a row's outputs depend on its batch mates: the sweep sees what the deployment computes)
+    and the finalists are timed on it (the batch-1 exit cascade where the knobs allow, the segments otherwise).
+
     ``task``: the drop is in the task's primary metric (Matthews, F1, Pearson... points; default accuracy, or
     Pearson for a one-output model). Where that metric is not accuracy the exact paired bound does not apply:
     ``certify`` then bounds each threshold's drop by a paired bootstrap (:mod:`eat.bootstrap`), and the chosen
@@ -487,14 +493,20 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     if not keep_grid:
         raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
 
+    if backend not in ("torch", "onnxruntime"):
+        raise ValueError(f"backend: torch or onnxruntime, not {backend!r}")
+    # the cached sweeps' batches: as deployed on ONNX Runtime (see above); PyTorch keeps its batches of 64
+    sweep_batch = batch_size if backend == "onnxruntime" else 64
+
     def everything_off(path: str) -> tuple[np.ndarray, int, int]:
         """(N,) the predictions of the model with every mechanism off on the calibration rows; depth; outputs."""
-        # the tuned model at its own ``precision`` (int8: exits and pruning read the int8 model's outputs); a
-        # reference run stays fp32, so the allowed drop is counted from the static model as deployed today
-        model = apply_precision(load_classifier(path), precision if path == checkpoint else "fp32",
-                                inplace=True).to(device)
+        # the tuned model at its own ``precision`` and backend (int8: exits and pruning read the int8 model's
+        # outputs); a reference run stays PyTorch fp32, so the allowed drop is counted from the static model
+        tuned = path == checkpoint
+        model = tuner_model(path, {}, precision if tuned else "fp32", backend if tuned else "torch", device)
         model.config.set_knobs(**MECHANISMS_OFF)
-        off = predict_encoded(model, calibration, device=device, pad_id=pad_id)
+        off = predict_encoded(model, calibration, device=device, pad_id=pad_id,
+                              batch_size=sweep_batch if tuned else 64)
         outputs = off.logits[:, 0] if model.config.num_labels == 1 else off.predictions
         return outputs, model.config.num_hidden_layers, model.config.num_labels
 
@@ -525,14 +537,13 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
 
     candidates = []
     for keep in keep_grid:
-        model = apply_precision(load_classifier(checkpoint, knobs={"keep_ratio": keep, "exit_layers": "all"}),
-                                precision, inplace=True).to(device)
+        model = tuner_model(checkpoint, {"keep_ratio": keep, "exit_layers": "all"}, precision, backend, device)
         for entry in policies:
             policy, _, patience = entry.partition(":")
             patience = int(patience) if patience else 2
             sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id,
                               reference_correct=None if regression else reference_correct, task=task,
-                              patience=patience, keep_predictions=True)
+                              patience=patience, keep_predictions=True, batch_size=sweep_batch)
             for row in sweep:
                 row["keep_ratio"], row["exit_policy"] = keep, policy
                 if policy in REGRESSION_EXIT_POLICIES:
@@ -565,7 +576,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
                              "or a larger calibration split")
     candidates.append(exits_off)
     _time_finalists(candidates, checkpoint, calibration, precision=precision, batch_size=batch_size,
-                    timing_rows=timing_rows, warmup=warmup, device=device, pad_id=pad_id)
+                    timing_rows=timing_rows, warmup=warmup, device=device, pad_id=pad_id, backend=backend)
     if max_drop is not None:
         drop_from = "reference run" if reference_checkpoint else "reference"
         if certify is None:
@@ -592,13 +603,25 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
                       task.primary_metric, interval)
 
 
+def tuner_model(checkpoint: str, knobs: dict[str, Any], precision: str, backend: str, device: str):
+    """The model the tuner reads and times: ``checkpoint`` with ``knobs`` at ``precision``, in PyTorch or (backend
+    "onnxruntime") the ONNX Runtime runner of :mod:`eat.deploy` (the export is made once per process)."""
+    if backend == "torch":
+        return apply_precision(load_classifier(checkpoint, knobs=knobs), precision, inplace=True).to(device)
+    from .deploy import load_for_inference
+
+    return load_for_inference(checkpoint, knobs=knobs, precision=precision, backend=backend).model
+
+
 def _time_finalists(candidates: list[dict[str, Any]], checkpoint: str, calibration: EncodedDataset, *, precision: str,
-                    batch_size: int, timing_rows: int, warmup: int, device: str, pad_id: int) -> None:
+                    batch_size: int, timing_rows: int, warmup: int, device: str, pad_id: int,
+                    backend: str = "torch") -> None:
     """Time every tuning finalist side by side on calibration rows, each loaded with its own knobs at
-    ``precision``: the batch-1 median on ``timing_rows`` rows (``calibration_p50_ms``), or with ``batch_size`` > 1
-    the throughput on at least :data:`THROUGHPUT_TIMING_BATCHES` batches (``calibration_rows_per_s``)."""
-    models = {str(i): apply_precision(load_classifier(checkpoint, knobs=_tuned_knobs(cand)), precision,
-                                      inplace=True).to(device) for i, cand in enumerate(candidates)}
+    ``precision`` on ``backend``: the batch-1 median on ``timing_rows`` rows (``calibration_p50_ms``), or with
+    ``batch_size`` > 1 the throughput on at least :data:`THROUGHPUT_TIMING_BATCHES` batches
+    (``calibration_rows_per_s``)."""
+    models = {str(i): tuner_model(checkpoint, _tuned_knobs(cand), precision, backend, device)
+              for i, cand in enumerate(candidates)}
     if batch_size > 1:
         _time_throughput(models, _first_rows(calibration, max(timing_rows, THROUGHPUT_TIMING_BATCHES * batch_size)),
                          candidates, batch_size, device, pad_id)
@@ -711,6 +734,6 @@ def save_json(path: Path, data: Any) -> None:
 
 __all__ = ["BenchConfig", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "drop_upper_bound",
-           "certified_prefix", "fastest_within_noise", "tune", "tuning_tau_grid", "TuneResult", "MECHANISMS",
+           "certified_prefix", "fastest_within_noise", "tune", "tuner_model", "tuning_tau_grid", "TuneResult", "MECHANISMS",
            "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",
            "save_json", "LatencyStats", "batch_forward"]

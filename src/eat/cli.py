@@ -748,6 +748,9 @@ def tune_command(
     precision: Annotated[str, typer.Option(
         help="tune the model at this precision: fp32, bf16 or int8 (its exits and pruning read its own outputs; "
              "the drop still counts from the fp32 reference); saved as tuned_<task>[_bN]_<precision>.json")] = "fp32",
+    backend: Annotated[str, typer.Option(
+        help="torch, or onnxruntime: read and time the ONNX Runtime runner (fp32 or int8) the point will be deployed "
+             "on; saved as tuned_<task>[_bN]_ort-<precision>.json, which eat bench's ort peers then run")] = "torch",
 ) -> None:
     """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
     import torch
@@ -764,7 +767,7 @@ def tune_command(
     request = TuneRequest(max_drop=max_drop, latency_budget_ms=latency_budget, batch_size=batch_size, certify=certify,
                           keep_grid=_keep_grid(keep_grid),  # a bad grid is refused before anything loads
                           precision=precision, reference=None if reference is None else str(reference),
-                          max_work=max_work, device=device)
+                          max_work=max_work, device=device, backend=backend)
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     if not trained:
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")

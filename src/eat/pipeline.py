@@ -294,21 +294,33 @@ def comparison_points(eat_checkpoint: str, bench: BenchConfig, *, static: str | 
     return grid + [OperatingPoint(name, eat_checkpoint, knobs, "tuned") for name, knobs in tuned.items()]
 
 
-def saved_tuned_points(results_dir: Path, task: str, precision: str = "fp32") -> dict[str, dict[str, Any]]:
-    """name -> knobs of the points `eat tune` saved for ``task`` in ``results_dir`` at ``precision`` (batch 1
-    first, then each batch size)."""
+def saved_tuned_points(results_dir: Path, task: str, precision: str = "fp32",
+                       backend: str = "torch") -> dict[str, dict[str, Any]]:
+    """name -> knobs of the points `eat tune` saved for ``task`` in ``results_dir`` at ``precision`` on ``backend``
+    (batch 1 first, then each batch size)."""
     points = {}
-    if tuned_file(results_dir, task, 1, precision).is_file():
-        points[TUNED] = json.loads(tuned_file(results_dir, task, 1, precision).read_text())["knobs"]
-    for size, path in batch_tuned_files(results_dir, task, precision).items():
+    if tuned_file(results_dir, task, 1, precision, backend).is_file():
+        points[TUNED] = json.loads(tuned_file(results_dir, task, 1, precision, backend).read_text())["knobs"]
+    for size, path in batch_tuned_files(results_dir, task, precision, backend).items():
         points[tuned_point_name(size)] = json.loads(path.read_text())["knobs"]
     return points
 
 
-def quantized_tuned_points(results_dir: Path, task: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """precision -> the points the int8 and bf16 tuners saved (:func:`saved_tuned_points`), for the peers that
-    run those precisions (:func:`~eat.deploy.peers.peer_points`)."""
-    return {precision: saved_tuned_points(results_dir, task, precision) for precision in ("int8", "bf16")}
+def peer_tuned_points(results_dir: Path, task: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """peer name -> {tuned point: knobs} that peer runs instead of the fp32 tuner's knobs: the points a tuner saved
+    for the peer's own backend and precision (`eat tune --backend onnxruntime --precision int8`), else, for an
+    ONNX Runtime int8 peer, those the PyTorch int8 tuner saved (:func:`~eat.deploy.peers.peer_points`)."""
+    from .deploy.peers import PEERS
+
+    chosen = {}
+    for peer, (backend, precision) in PEERS.items():
+        points = {}
+        if backend != "torch" and precision != "fp32":
+            points.update(saved_tuned_points(results_dir, task, precision, "torch"))
+        if (backend, precision) != ("torch", "fp32"):
+            points.update(saved_tuned_points(results_dir, task, precision, backend))
+        chosen[peer] = points
+    return chosen
 
 
 def everything_off() -> dict[str, Any]:
@@ -325,7 +337,8 @@ def peer_points_for(points: list[OperatingPoint], peers: str | None,
     """The static model and the tuned points among ``points`` also as a CPU user would deploy them (PyTorch int8,
     ONNX Runtime fp32 and int8; :mod:`eat.deploy.peers`), timed in the same interleaved run. ``peers``: a comma
     list or "none" (None: the defaults, each left out with a ``note`` when this machine cannot run it).
-    ``tuned_at``: the points tuned at other precisions (:func:`quantized_tuned_points`), which those peers run."""
+    ``tuned_at``: the points tuned for a peer's own backend or precision (:func:`peer_tuned_points`), which that
+    peer runs."""
     from .deploy.peers import available_peers, parse_peers, peer_points
 
     names, notes = available_peers(parse_peers(peers), explicit=peers is not None)
@@ -371,15 +384,19 @@ def tune_checkpoint(task: str, model, tokenizer, model_dir: Path, train_config: 
     runner.check_tune(request)
     calibration = calibration_split(train_config, model_dir)
     outcome = runner.tune(model, model_dir, tokenizer, calibration, train_config.max_length, request)
-    save_json(tuned_file(results_dir, task, request.batch_size, request.precision), outcome.saved)
+    save_json(tuned_file(results_dir, task, request.batch_size, request.precision, request.backend), outcome.saved)
     for line in outcome.lines:
         log(line)
     bench = bench_config_from_preset(preset, task=task, device=request.device, threads=threads, rows=rows,
                                      **({"batch_size": request.batch_size} if request.batch_size > 1 else {}))
-    peer = "" if request.precision == "fp32" else f":torch-{request.precision}"  # an int8 tuner times int8 points
+    # an int8 (or ONNX Runtime) tuner times its points as it tuned them: eat:tuned:torch-int8, eat:tuned:ort-int8...
+    deployed = (request.backend, request.precision) != ("torch", "fp32")
+    peer = f":{'ort' if request.backend == 'onnxruntime' else 'torch'}-{request.precision}" if deployed else ""
     off, name = EXITS_OFF + peer, tuned_point_name(request.batch_size) + peer
-    points = [OperatingPoint(off, str(model_dir), everything_off(), "ablation", precision=request.precision),
-              OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=request.precision)]
+    points = [OperatingPoint(off, str(model_dir), everything_off(), "ablation", precision=request.precision,
+                             backend=request.backend),
+              OperatingPoint(name, str(model_dir), outcome.knobs, "tuned", precision=request.precision,
+                             backend=request.backend)]
     own_eval_file = train_config.eval_file if train_config.data_file is not None else None
     for split in runner.dev_splits(own_eval_file):
         # the task's dev split, or the user's own dev table with the training labels
@@ -439,7 +456,7 @@ def bench_points(model_dir: str, bench: BenchConfig, request: BenchRequest, tune
                  tuned_at: dict[str, dict[str, dict[str, Any]]] | None = None) -> list[OperatingPoint]:
     """The points of one `eat bench` table: the comparison points (``request.points`` "ablation": the whole
     grid, "tuned": the short table) with the saved ``tuned`` points, the sweeps, and the peers (a tuned point's
-    int8 / bf16 peers at the point tuned at that precision, where ``tuned_at`` has one)."""
+    peers at the point tuned for their backend and precision, where ``tuned_at`` has one)."""
     chosen: list[OperatingPoint] = []
     if request.points & {"ablation", "tuned"}:
         # with a tuned point in the results folder (`eat tune`), the ablation uses its rule and the point itself
@@ -465,7 +482,7 @@ def bench_split(spec: Task, split: str, model_dir: Path, tokenizer, bench: Bench
                 if request.accuracy_all_rows and len(data) < len(whole) else None)
     split_bench = dataclasses.replace(bench, split=split)
     points = bench_points(str(model_dir), split_bench, request, saved_tuned_points(results_dir, bench.task), runner,
-                          note, quantized_tuned_points(results_dir, bench.task))
+                          note, peer_tuned_points(results_dir, bench.task))
     new = measure_points(points, encoded, split_bench, ResultsLog(results_dir),
                          dataset_source=f"{data.source} {data.note}".strip(), f1=spec.f1, force=request.force,
                          pad_id=tokenizer.pad_token_id or 0, examples_dir=results_dir / "examples", progress=progress,
@@ -526,7 +543,7 @@ def _sorted_rate(row: dict) -> str:
 
 __all__ = ["run_task", "summary_lines", "training_configs", "RunConfig", "RUN_TASKS", "HEADLINE_TASKS", "run_task_of",
            "regression_bench", "RUN_RECIPES", "HEAD_STAGE", "PAIR_POOLING", "BenchConfig", "comparison_points",
-           "tuned_rule", "saved_tuned_points", "quantized_tuned_points", "everything_off", "peer_points_for",
+           "tuned_rule", "saved_tuned_points", "peer_tuned_points", "everything_off", "peer_points_for",
            "tune_checkpoint", "tuned_line",
            "calibration_split", "BenchRequest", "run_task_names", "bench_points", "bench_split", "record_bench_call", "SHORT_TABLE",
            "MIN_CALIBRATION_ROWS"]

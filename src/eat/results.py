@@ -126,22 +126,29 @@ def tuned_point_name(batch_size: int = 1) -> str:
 # --------------------------------------------------------------------------------------------------- files
 
 
-def tuned_file(folder: str | Path, task: str, batch_size: int = 1, precision: str = "fp32") -> Path:
+def tuned_file(folder: str | Path, task: str, batch_size: int = 1, precision: str = "fp32",
+               backend: str = "torch") -> Path:
     """Where `eat tune` (and the main job) save a tuned point: ``tuned_<task>.json`` (batch-1 objective) or
-    ``tuned_<task>_bN.json``; a tuner of another precision adds it (``tuned_<task>_int8.json``), so the fp32 choice
-    is never replaced."""
-    suffix = "" if precision == "fp32" else f"_{precision}"
+    ``tuned_<task>_bN.json``; a tuner of another precision or backend adds it (``tuned_<task>_int8.json``,
+    ``tuned_<task>_ort-int8.json``), so the fp32 choice is never replaced."""
+    suffix = _tuned_suffix(precision, backend)
     return Path(folder) / (f"tuned_{task}{suffix}.json" if batch_size == 1
                            else f"tuned_{task}_b{batch_size}{suffix}.json")
 
 
-def batch_tuned_files(folder: str | Path, task: str, precision: str = "fp32") -> dict[int, Path]:
-    """{batch size: file} of the points `eat tune --batch-size N [--precision P]` saved for ``task`` in
-    ``folder`` at ``precision``."""
-    suffix = "" if precision == "fp32" else f"_{precision}"
+def _tuned_suffix(precision: str, backend: str) -> str:
+    """The file-name suffix of a tuner's point: "" (fp32, PyTorch), ``_int8``, ``_ort-fp32``, ``_ort-int8``..."""
+    label = precision if backend == "torch" else f"ort-{precision}"
+    return "" if label == "fp32" else f"_{label}"
+
+
+def batch_tuned_files(folder: str | Path, task: str, precision: str = "fp32", backend: str = "torch") -> dict[int, Path]:
+    """{batch size: file} of the points `eat tune --batch-size N [--precision P] [--backend B]` saved for ``task``
+    in ``folder``."""
+    suffix = _tuned_suffix(precision, backend)
     stems = (path.stem for path in sorted(Path(folder).glob(f"tuned_{task}_b*{suffix}.json")))
     sizes = (stem[:len(stem) - len(suffix)].rsplit("_b", 1)[1] for stem in stems)
-    return {int(size): tuned_file(folder, task, int(size), precision) for size in sizes if size.isdigit()}
+    return {int(size): tuned_file(folder, task, int(size), precision, backend) for size in sizes if size.isdigit()}
 
 
 def run_config_file(folder: str | Path, task: str) -> Path:

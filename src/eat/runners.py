@@ -48,6 +48,7 @@ class TuneRequest:
     reference_dir: str | None = None
     max_work: float = 1.0
     device: str = "cpu"
+    backend: str = "torch"  # "onnxruntime": tune the ONNX Runtime runner (sentence tasks)
 
 
 @dataclass
@@ -156,6 +157,10 @@ class TaskRunner:
         """Raise ValueError for a request this level's tuner cannot serve (before anything loads)."""
         if (request.max_drop is None) == (request.latency_budget_ms is None):
             raise ValueError("give exactly one of --max-drop or --latency-budget")
+        if request.backend not in ("torch", "onnxruntime"):
+            raise ValueError(f"--backend: torch or onnxruntime, not {request.backend!r}")
+        if request.backend == "onnxruntime" and request.precision not in ("fp32", "int8"):
+            raise ValueError(f"--backend onnxruntime runs fp32 or int8, not {request.precision}")
 
     def tune(self, model, model_dir: Path, tokenizer, calibration, max_length: int,
              request: TuneRequest) -> TuneOutcome:
@@ -617,7 +622,7 @@ class SequenceRunner(TaskRunner):
                       latency_budget_ms=request.latency_budget_ms, device=request.device,
                       pad_id=tokenizer.pad_token_id or 0, reference_checkpoint=request.reference_dir,
                       batch_size=request.batch_size, certify=request.certify, task=self.task,
-                      precision=request.precision,
+                      precision=request.precision, backend=request.backend,
                       **({"keep_grid": request.keep_grid} if request.keep_grid is not None else {}))
         reference_name = "everything off" if request.reference is None else str(request.reference)
         lines = [f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}",
@@ -631,7 +636,8 @@ class SequenceRunner(TaskRunner):
         if result.drop_upper_bound is not None:
             lines.append(f"certified: the drop is at most {result.drop_upper_bound:.2f} points with "
                          f"{request.certify:.0%} confidence (the bound of the chosen point, at its share of the error)")
-        return TuneOutcome(result.knobs, {**dataclasses.asdict(result), "precision": request.precision}, lines)
+        return TuneOutcome(result.knobs, {**dataclasses.asdict(result), "precision": request.precision,
+                                          "backend": request.backend}, lines)
 
     def measurement(self, encoded, *, bench, pad_id: int = 0, data=None, f1: bool = False, all_rows=None,
                     examples_dir: Path | None = None) -> Measurement:
@@ -766,6 +772,8 @@ class TokenRunner(TaskRunner):
         super().check_tune(request)
         if request.precision == "bf16":
             raise ValueError("--precision: token tasks are tuned at fp32 or int8")
+        if request.backend != "torch":
+            raise ValueError("--backend: token tasks are tuned in PyTorch (their int8 model at --precision int8)")
         if request.certify is not None:
             raise ValueError("--certify bounds a sentence-level accuracy drop; token tasks are tuned on entity F1 "
                              "without it")

@@ -73,11 +73,11 @@ def available_peers(peers: Sequence[str], *, explicit: bool) -> tuple[list[str],
 def peer_points(points, peers: Sequence[str],
                 tuned_at: dict[str, dict[str, dict]] | None = None) -> tuple[list, list[str]]:
     """The peer operating points of ``points``: every ``static`` and ``eat:tuned*`` point (fp32, torch) on each of
-    ``peers``. ``tuned_at``: precision -> {tuned point name: knobs} of the tuners that ran at that precision
-    (`eat tune --precision int8` saves ``tuned_<task>_int8.json``): a tuned point's peer at that precision runs
-    that point (its exits chosen on the quantized model's own outputs, as it would be deployed) instead of the
-    fp32 knobs. Returns (new points, notes: a point a peer cannot have, e.g. a windowed point on ONNX Runtime, and
-    which peers run another precision's tuned point)."""
+    ``peers``. ``tuned_at``: peer name -> {tuned point name: knobs} chosen by a tuner of that peer's precision or
+    backend (`eat tune --precision int8` saves ``tuned_<task>_int8.json``, with ``--backend onnxruntime``
+    ``tuned_<task>_ort-int8.json``; :func:`eat.pipeline.peer_tuned_points`): that peer runs that point (its exits
+    chosen on the outputs of the model as it is deployed) instead of the fp32 knobs. Returns (new points, notes: a
+    point a peer cannot have, e.g. a windowed point on ONNX Runtime, and which peers run another tuner's point)."""
     new, notes = [], []
     tuned_at = tuned_at or {}
     for point in points:
@@ -88,9 +88,9 @@ def peer_points(points, peers: Sequence[str],
         for peer in peers:
             backend, precision = PEERS[peer]
             knobs = point.knobs
-            if point.name != "static" and point.name in tuned_at.get(precision, {}):
-                knobs = tuned_at[precision][point.name]
-                notes.append(f"{point.name}:{peer} runs the point tuned at {precision}: {knobs}")
+            if point.name != "static" and point.name in tuned_at.get(peer, {}):
+                knobs = tuned_at[peer][point.name]
+                notes.append(f"{point.name}:{peer} runs the point tuned for {peer}: {knobs}")
             if backend == "onnxruntime" and knobs.get("attention_window") is not None:
                 notes.append(f"{point.name}:{peer} left out: attention_window has no ONNX segment form")
                 continue
