@@ -734,6 +734,7 @@ def save_json(path: Path, data: Any) -> None:
 
 __all__ = ["BenchConfig", "bench_config_from_preset", "OperatingPoint", "ablation_points",
            "sweep_points", "mechanism_knobs", "measure_points", "tau_sweep", "drop_upper_bound",
-           "certified_prefix", "fastest_within_noise", "tune", "tuner_model", "tuning_tau_grid", "TuneResult", "MECHANISMS",
+           "certified_prefix", "fastest_within_noise", "tune", "tuner_model", "tuning_tau_grid", "TuneResult",
+           "MECHANISMS",
            "TAU_GRID", "CERTIFY_TAU_GRID", "TIMING_TIE", "THROUGHPUT_TIMING_BATCHES", "TUNE_KEEP_GRID", "encode",
            "save_json", "LatencyStats", "batch_forward"]

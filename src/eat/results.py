@@ -142,7 +142,8 @@ def _tuned_suffix(precision: str, backend: str) -> str:
     return "" if label == "fp32" else f"_{label}"
 
 
-def batch_tuned_files(folder: str | Path, task: str, precision: str = "fp32", backend: str = "torch") -> dict[int, Path]:
+def batch_tuned_files(folder: str | Path, task: str, precision: str = "fp32",
+                      backend: str = "torch") -> dict[int, Path]:
     """{batch size: file} of the points `eat tune --batch-size N [--precision P] [--backend B]` saved for ``task``
     in ``folder``."""
     suffix = _tuned_suffix(precision, backend)
