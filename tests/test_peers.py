@@ -198,6 +198,32 @@ def test_int8_tuner_tunes_the_int8_model(tmp_path, monkeypatch):
     assert len(int8) == len(seen) - 1 >= 3 and all("quantized" in module for module in int8)
 
 
+def test_quantized_tuner_counts_the_drop_from_the_fp32_model_without_a_reference(tmp_path, monkeypatch):
+    """`eat tune --precision int8` without --reference: the drop counts from the same checkpoint in fp32 PyTorch with
+    every mechanism off (the quantization's own cost inside it), not from the int8 model with exits off."""
+    import eat.bench
+    from eat.bench import tune
+
+    loaded = []
+    original = eat.bench.tuner_model
+
+    def spy(checkpoint, knobs, precision, backend, device):
+        loaded.append((precision, backend, dict(knobs)))
+        return original(checkpoint, knobs, precision, backend, device)
+
+    monkeypatch.setattr(eat.bench, "tuner_model", spy)
+    checkpoint = _saved(tmp_path / "eat", seed=3)
+    result = tune(checkpoint, _encoded(16), precision="int8", max_drop=100.0, keep_grid=(1.0,), tau_grid=[0.4],
+                  timing_rows=2, warmup=1, policies=("confidence",))
+    assert ("fp32", "torch", {}) in loaded and loaded.count(("int8", "torch", {})) == 1  # reference, int8 exits off
+    assert "fp32 reference" in result.criterion
+    before = len(loaded)
+    fp32 = tune(checkpoint, _encoded(16), max_drop=100.0, keep_grid=(1.0,), tau_grid=[0.4], timing_rows=2, warmup=1,
+                policies=("confidence",))
+    assert [entry[:2] for entry in loaded[before:]].count(("fp32", "torch")) == len(loaded) - before  # fp32 only
+    assert "fp32 reference" not in fp32.criterion
+
+
 def test_eat_export_cli(tmp_path):
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"

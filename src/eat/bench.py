@@ -452,8 +452,9 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     and a keep schedule on the calibration split.
 
     ``max_drop``: the fastest point whose calibration accuracy is at most ``max_drop`` points below the same
-    checkpoint with every mechanism off (or than ``reference_checkpoint``, e.g. the static model the targets
-    compare with, which must have held out the same calibration rows). ``latency_budget_ms``: the most accurate point whose measured batch-1
+    checkpoint with every mechanism off, in PyTorch fp32 even when the tuned model is int8 or on ONNX Runtime (so
+    the quantization's own cost is inside the drop), or below ``reference_checkpoint`` (e.g. the static model the
+    targets compare with, which must have held out the same calibration rows). ``latency_budget_ms``: the most accurate point whose measured batch-1
     median fits the budget. For each keep schedule the smallest qualifying tau comes from one cached pass
     (exact); the finalists are then timed side by side on ``timing_rows`` calibration examples.
 
@@ -498,11 +499,12 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     # the cached sweeps' batches: as deployed on ONNX Runtime (see above); PyTorch keeps its batches of 64
     sweep_batch = batch_size if backend == "onnxruntime" else 64
 
-    def everything_off(path: str) -> tuple[np.ndarray, int, int]:
+    deployed = (precision, backend) != ("fp32", "torch")  # the tuned model is not the fp32 PyTorch one
+
+    def everything_off(path: str, tuned: bool) -> tuple[np.ndarray, int, int]:
         """(N,) the predictions of the model with every mechanism off on the calibration rows; depth; outputs."""
-        # the tuned model at its own ``precision`` and backend (int8: exits and pruning read the int8 model's
-        # outputs); a reference run stays PyTorch fp32, so the allowed drop is counted from the static model
-        tuned = path == checkpoint
+        # ``tuned``: the model at its own ``precision`` and backend (int8: exits and pruning read the int8 model's
+        # outputs); a reference stays PyTorch fp32, so the allowed drop is counted from the model as trained
         model = tuner_model(path, {}, precision if tuned else "fp32", backend if tuned else "torch", device)
         model.config.set_knobs(**MECHANISMS_OFF)
         off = predict_encoded(model, calibration, device=device, pad_id=pad_id,
@@ -510,7 +512,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
         outputs = off.logits[:, 0] if model.config.num_labels == 1 else off.predictions
         return outputs, model.config.num_hidden_layers, model.config.num_labels
 
-    off_predicted, num_layers, num_labels = everything_off(checkpoint)  # also the exits-off candidate below
+    off_predicted, num_layers, num_labels = everything_off(checkpoint, True)  # also the exits-off candidate below
     task = task or task_for_model(num_labels)
     labels = np.asarray(calibration.labels)
     regression = task.is_regression
@@ -520,7 +522,10 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
         tau_grid = (regression_tau_grid(labels, certify is not None) if regression
                     else tuning_tau_grid(num_labels, certify is not None))
     tau_grid = list(tau_grid)
-    reference_predicted = everything_off(reference_checkpoint)[0] if reference_checkpoint else off_predicted
+    # another run, or this checkpoint as trained when the tuned model is quantized or on another backend
+    separate_reference = reference_checkpoint is not None or deployed
+    reference_predicted = (everything_off(reference_checkpoint or checkpoint, False)[0] if separate_reference
+                           else off_predicted)
     off_correct, reference_correct = off_predicted == labels, reference_predicted == labels
     off_accuracy, reference_accuracy = task.primary(labels, off_predicted), task.primary(labels, reference_predicted)
     rows = len(labels)
@@ -528,8 +533,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     exact = task.primary_metric == "accuracy"
     resamples = None if exact else bootstrap_indices(rows)
     # The confidence each test is made at, so that all of them hold together with probability >= certify: one
-    # fixed-sequence test per sweep, plus exits off against another reference run (against itself it is exact).
-    tests = len(keep_grid) * len(policies) + (1 if reference_checkpoint else 0)
+    # fixed-sequence test per sweep, plus exits off against a separate reference (against itself it is exact).
+    tests = len(keep_grid) * len(policies) + (1 if separate_reference else 0)
     per_sweep = None if certify is None else 1.0 - (1.0 - certify) / tests
     def bootstrap_bound(confidence: float):
         return lambda row: paired_bootstrap_drop(task, labels, reference_predicted, row["_predicted"], confidence,
@@ -578,7 +583,7 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     _time_finalists(candidates, checkpoint, calibration, precision=precision, batch_size=batch_size,
                     timing_rows=timing_rows, warmup=warmup, device=device, pad_id=pad_id, backend=backend)
     if max_drop is not None:
-        drop_from = "reference run" if reference_checkpoint else "reference"
+        drop_from = ("reference run" if reference_checkpoint else "fp32 reference" if deployed else "reference")
         if certify is None:
             condition = f"calibration {task.primary_title} >= {drop_from} - {max_drop}"
         else:

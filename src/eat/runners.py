@@ -624,7 +624,9 @@ class SequenceRunner(TaskRunner):
                       batch_size=request.batch_size, certify=request.certify, task=self.task,
                       precision=request.precision, backend=request.backend,
                       **({"keep_grid": request.keep_grid} if request.keep_grid is not None else {}))
-        reference_name = "everything off" if request.reference is None else str(request.reference)
+        deployed = (request.precision, request.backend) != ("fp32", "torch")
+        reference_name = (str(request.reference) if request.reference is not None
+                          else "fp32, everything off" if deployed else "everything off")
         lines = [f"chosen on {len(calibration)} calibration rows ({result.criterion}): {result.knobs}",
                  f"calibration {self.task.primary_title} {result.calibration_accuracy:.2f} ({reference_name}: "
                  f"{result.reference_accuracy:.2f})"]
