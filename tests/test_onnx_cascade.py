@@ -3,6 +3,7 @@ nodes, computing what the segmented runner and eager PyTorch compute, every exit
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,19 @@ def test_torch_runs_single_threaded_between_segments(classifier, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cascade_pair_weights_in_numpy_equal_the_layer_loops():
+    """The cascade's pair weights (numpy, before the session call) are pair_pooling_weights' own: two segments,
+    one segment only (b = a), padding, several rows."""
+    from eat.deploy.onnx_runtime import _pair_weights
+    from eat.modeling_eat import pair_pooling_weights
+
+    types = np.array([[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=np.int64)
+    for mask in (None, np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=np.int64)):
+        expected = pair_pooling_weights(torch.empty(3, 6, 1), None if mask is None else torch.from_numpy(mask != 0),
+                                        None, torch.from_numpy(types)).numpy()
+        got = _pair_weights(types, mask)
+        assert got.dtype == np.float32 and got.shape == (3, 2, 6)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+    assert np.allclose(_pair_weights(types[1:2], None)[0, 0], _pair_weights(types[1:2], None)[0, 1])  # b = a
