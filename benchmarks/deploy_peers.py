@@ -186,21 +186,18 @@ def _pairs(rows: dict[str, dict], task: str) -> list[tuple[str, str, bool, float
     return pairs
 
 
-def _point_model(name: str, args) -> Any:
+def _point_model(name: str, args, row: dict) -> Any:
     """The :class:`~eat.deploy.InferenceModel` of a bench point name (``static``, ``static:ort-int8``,
-    ``eat:tuned:torch-int8``...): the static or EAT run (the latter at the tuned knobs) on the peer's backend."""
-    from eat.deploy import load_for_inference, read_tuned
+    ``eat:tuned:torch-int8``...): the static or EAT run on the peer's backend, an EAT point at the knobs its bench
+    ``row`` ran (the tuned point, or the one tuned for that backend and precision: --tuned-int8 ...)."""
+    from eat.deploy import load_for_inference
     from eat.deploy.peers import PEERS as PEER_BACKENDS
 
     parts = name.split(":")
     backend, precision = PEER_BACKENDS.get(parts[-1], ("torch", "fp32"))
     if parts[0] == "static":
         return load_for_inference(args.static, precision=precision, backend=backend)
-    tuned = args.tuned
-    if precision == "int8":  # as the bench: the tuner of this backend and precision, else of this precision
-        own = args.tuned_ort_int8 if backend == "onnxruntime" else None
-        tuned = own or args.tuned_int8 or args.tuned
-    return load_for_inference(args.eat, knobs=read_tuned(tuned), precision=precision, backend=backend)
+    return load_for_inference(args.eat, knobs=row["knobs"], precision=precision, backend=backend)
 
 
 def run_head_to_head(args, results: Path, out: Path) -> list[dict]:
@@ -228,7 +225,7 @@ def run_head_to_head(args, results: Path, out: Path) -> list[dict]:
         for eat in eats:
             for name in (peer, eat):
                 if name not in loaded:
-                    loaded[name] = _point_model(name, args)
+                    loaded[name] = _point_model(name, args, rows[name])
             models = {name: loaded[name] for name in (peer, eat)}
             tokenizer = models[eat].tokenizer
             if tokenizer.name_or_path not in encodings:

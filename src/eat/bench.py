@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoints import load_classifier
+from .deploy import BACKENDS
 from .deploy.quantize import apply_precision
 from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode, padding_share
@@ -494,8 +495,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     if not keep_grid:
         raise ValueError("keep_grid: give at least one keep schedule (1.0 = no pruning)")
 
-    if backend not in ("torch", "onnxruntime"):
-        raise ValueError(f"backend: torch or onnxruntime, not {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {' or '.join(BACKENDS)}, not {backend!r}")
     # the cached sweeps' batches: as deployed on ONNX Runtime (see above); PyTorch keeps its batches of 64
     sweep_batch = batch_size if backend == "onnxruntime" else 64
 

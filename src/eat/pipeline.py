@@ -390,8 +390,10 @@ def tune_checkpoint(task: str, model, tokenizer, model_dir: Path, train_config: 
     bench = bench_config_from_preset(preset, task=task, device=request.device, threads=threads, rows=rows,
                                      **({"batch_size": request.batch_size} if request.batch_size > 1 else {}))
     # an int8 (or ONNX Runtime) tuner times its points as it tuned them: eat:tuned:torch-int8, eat:tuned:ort-int8...
+    from .deploy import deployment_name
+
     deployed = (request.backend, request.precision) != ("torch", "fp32")
-    peer = f":{'ort' if request.backend == 'onnxruntime' else 'torch'}-{request.precision}" if deployed else ""
+    peer = f":{deployment_name(request.backend, request.precision)}" if deployed else ""
     off, name = EXITS_OFF + peer, tuned_point_name(request.batch_size) + peer
     points = [OperatingPoint(off, str(model_dir), everything_off(), "ablation", precision=request.precision,
                              backend=request.backend),

@@ -157,8 +157,10 @@ class TaskRunner:
         """Raise ValueError for a request this level's tuner cannot serve (before anything loads)."""
         if (request.max_drop is None) == (request.latency_budget_ms is None):
             raise ValueError("give exactly one of --max-drop or --latency-budget")
-        if request.backend not in ("torch", "onnxruntime"):
-            raise ValueError(f"--backend: torch or onnxruntime, not {request.backend!r}")
+        from .deploy import BACKENDS
+
+        if request.backend not in BACKENDS:
+            raise ValueError(f"--backend: {' or '.join(BACKENDS)}, not {request.backend!r}")
         if request.backend == "onnxruntime" and request.precision not in ("fp32", "int8"):
             raise ValueError(f"--backend onnxruntime runs fp32 or int8, not {request.precision}")
 

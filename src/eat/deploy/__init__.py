@@ -29,6 +29,11 @@ from .quantize import PRECISIONS, PrecisionError, apply_precision, check_precisi
 BACKENDS = ("torch", "onnxruntime")
 
 
+def deployment_name(backend: str, precision: str) -> str:
+    """Short label of a backend and precision, as tables and peer points name it: ``ort-int8``, ``torch-fp32``..."""
+    return f"{'ort' if backend == 'onnxruntime' else 'torch'}-{precision}"
+
+
 @dataclass
 class InferenceModel:
     """A model ready for inference: call it like ``EATForSequenceClassification`` (or the token model).
@@ -47,7 +52,7 @@ class InferenceModel:
     @property
     def name(self) -> str:
         """Short label for tables, e.g. ``ort-int8`` or ``torch-fp32``."""
-        return f"{'ort' if self.backend == 'onnxruntime' else 'torch'}-{self.precision}"
+        return deployment_name(self.backend, self.precision)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kwargs):
         """Run a right-padded batch (B, n); returns the model's output (``logits`` (B, C) as float32,
@@ -142,5 +147,5 @@ def load_for_inference(path: str | Path, *, knobs: dict[str, Any] | None = None,
                           precision=precision, backend=backend, token_level=token)
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "InferenceModel", "PrecisionError", "load_for_inference", "load_tokenizer",
+__all__ = ["BACKENDS", "PRECISIONS", "InferenceModel", "deployment_name", "PrecisionError", "load_for_inference", "load_tokenizer",
            "read_tuned"]
