@@ -147,5 +147,6 @@ def load_for_inference(path: str | Path, *, knobs: dict[str, Any] | None = None,
                           precision=precision, backend=backend, token_level=token)
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "InferenceModel", "deployment_name", "PrecisionError", "load_for_inference", "load_tokenizer",
+__all__ = ["BACKENDS", "PRECISIONS", "InferenceModel", "deployment_name", "PrecisionError", "load_for_inference",
+           "load_tokenizer",
            "read_tuned"]
