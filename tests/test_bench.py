@@ -17,7 +17,10 @@ from eat.report import ReportError, build_report, load_results, pareto_front, ru
 from eat.results import ResultsError, ResultsLog
 from eat.timing import LatencyStats, interleaved_latency, interleaved_throughput, throughput
 
-from .conftest import tiny_model
+from eat.modeling_eat import EATForSequenceClassification
+from eat.tasks import TASKS
+
+from .conftest import tiny_config, tiny_model
 
 
 def test_latency_stats_on_known_values():
@@ -348,7 +351,7 @@ def test_tune_prefers_exits_off_to_a_threshold_that_never_fires(tmp_path, tiny_b
     folder = tmp_path / "ckpt"
     tiny_model(seed=3, exit_layers="all").save_pretrained(folder)
     result = tune(str(folder), _encoded(24), max_drop=0.0, keep_grid=(1.0,), tau_grid=[1.01], timing_rows=4,
-                  warmup=1, policies=("confidence",))
+                  warmup=1, policies=("confidence",), exit_depths=None, first_heads=(1,))
     assert result.knobs["exit_policy"] == "none" and result.knobs["exit_layers"] is None
     assert [c["exit_policy"] for c in result.candidates] == ["none"]
     assert result.calibration_accuracy == result.reference_accuracy
@@ -479,7 +482,8 @@ def test_tune_with_certify_only_keeps_points_it_can_bound(tmp_path, tiny_backbon
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
     encoded = _encoded(40)
-    common = dict(keep_grid=(1.0,), tau_grid=[0.0], timing_rows=4, warmup=1, policies=("confidence",), certify=0.9)
+    common = dict(keep_grid=(1.0,), tau_grid=[0.0], timing_rows=4, warmup=1, policies=("confidence",), certify=0.9,
+                  exit_depths=None, first_heads=(1,))  # no caps, every head: one sweep (caps: see test_tune_searches_depth_caps...)
     loose = tune(str(folder), encoded, max_drop=100.0, **common)
     exit_point = next(c for c in loose.candidates if c["exit_policy"] == "confidence")
     assert exit_point["mean_exit_layer"] == 1.0 and exit_point["rows_worse"] > 0
@@ -518,14 +522,16 @@ def test_certified_tuning_walks_a_finer_grid_near_one(tmp_path, monkeypatch):
     folder = tmp_path / "ckpt"
     tiny_model(seed=3, exit_layers="all").save_pretrained(folder)
     seen = []
-    real_sweep = bench_module.tau_sweep
+    real_sweep = bench_module.replay_sweep
 
-    def recording_sweep(model, encoded, taus, **kwargs):
-        seen.append(list(taus))
-        return real_sweep(model, encoded, taus, **kwargs)
+    def recording_sweep(cached, taus, **kwargs):
+        if kwargs.get("policy") != "none":  # the rules' sweeps, not the depth truncations
+            seen.append(list(taus))
+        return real_sweep(cached, taus, **kwargs)
 
-    monkeypatch.setattr(bench_module, "tau_sweep", recording_sweep)
-    common = dict(keep_grid=(1.0,), timing_rows=4, warmup=1, policies=("confidence",))
+    monkeypatch.setattr(bench_module, "replay_sweep", recording_sweep)
+    common = dict(keep_grid=(1.0,), timing_rows=4, warmup=1, policies=("confidence",), exit_depths=None,
+                  first_heads=(1,))
     binary = tmp_path / "binary"
     tiny_model(seed=3, exit_layers="all", num_labels=2).save_pretrained(binary)
     binary_rows = _encoded(24)
@@ -556,3 +562,114 @@ def test_an_interrupted_mnli_run_that_measured_one_split_keeps_its_sweep_plot(tm
     text = build_report(tmp_path).read_text()
     assert "mnli:validation_matched" in text
     assert "plots/mnli_validation_matched_tau_sweep.png" in text
+
+
+def test_a_capped_replay_equals_the_capped_model():
+    """replay_sweep(exit_depth=D) on the uncapped cache says what the model run with exit_depth=D does: exit layers,
+    accuracy and token-layer work, for a rule and for a pure truncation."""
+    from eat.bench import _tuned_knobs, replay_sweep
+
+    model = tiny_model(seed=11, exit_layers="all")
+    encoded = _encoded()
+    cached = predict_encoded(model, encoded, cache_exits=True)
+    confidence = torch.tensor(cached.exit_logits).softmax(-1).amax(-1)  # (N, E)
+    tau = float(confidence[:, 0].median())
+    capped = replay_sweep(cached, [tau], policy="confidence", exit_depth=3)[0]
+    truncated = replay_sweep(cached, [1.0], policy="none", exit_depth=2)[0]
+    for row, policy in ((capped, "confidence"), (truncated, "none")):
+        row.update(keep_ratio=1.0, exit_policy=policy)
+        knobs = _tuned_knobs(row)
+        assert knobs["exit_depth"] == row["exit_depth"]
+        model.config.set_knobs(**knobs)
+        rerun = predict_encoded(model, encoded)
+        assert rerun.exit_layer.max() <= row["exit_depth"]
+        assert row["accuracy"] == pytest.approx(100.0 * float((rerun.predictions == rerun.labels).mean()))
+        assert row["mean_exit_layer"] == pytest.approx(float(rerun.exit_layer.mean()))
+        lengths = rerun.input_length
+        assert row["token_layer_fraction"] == pytest.approx(rerun.tokens_per_layer.sum() / (lengths.sum() * 4))
+    assert 1.0 < capped["mean_exit_layer"] < 3.0 and truncated["mean_exit_layer"] == 2.0
+    assert _tuned_knobs(truncated)["exit_layers"] == [2]  # only the cap's head is evaluated
+    with pytest.raises(ValueError, match="exit_depth 5 is not one of the cached heads"):
+        replay_sweep(cached, [tau], exit_depth=5)
+
+
+def test_exit_depth_grid():
+    from eat.bench import exit_depth_grid
+
+    assert exit_depth_grid(6) == [2, 3, 4, 5, 6] and exit_depth_grid(6, None) == [6]
+    assert exit_depth_grid(6, [4, 3]) == [3, 4, 6]
+    with pytest.raises(ValueError, match="within 1..6"):
+        exit_depth_grid(6, [7])
+    with pytest.raises(ValueError, match="'all', None or a list"):
+        exit_depth_grid(6, "some")
+
+
+def test_tune_searches_depth_caps_and_finds_a_middle_head_better_than_the_last(tmp_path, tiny_backbone,
+                                                                              monkeypatch):
+    """The last head is made useless (always class 0) and head 2's cached outputs are set right but unconfident
+    (max probability 0.45, under every tau): no confidence rule ever leaves at head 2, so without caps every row
+    reaches the useless last head; with caps the tuner finds the point capped at 2, right on every row."""
+    import eat.bench as bench_module
+    from eat.evaluation import Predictions
+
+    model = tiny_model(seed=3, exit_layers="all")
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    encoded = _encoded(40)
+    real_predict = bench_module.predict_encoded
+
+    def predict(model, rows, **kwargs):  # the tuner's cached pass, with head 2 replaced as above
+        result = real_predict(model, rows, **kwargs)
+        if kwargs.get("cache_exits"):
+            exit_logits = result.exit_logits.copy()  # (N, 4, 3)
+            exit_logits[:, 1] = 0.5 * np.eye(3)[np.asarray(result.labels)]
+            result = Predictions(**{**result.__dict__, "exit_logits": exit_logits})
+        return result
+
+    monkeypatch.setattr(bench_module, "predict_encoded", predict)
+    common = dict(max_drop=0.0, keep_grid=(1.0,), tau_grid=[0.5, 0.99], timing_rows=4, warmup=1,
+                  policies=("confidence",))
+    capped = bench_module.tune(str(folder), encoded, **common)
+    assert capped.knobs.get("exit_depth") == 2 and capped.calibration_accuracy == 100.0
+    assert capped.calibration_accuracy > capped.reference_accuracy
+    uncapped = bench_module.tune(str(folder), encoded, **common, exit_depths=None, first_heads=(1,))
+    assert all(c.get("exit_depth") is None for c in uncapped.candidates)
+    assert uncapped.calibration_accuracy < 100.0
+
+
+def test_rule_sweeps_walk_each_rule_from_each_first_head_to_each_cap_it_can_fire_before():
+    from eat.bench import rule_sweeps
+
+    sweeps = rule_sweeps(("delta:2", "confidence"), [2, 3, 4], (1, 2))
+    assert [s for s in sweeps if s[0] == "delta"] == [("delta", 2, 1, 3), ("delta", 2, 1, 4), ("delta", 2, 2, 4)]
+    assert [s for s in sweeps if s[0] == "confidence"] == [("confidence", 2, 1, 2), ("confidence", 2, 1, 3),
+                                                           ("confidence", 2, 1, 4), ("confidence", 2, 2, 3),
+                                                           ("confidence", 2, 2, 4)]
+    assert rule_sweeps(("spread:3",), [4], (1, 2, 3)) == [("spread", 3, 1, 4)]  # uncapped: always from head 1
+
+
+def test_a_replay_from_a_later_first_head_equals_the_model_with_those_heads():
+    """first_head=2 with a cap at 4 of 4 (a regression delta rule): the replay reads heads 2-4 only and says what
+    the model run with exit_layers [2, 3, 4] does; the tuned knobs name those heads."""
+    from eat.bench import _tuned_knobs, replay_sweep
+
+    torch.manual_seed(4)
+    model = EATForSequenceClassification(tiny_config(num_labels=1, exit_layers="all")).eval()
+    encoded = _encoded()
+    encoded.labels = [float(label) for label in encoded.labels]
+    cached = predict_encoded(model, encoded, cache_exits=True)
+    values = cached.exit_logits[..., 0]  # (N, 4)
+    tau = float(np.median(np.abs(values[:, 2] - values[:, 1])))  # about half the rows settle at head 3
+    row = replay_sweep(cached, [tau], policy="delta", patience=2, first_head=2, task=TASKS["stsb"])[0]
+    assert row["exit_heads"] == [2, 3, 4] and 3.0 < row["mean_exit_layer"] < 4.0
+    row.update(keep_ratio=1.0, exit_policy="delta", exit_patience=2)
+    knobs = _tuned_knobs(row)
+    assert knobs["exit_layers"] == [2, 3, 4] and "exit_depth" not in knobs
+    model.config.set_knobs(**knobs)
+    rerun = predict_encoded(model, encoded)
+    assert row["mean_exit_layer"] == pytest.approx(float(rerun.exit_layer.mean()))
+    assert row["metric_value"] == pytest.approx(TASKS["stsb"].primary(rerun.labels, rerun.logits[:, 0]))
+    assert rerun.work.exit_head_rows == len(encoded) * 2 + int((rerun.exit_layer == 4).sum())  # head 1 never ran

@@ -101,7 +101,7 @@ def test_auto_classes_and_save_round_trip_every_knob(tmp_path):
 
     knobs = dict(keep_ratio=[0.9, 0.8, 0.7, 1.0], prune_importance="norm", prune_mode="merge", keep_sep=False,
                  attention_window=8, num_global_tokens=2, attention_block_size=4, exit_layers=[1, 3],
-                 exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
+                 exit_depth=3, exit_policy="patience", exit_threshold=0.77, entropy_threshold=0.3, exit_patience=3,
                  classifier_activation="relu", exit_pooling="mean", attention_backend="blocked", token_exit_window=1,
                  token_exit_kv="drop")
     model = tiny_model(**knobs)
@@ -671,3 +671,57 @@ def test_pruning_ties_go_to_the_earlier_token_in_both_task_models():
             alone = model.bert(ids[i:i + 1, :n])
             kept = batched.token_positions[i][batched.attention_mask[i]]
             assert kept.tolist() == alone.token_positions[0][alone.attention_mask[0]].tolist()
+
+
+def test_exit_depth_stops_the_pass_at_a_head_and_never_runs_the_layers_after_it():
+    """exit_depth=2 of 4: rows the rule does not pass leave at head 2 with its output; layers 3-4 never run (no
+    tokens, no layer counted); training and the cache pass (disable_exit) still run every layer."""
+    model = tiny_model(seed=3, exit_layers="all", exit_policy="confidence")
+    ids, mask = mixed_batch(seed=4, lengths=(17, 9, 30, 4, 12, 22, 8))
+    with torch.no_grad():
+        cached = model(ids, mask, output_exit_logits=True, disable_exit=True)  # (B, 4, C) every head
+        confidence = cached.exit_logits.softmax(-1).amax(-1)
+        tau = float(confidence[:, 0].median())  # about half the rows leave at head 1
+        model.config.set_knobs(exit_threshold=tau, exit_depth=2)
+        capped = model(ids, mask)
+        expected_exit = torch.where(confidence[:, 0] >= tau, 1, 2)
+        assert capped.exit_layer.tolist() == expected_exit.tolist() and set(expected_exit.tolist()) == {1, 2}
+        chosen = cached.exit_logits[torch.arange(len(ids)), expected_exit - 1]
+        assert torch.allclose(capped.logits, chosen, atol=1e-5)
+        assert capped.tokens_per_layer[:, 2:].sum() == 0 and capped.tokens_per_layer[:, 1].gt(0).sum() < len(ids)
+        assert capped.work.layers_run == len(ids) + int((expected_exit == 2).sum())
+        # a pure truncation: no rule, every row answered by head 2
+        model.config.set_knobs(exit_policy="none", exit_layers=[2], exit_depth=2)
+        truncated = model(ids, mask)
+        assert truncated.exit_layer.tolist() == [2] * len(ids)
+        assert torch.allclose(truncated.logits, cached.exit_logits[:, 1], atol=1e-5)
+        assert truncated.work.exit_head_rows == len(ids) and truncated.tokens_per_layer[:, 2:].sum() == 0
+        # the cache pass ignores the cap (the tuner replays every cap from it), as does training
+        full = model(ids, mask, output_exit_logits=True, disable_exit=True)
+        assert full.tokens_per_layer[:, 3].gt(0).all()
+    model.train()
+    trained = model(ids, mask)
+    assert trained.tokens_per_layer[:, 3].gt(0).all()
+
+
+def test_exit_depth_is_validated_reset_by_mechanisms_off_and_refused_by_token_models():
+    from eat.configuration_eat import MECHANISMS_OFF
+    from eat.modeling_eat import EATForTokenClassification
+
+    with pytest.raises(KnobError, match="exit_depth: layer 2 has no exit head"):
+        tiny_config(exit_layers=[1, 3], exit_depth=2)
+    with pytest.raises(KnobError, match="exit_depth: layer 2 has no exit head"):
+        tiny_config(exit_depth=2)  # exit_layers None: the last layer's head only
+    with pytest.raises(KnobError, match=r"exit_depth: expected None or a layer in 1..4"):
+        tiny_config(exit_layers="all", exit_depth=5)
+    config = tiny_config(exit_layers="all", exit_depth=3, exit_policy="confidence")
+    with pytest.raises(KnobError, match="exit_depth"):  # refused, and nothing changed
+        config.set_knobs(exit_layers=[1, 2])
+    assert config.exit_depth == 3 and config.exit_layers == "all"
+    config.set_knobs(**MECHANISMS_OFF)
+    assert config.exit_depth is None
+    torch.manual_seed(0)
+    tagger = EATForTokenClassification(tiny_config(exit_layers="all", exit_depth=2)).eval()
+    ids, mask = mixed_batch(seed=1, lengths=(6, 9))
+    with pytest.raises(KnobError, match="exit_depth: 2 is for sequence models"):
+        tagger(ids, mask)

@@ -68,12 +68,16 @@ def test_every_fp32_segment_matches_eager(exported):
 
 
 @pytest.mark.parametrize("knobs", [{}, EXITING, {**EXITING, "prune_mode": "merge"},
-                                   {**EXITING, "exit_policy": "agreement"}])  # (norm importance: untrained
-# LayerNorms give every token the same norm, so 1e-6 decides its ties; the segments are tested without it)
+                                   {**EXITING, "exit_policy": "agreement"},
+                                   # exit_depth caps: rows still running after layer 3 (2) leave with its head
+                                   {**EXITING, "exit_depth": 3}, {"exit_policy": "none", "exit_depth": 2},
+                                   {"exit_policy": "none", "exit_depth": 3, "keep_ratio": [0.9, 0.6]}])
+# (norm importance: untrained LayerNorms give every token the same norm, so 1e-6 decides its ties; the segments
+# are tested without it)
 def test_predictions_and_exit_layers_equal_eager(exported, knobs):
     model, folder = exported
     model.config.set_knobs(**{**{"exit_policy": "none", "keep_ratio": 1.0, "prune_mode": "drop",
-                                 "prune_importance": "cls_attention"}, **knobs})
+                                 "prune_importance": "cls_attention", "exit_depth": None}, **knobs})
     ort = build_ort_model(folder, knobs=knobs)
     for seed in range(3):
         ids, mask = mixed_batch(seed, lengths=(17, 9, 30, 4, 12, 23, 6))
@@ -83,7 +87,14 @@ def test_predictions_and_exit_layers_equal_eager(exported, knobs):
         assert torch.equal(got.exit_layer, want.exit_layer)
         assert torch.equal(got.tokens_per_layer, want.tokens_per_layer)
         assert (got.logits - want.logits).abs().max() < 1e-4
-    model.config.set_knobs(exit_policy="none", keep_ratio=1.0, prune_mode="drop", prune_importance="cls_attention")
+        depth = knobs.get("exit_depth")
+        if depth is not None:  # nothing ran after the cap: no row, token or layer counted past it
+            assert int(got.exit_layer.max()) <= depth and int(got.tokens_per_layer[:, depth:].sum()) == 0
+            assert got.work == want.work and got.work.layers_run <= depth * len(ids)
+            if knobs["exit_policy"] == "none":  # a pure truncation: every row leaves at the cap
+                assert bool((got.exit_layer == depth).all())
+    model.config.set_knobs(exit_policy="none", keep_ratio=1.0, prune_mode="drop", prune_importance="cls_attention",
+                           exit_depth=None)
 
 
 def test_batch_of_one_and_rows_leaving(exported):

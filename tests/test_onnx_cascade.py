@@ -107,7 +107,7 @@ def _check_rules(model, folder, rules, precision="fp32", pairs=False, tolerance=
                 assert torch.equal(got.exit_layer, eager.exit_layer) and (got.logits - eager.logits).abs().max() < 1e-4
             layers.append(int(got.exit_layer))
         seen.append(layers)
-    model.config.set_knobs(exit_policy="none")
+    model.config.set_knobs(exit_policy="none", exit_depth=None)
     return seen
 
 
@@ -260,3 +260,100 @@ def test_cascade_pair_weights_in_numpy_equal_the_layer_loops():
         assert got.dtype == np.float32 and got.shape == (3, 2, 6)
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
     assert np.allclose(_pair_weights(types[1:2], None)[0, 0], _pair_weights(types[1:2], None)[0, 1])  # b = a
+
+
+# exit_depth caps (the deepest layer a pass runs): rules that let some rows go before the cap and hold others
+DEPTH_CASES = [
+    ("classifier", {"exit_policy": "confidence", "exit_threshold": 0.8, "exit_depth": 3}),
+    ("classifier", {"exit_policy": "entropy", "entropy_threshold": 0.5, "exit_depth": 3}),
+    ("classifier", {"exit_policy": "none", "exit_depth": 2}),  # a pure truncation: every row leaves at 2
+    ("regressor", {"exit_policy": "delta", "exit_threshold": 0.6, "exit_patience": 2, "exit_depth": 3}),
+    ("regressor", {"exit_policy": "spread", "exit_threshold": 0.8, "exit_patience": 2, "exit_depth": 3}),
+]
+BATCH_LENGTHS = (17, 9, 30, 4, 12, 23, 6)
+
+
+def _assert_capped(got, uncapped, depth: int) -> None:
+    """A pass capped at ``depth`` against the exit layers (B,) of the same rows uncapped: a row the rule let go
+    before the cap leaves where it did, every other row at the cap; no token, layer or head counted after it."""
+    assert torch.equal(got.exit_layer, uncapped.clamp(max=depth))
+    assert got.tokens_per_layer.shape[1] == 4 and int(got.tokens_per_layer[:, depth:].sum()) == 0
+    rows = len(got.exit_layer)
+    assert got.work.layers_run == int(got.exit_layer.sum()) <= depth * rows
+    assert got.work.exit_head_rows <= depth * rows
+
+
+@pytest.mark.parametrize("fixture, knobs", DEPTH_CASES)
+def test_exit_depth_caps_the_cascade_and_the_segments(request, fixture, knobs):
+    """The runner honours ``exit_depth`` on both paths: a batch-1 call runs the cascade built up to the cap (one
+    session call; a pure truncation has no cascade and runs the segments), a batch the segments; both equal
+    eager PyTorch with the same knobs (logits, exit layers, tokens per layer, counters)."""
+    model, folder = request.getfixturevalue(fixture)
+    depth, exits = knobs["exit_depth"], knobs["exit_policy"] != "none"
+    ort = build_ort_model(folder, knobs=knobs)
+    cascade = ort.open_cascade()
+    assert (cascade is not None) == exits and ort.whole_graph is None
+    if exits:  # cascade == the segments == eager on every batch-1 row, one session call each
+        _check_rules(model, folder, [knobs])
+    inputs = _rows() + [mixed_batch(seed, lengths=BATCH_LENGTHS) for seed in range(2)]
+    uncapped_layers = []
+    try:
+        for ids, mask in inputs:
+            with torch.no_grad():
+                model.config.set_knobs(**knobs)
+                got, want = ort(ids, mask), model(ids, mask)
+                model.config.set_knobs(exit_depth=None)
+                uncapped = model(ids, mask).exit_layer
+            _assert_same_pass(got, want, tolerance=1e-4)
+            _assert_capped(got, uncapped, depth)
+            uncapped_layers += uncapped.tolist()
+    finally:
+        model.config.set_knobs(exit_policy="none", exit_depth=None)
+    # the cap held rows that would have run on, and (exits on) the rule let others go before it
+    assert max(uncapped_layers) > depth and (min(uncapped_layers) < depth) == exits, uncapped_layers
+    batch_one = len(inputs) - 2
+    assert ort.bert.embeddings.calls == (2 if exits else len(inputs))  # the batches ran on the segments
+    assert cascade is None or cascade.calls == batch_one
+
+
+def test_capped_cascade_ends_at_the_cap_and_the_cap_is_baked_in(classifier):
+    model, folder = classifier
+    manifest = read_manifest(folder)
+    config = model.config.__class__.from_dict(manifest["config"])
+    config.set_knobs(exit_policy="confidence", exit_threshold=0.5, exit_depth=2)
+    graph = onnx.load_from_string(build_cascade(folder, manifest, "fp32", config))
+    onnx.checker.check_model(graph, full_check=True)
+
+    def names(g) -> set[str]:
+        """Every node name in ``g`` and its If branches."""
+        found = set()
+        for node in g.node:
+            found.add(node.name)
+            for attribute in node.attribute:
+                if attribute.type == attribute.GRAPH:
+                    found |= names(attribute.g)
+        return found
+
+    # layers 1 and 2 with their heads, one If (after layer 1); nothing of layers 3 and 4
+    layers = {name.split("/")[0] for name in names(graph.graph) if name.startswith("L")}
+    assert layers == {"L1", "L2"} and [node.op_type for node in graph.graph.node].count("If") == 1
+    # the runner: the cap is part of the cascade's key (None and the model's depth are the same graph)
+    ort = build_ort_model(folder, knobs={"exit_policy": "confidence", "exit_threshold": 0.9999})
+    ids, mask = _rows()[0]
+    full = ort.open_cascade()
+    assert ort(ids, mask).exit_layer.tolist() == [4]
+    ort.config.set_knobs(exit_depth=4)
+    assert ort.open_cascade() is full
+    ort.config.set_knobs(exit_depth=2)
+    out = ort(ids, mask)
+    capped = ort.open_cascade()
+    assert capped is not full and capped.calls == 1 and out.exit_layer.tolist() == [2]
+    assert out.tokens_per_layer[0, 2:].tolist() == [0, 0] and out.work.layers_run == 2
+    assert out.work.exit_head_rows == 2  # heads 1 and 2 read, none after
+
+
+def test_int8_capped_cascade_equals_the_int8_segments(classifier):
+    model, folder = classifier
+    knobs = {"exit_policy": "confidence", "exit_threshold": 0.8, "exit_depth": 3}
+    seen = _check_rules(model, folder, [knobs], precision="int8")
+    assert max(seen[0]) == 3 and min(seen[0]) < 3, seen

@@ -125,6 +125,48 @@ def test_runner_picks_the_whole_graph_only_when_nothing_adaptive_can_happen(expo
     assert _counts(plain) == (0, 1)
 
 
+def test_an_exit_depth_cap_is_not_static(exported):
+    """A cap below the last layer answers every row with an exit head: never the whole graph, even with exits
+    off (a pure truncation); a cap at the last layer is the static model; disable_exit (every head cached) runs
+    every layer, so the cap does not apply there."""
+    model, folder = exported
+    ids, mask = mixed_batch(lengths=LENGTHS)
+    truncated = build_ort_model(folder, knobs={"exit_policy": "none", "exit_depth": 2})
+    config = truncated.config
+    assert not runs_static(config) and truncated.whole_graph is None
+    out = truncated(ids, mask)
+    assert _counts(truncated) == (0, 1) and bool((out.exit_layer == 2).all())
+    assert int(out.tokens_per_layer[:, 2:].sum()) == 0 and out.work.layers_run == 2 * len(LENGTHS)
+    model.config.set_knobs(exit_depth=2)
+    try:
+        with torch.no_grad():
+            want = model(ids, mask)
+        assert (out.logits - want.logits).abs().max() < 1e-4 and out.work == want.work
+    finally:
+        model.config.set_knobs(exit_depth=None)
+    assert runs_static(config, disable_exit=True)
+    out = truncated(ids, mask, disable_exit=True)  # every layer, the final head: the whole graph
+    assert _counts(truncated) == (1, 1) and bool((out.exit_layer == 4).all())
+    assert not runs_static(config, training=True) and not runs_static(config, output_exit_logits=True)
+    config.set_knobs(exit_depth=4)
+    assert runs_static(config)
+    truncated(ids, mask)
+    assert _counts(truncated) == (2, 1)
+    config.set_knobs(exit_policy="confidence", exit_threshold=0.6, exit_depth=3)
+    assert not runs_static(config) and runs_static(config, disable_exit=True)
+
+
+def test_token_exports_refuse_an_exit_depth_cap():
+    from eat.deploy.onnx_export import check_exportable
+
+    config = tiny_config(num_hidden_layers=2, exit_layers="all", exit_depth=1)
+    with pytest.raises(ExportError, match="exit_depth"):
+        check_exportable(config, kind="token")
+    check_exportable(config, kind="sequence")
+    config.set_knobs(exit_depth=2)  # the model's depth: no cap
+    check_exportable(config, kind="token")
+
+
 def test_on_exit_labels_and_input_checks_on_the_whole_graph(exported):
     _, folder = exported
     whole, segmented = build_ort_model(folder), build_ort_model(folder, whole_graph=False)

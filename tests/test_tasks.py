@@ -224,8 +224,10 @@ def test_a_tiny_similarity_model_trains_its_exit_heads_and_exits(tmp_path, tiny_
     finalists = {(c["exit_policy"], c.get("exit_patience")): c for c in result.candidates}
     assert {("delta", 2), ("delta", 3), ("spread", 3), ("none", None)} == set(finalists)
     assert finalists[("delta", 2)]["mean_exit_layer"] < 4
-    knobs = {"exit_layers": "all", "exit_policy": "delta", "exit_patience": 2,
-             "exit_threshold": finalists[("delta", 2)]["tau"]}
+    from eat.bench import _tuned_knobs
+
+    knobs = _tuned_knobs(finalists[("delta", 2)])  # with its depth cap when the tuner found one
+    assert knobs["exit_policy"] == "delta" and knobs["exit_patience"] == 2
     model = load_classifier(eat.model_dir, knobs=knobs)
     with torch.no_grad():
         layers = torch.cat([model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).exit_layer

@@ -26,7 +26,7 @@ from .deploy import BACKENDS
 from .deploy.quantize import apply_precision
 from .configuration_eat import MECHANISMS_OFF
 from .data import EncodedDataset, batches, collate, encode, padding_share
-from .evaluation import classification_metrics, exits_at_threshold, predict_encoded
+from .evaluation import Predictions, classification_metrics, exits_at_threshold, predict_encoded
 from .modeling_eat import EATForSequenceClassification
 from .results import (HALF_DEPTH, STATIC, THROUGHPUT, THROUGHPUT_SORTED, ResultsLog, atomic_write_json, config_hash,
                       new_run_id)
@@ -99,7 +99,9 @@ class OperatingPoint:
         keeps = keep if isinstance(keep, list) else [keep]
         return {"prune": any(float(k) < 1.0 for k in keeps),
                 "sparse": self.knobs.get("attention_window") is not None,
-                "exit": self.knobs.get("exit_policy", "none") != "none"}
+                # a depth cap stops rows at a head too (every row, with exit_policy "none")
+                "exit": (self.knobs.get("exit_policy", "none") != "none"
+                         or self.knobs.get("exit_depth") is not None)}
 
 
 def mechanism_knobs(bench: BenchConfig, prune: bool, sparse: bool, exit_: bool,
@@ -319,11 +321,35 @@ def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus
     of the cached pass.
     """
     cached = predict_encoded(model, encoded, device=device, cache_exits=True, pad_id=pad_id, batch_size=batch_size)
+    return replay_sweep(cached, taus, policy=policy, f1=f1, reference_correct=reference_correct, task=task,
+                        patience=patience, keep_predictions=keep_predictions)
+
+
+def replay_sweep(cached: Predictions, taus: Sequence[float], *, policy: str = "confidence", f1: bool = False,
+                 reference_correct: np.ndarray | None = None, task: Task | None = None, patience: int = 2,
+                 keep_predictions: bool = False, exit_depth: int | None = None,
+                 first_head: int | None = None) -> list[dict]:
+    """:func:`tau_sweep`'s rows from a cached pass (``predict_encoded(..., cache_exits=True)``): the rule replayed
+    at every threshold. ``exit_depth``: replay the model capped there (the knob of the same name): the heads after
+    it are never read and every row still running leaves at it. ``first_head``: the rule reads the heads from this
+    layer on (the model run with ``exit_layers`` from it); each row then names the heads read in ``exit_heads``."""
+    exit_logits, exit_layers = cached.exit_logits, tuple(cached.exit_layers)
+    if exit_depth is not None:
+        if exit_depth not in exit_layers:
+            raise ValueError(f"exit_depth {exit_depth} is not one of the cached heads {exit_layers}")
+        heads = exit_layers.index(exit_depth) + 1
+        exit_logits, exit_layers = exit_logits[:, :heads], exit_layers[:heads]
+    skipped = first_head is not None and first_head > exit_layers[0]
+    if skipped:
+        if first_head not in exit_layers:
+            raise ValueError(f"first_head {first_head} is not one of the cached heads {exit_layers}")
+        start = exit_layers.index(first_head)
+        exit_logits, exit_layers = exit_logits[:, start:], exit_layers[start:]
     labels = cached.labels
     rows = []
     lengths = cached.input_length
     for tau in taus:
-        chosen, layers = exits_at_threshold(cached.exit_logits, cached.exit_layers, policy, tau, patience)
+        chosen, layers = exits_at_threshold(exit_logits, exit_layers, policy, tau, patience)
         predictions = chosen.argmax(-1) if task is None else task.predictions(chosen)
         # token-layers this threshold would cost, from the cached per-layer token counts
         ran = np.arange(1, cached.tokens_per_layer.shape[1] + 1)[None, :] <= layers[:, None]
@@ -334,6 +360,10 @@ def tau_sweep(model: EATForSequenceClassification, encoded: EncodedDataset, taus
         row = {"tau": float(tau), **scores,
                "mean_exit_layer": float(layers.mean()), "token_layer_fraction": token_layers,
                "exit_layers_used": sorted(int(layer) for layer in np.unique(layers))}
+        if exit_depth is not None:
+            row["exit_depth"] = int(exit_depth)
+        if skipped:
+            row["exit_heads"] = [int(layer) for layer in exit_layers]
         if reference_correct is not None:
             row.update(discordant_rows(reference_correct, predictions == labels))
         if keep_predictions:
@@ -421,6 +451,41 @@ def regression_tau_grid(labels: Sequence[float], certified: bool = False) -> lis
     return sorted({float(f"{scale * x:.4g}") for x in np.geomspace(0.005, 0.5, steps)})
 
 
+def exit_depth_grid(num_layers: int, exit_depths: Sequence[int] | str | None = "all") -> list[int]:
+    """The depth caps :func:`tune` searches, ascending, always ending with ``num_layers`` (no cap): "all" = every
+    layer from 2 on (a cap at 1 is a one-layer model), None = no cap only, or the layers given."""
+    if exit_depths is None:
+        return [num_layers]
+    if isinstance(exit_depths, str):
+        if exit_depths != "all":
+            raise ValueError(f"exit_depths: 'all', None or a list of layers, not {exit_depths!r}")
+        return list(range(2, num_layers + 1))
+    depths = sorted({int(d) for d in exit_depths} | {num_layers})
+    if depths[0] < 1 or depths[-1] > num_layers:
+        raise ValueError(f"exit_depths: layers within 1..{num_layers}, got {list(exit_depths)}")
+    return depths
+
+
+def rule_sweeps(policies: Sequence[str], depths: Sequence[int],
+                first_heads: Sequence[int] = (1,)) -> list[tuple[str, int, int, int]]:
+    """(policy, patience, first head, cap) of every threshold sweep :func:`tune` walks per keep schedule:
+    ``policies`` as "rule" or "rule:patience" (patience default 2), each from every first head in ``first_heads``
+    to every cap in ``depths`` that leaves the rule room to fire before the cap (more heads than the rule reads at
+    once: one for confidence and entropy, else ``patience``; with fewer the rule only ever answers at the cap,
+    which the truncation at that cap does without the heads before it). The last of ``depths`` (no cap) is always
+    walked from the first head: the uncapped sweep of every rule."""
+    sweeps = []
+    for entry in policies:
+        policy, _, patience_text = entry.partition(":")
+        patience = int(patience_text) if patience_text else 2
+        needs = 1 if policy in ("confidence", "entropy") else patience
+        for first in sorted(set(first_heads)):
+            for depth in depths:
+                if depth - first + 1 > needs or (first == 1 and depth == depths[-1]):
+                    sweeps.append((policy, patience, first, depth))
+    return sweeps
+
+
 # the keep schedules `tune` searches by default: no pruning, then from mild to strong
 TUNE_KEEP_GRID: tuple[float | list[float], ...] = (1.0, [1.0, 0.8], [0.9, 0.7], [0.9, 0.6], [0.8, 0.5])
 
@@ -448,7 +513,8 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
          tau_grid: Sequence[float] | None = None, timing_rows: int = 150, device: str = "cpu", pad_id: int = 0,
          warmup: int = 5, policies: Sequence[str] | None = None,
          reference_checkpoint: str | None = None, batch_size: int = 1, certify: float | None = None,
-         task: Task | None = None, backend: str = "torch") -> TuneResult:
+         task: Task | None = None, backend: str = "torch",
+         exit_depths: Sequence[int] | str | None = "all", first_heads: Sequence[int] = (1, 2, 3)) -> TuneResult:
     """Pick the exit rule (``policies``: confidence, or agreement of the last two heads plus confidence), ``tau``
     and a keep schedule on the calibration split.
 
@@ -473,6 +539,16 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
 
     Finalists timed within :data:`TIMING_TIE` of the fastest are a tie, broken by the least token-layer work
     (:func:`fastest_within_noise`).
+
+    ``exit_depths``: the depth caps searched (:func:`exit_depth_grid`; the ``exit_depth`` knob): each rule's
+    thresholds are walked with the pass capped at every one of them (the model's depth = no cap), and every cap
+    is also a candidate with no rule (every row leaves there). ``first_heads``: the rule reads the heads from each
+    of these layers on (those before are not evaluated: at batch 1 a head costs a third of a layer or more, and a
+    rule comparing heads gains little from the weakest, first ones). Per rule and first head the qualifying
+    threshold with the least work over every cap is a finalist. A cap pays where a middle
+    head is as good as the last (STS-B's frozen heads: layer 4 scores above layer 6): the rows that never settle
+    stop there instead of running every layer. Each (keep, rule, cap) sweep is one test of the ``certify``
+    correction, as is each first head.
 
     ``backend`` "onnxruntime" (with ``precision`` fp32 or int8): the model is the one `eat.deploy` runs on ONNX
     Runtime; its cached sweep runs in batches of ``batch_size`` (dynamic int8 quantizes each call's activations
@@ -533,37 +609,54 @@ def tune(checkpoint: str, calibration: EncodedDataset, *, precision: str = "fp32
     # the exact paired bound is for accuracy; any other metric is bounded by a paired bootstrap on fixed resamples
     exact = task.primary_metric == "accuracy"
     resamples = None if exact else bootstrap_indices(rows)
+    depths = exit_depth_grid(num_layers, exit_depths)
+    # a latency budget times every sampled threshold: its rules are walked uncapped from the first head (the caps
+    # enter as truncations), or the finalists would multiply by the caps and first heads
+    sweeps = rule_sweeps(policies, depths if max_drop is not None else depths[-1:],
+                         first_heads if max_drop is not None else (1,))
     # The confidence each test is made at, so that all of them hold together with probability >= certify: one
-    # fixed-sequence test per sweep, plus exits off against a separate reference (against itself it is exact).
-    tests = len(keep_grid) * len(policies) + (1 if separate_reference else 0)
+    # fixed-sequence test per (keep, rule, first head, cap) sweep and per (keep, cap) truncation, plus exits off
+    # against a separate reference (against itself it is exact).
+    tests = len(keep_grid) * (len(sweeps) + len(depths) - 1) + (1 if separate_reference else 0)
     per_sweep = None if certify is None else 1.0 - (1.0 - certify) / tests
     def bootstrap_bound(confidence: float):
         return lambda row: paired_bootstrap_drop(task, labels, reference_predicted, row["_predicted"], confidence,
                                                  resamples)["upper"]
 
+    def qualifying(sweep: list[dict]) -> list[dict]:
+        """The rows of one sweep that meet max_drop (certified: the fixed-sequence prefix)."""
+        if per_sweep is not None:
+            return certified_prefix(sweep, max_drop, rows, per_sweep,
+                                    bound=None if exact else bootstrap_bound(per_sweep), strict_first=regression)
+        return [r for r in sweep if r["metric_value"] >= reference_accuracy - max_drop]
+
     candidates = []
     for keep in keep_grid:
         model = tuner_model(checkpoint, {"keep_ratio": keep, "exit_layers": "all"}, precision, backend, device)
-        for entry in policies:
-            policy, _, patience = entry.partition(":")
-            patience = int(patience) if patience else 2
-            sweep = tau_sweep(model, calibration, tau_grid, policy=policy, device=device, pad_id=pad_id,
-                              reference_correct=None if regression else reference_correct, task=task,
-                              patience=patience, keep_predictions=True, batch_size=sweep_batch)
+        cached = predict_encoded(model, calibration, device=device, cache_exits=True, pad_id=pad_id,
+                                 batch_size=sweep_batch)  # every head, once per keep schedule
+        finalists: dict[tuple, list[dict]] = {}  # (rule, first head) -> its qualifying rows over every cap
+        for policy, patience, first, depth in sweeps:
+            sweep = replay_sweep(cached, tau_grid, policy=policy,
+                                 reference_correct=None if regression else reference_correct, task=task,
+                                 patience=patience, keep_predictions=True, first_head=first,
+                                 exit_depth=None if depth == num_layers else depth)
             for row in sweep:
                 row["keep_ratio"], row["exit_policy"] = keep, policy
                 if policy in REGRESSION_EXIT_POLICIES:
                     row["exit_patience"] = patience
-            if max_drop is not None:
-                if per_sweep is not None:
-                    ok = certified_prefix(sweep, max_drop, rows, per_sweep,
-                                          bound=None if exact else bootstrap_bound(per_sweep), strict_first=regression)
-                else:
-                    ok = [r for r in sweep if r["metric_value"] >= reference_accuracy - max_drop]
-                if ok:
-                    candidates.append(min(ok, key=lambda r: r["token_layer_fraction"]))
-            else:
+            if max_drop is None:
                 candidates.extend(sweep[:: max(1, len(sweep) // 8)])
+            else:
+                finalists.setdefault((policy, patience, first), []).extend(qualifying(sweep))
+        # one finalist per keep schedule, rule and first head: the least work, whatever its cap (which heads cost
+        # what next to a layer is left to the timing of the finalists)
+        candidates.extend(min(rows_, key=lambda r: r["token_layer_fraction"]) for rows_ in finalists.values() if rows_)
+        for depth in depths[:-1]:  # no rule at all: every row leaves at the cap (the exit head there answers)
+            truncated = replay_sweep(cached, [1.0], policy="none", task=task, exit_depth=depth, keep_predictions=True,
+                                     reference_correct=None if regression else reference_correct)
+            truncated[0]["keep_ratio"], truncated[0]["exit_policy"] = keep, "none"
+            candidates.extend(truncated if max_drop is None else qualifying(truncated))
     # A threshold no calibration row meets still pays for evaluating every head (~10% at batch 1): such a point is
     # "exits off" in disguise. Drop it, and always time the real exits-off point so the tuner can choose it.
     candidates = [c for c in candidates if c["mean_exit_layer"] < num_layers or c["keep_ratio"] != 1.0]
@@ -718,14 +811,23 @@ def _tuned_knobs(candidate: dict[str, Any]) -> dict[str, Any]:
     ``exit_layers`` (it would be evaluated for every example for nothing; the calibration decisions are unchanged).
     The agreement rule compares neighbouring heads, so it keeps every head.
     """
-    if candidate["exit_policy"] == "none":  # exits off: no head is evaluated
+    if candidate["exit_policy"] == "none":
+        if candidate.get("exit_depth") is not None:  # truncated: only the cap's head runs, and answers every row
+            return {"keep_ratio": candidate["keep_ratio"], "exit_layers": [int(candidate["exit_depth"])],
+                    "exit_depth": int(candidate["exit_depth"]), "exit_policy": "none", "exit_threshold": candidate["tau"]}
+        # exits off: no head is evaluated
         return {"keep_ratio": candidate["keep_ratio"], "exit_layers": None, "exit_policy": "none",
                 "exit_threshold": candidate["tau"]}
-    exit_layers: str | list[int] = "all"
+    exit_layers: str | list[int] = list(candidate["exit_heads"]) if candidate.get("exit_heads") else "all"
     if candidate["exit_policy"] == "confidence" and candidate.get("exit_layers_used"):
         exit_layers = list(candidate["exit_layers_used"])
+    depth = candidate.get("exit_depth")
+    if depth is not None and isinstance(exit_layers, list) and depth not in exit_layers:
+        exit_layers = sorted(exit_layers + [depth])  # the cap's head answers the rows still running there
     knobs = {"keep_ratio": candidate["keep_ratio"], "exit_layers": exit_layers,
              "exit_policy": candidate["exit_policy"], "exit_threshold": candidate["tau"]}
+    if depth is not None:
+        knobs["exit_depth"] = int(depth)
     if candidate["exit_policy"] == "agreement":
         knobs["exit_patience"] = 2
     if candidate["exit_policy"] in REGRESSION_EXIT_POLICIES:

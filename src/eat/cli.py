@@ -308,6 +308,19 @@ def _keep_grid(text: str | None):
     return grid
 
 
+def _exit_depths(text: str) -> list[int] | str | None:
+    """'all' / 'none' / '3,4,5' -> the depth caps `eat tune` searches (TuneRequest.exit_depths)."""
+    if text.strip().lower() in ("all", "none"):
+        return None if text.strip().lower() == "none" else "all"
+    try:
+        depths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--exit-depths: 'all', 'none' or a comma list of layers, got {text!r}") from None
+    if not depths or min(depths) < 1:
+        raise ValueError(f"--exit-depths: layers are numbered from 1, got {text!r}")
+    return depths
+
+
 def _weight_list(text: str | None):
     """'depth' / 'uniform' / '0.1,0.2,0.7' -> the TrainConfig value (None = the preset's)."""
     if text is None or text in ("depth", "uniform"):
@@ -751,8 +764,12 @@ def tune_command(
     backend: Annotated[str, typer.Option(
         help="torch, or onnxruntime: read and time the ONNX Runtime runner (fp32 or int8) the point will be deployed "
              "on; saved as tuned_<task>[_bN]_ort-<precision>.json, which eat bench's ort peers then run")] = "torch",
+    exit_depths: Annotated[str, typer.Option(
+        help="depth caps to search (the exit_depth knob: rows still running there leave with that layer's head, "
+             "later layers never run): all (every layer from 2), none, or a comma list; token tasks: none")] = "all",
 ) -> None:
-    """Choose tau and keep ratios on the calibration split held out of training, then report that point on dev."""
+    """Choose tau, keep ratios and a depth cap on the calibration split held out of training, then report that point
+    on dev."""
     import torch
 
     from .pipeline import tune_checkpoint
@@ -767,7 +784,7 @@ def tune_command(
     request = TuneRequest(max_drop=max_drop, latency_budget_ms=latency_budget, batch_size=batch_size, certify=certify,
                           keep_grid=_keep_grid(keep_grid),  # a bad grid is refused before anything loads
                           precision=precision, reference=None if reference is None else str(reference),
-                          max_work=max_work, device=device, backend=backend)
+                          max_work=max_work, device=device, backend=backend, exit_depths=_exit_depths(exit_depths))
     model, tokenizer, trained, model_dir = _load_checkpoint_for_task(checkpoint, task, {})
     if not trained:
         raise ValueError(f"{checkpoint}: no train_config.json beside the model, so its calibration split is unknown")

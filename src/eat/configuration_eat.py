@@ -14,6 +14,9 @@ num_global_tokens      (any)                      leading tokens with global att
 attention_block_size   None                       query block of the blocked window kernel
 attention_backend      (any)                      window kernel: "blocked" (SDPA per block) or "flex" (compiled)
 exit_layers            None (last layer only)     1-based layers that carry an exit head, or "all"
+exit_depth             None (the model's depth)   the deepest layer run: rows still running after it leave
+                                                  with its head's output (it must be an exit layer) and the
+                                                  layers after it never run; sequence models only
 exit_policy            "none"                     "none", "confidence", "entropy", "patience" or "agreement"
                                                   (the last exit_patience heads agree AND max prob >= tau);
                                                   regression (num_labels 1): "delta" (PABEE: the last
@@ -67,6 +70,7 @@ KNOB_DEFAULTS: dict[str, Any] = {
     "attention_block_size": None,
     "attention_backend": "blocked",
     "exit_layers": None,
+    "exit_depth": None,
     "exit_policy": "none",
     "exit_threshold": 0.9,
     "entropy_threshold": 0.1,
@@ -79,7 +83,8 @@ KNOB_DEFAULTS: dict[str, Any] = {
 
 # The knobs that switch every mechanism off while keeping the model's shape knobs (exit heads, pooling, activation):
 # what a reference pass (a teacher, frozen features, an everything-off accuracy) runs with.
-MECHANISMS_OFF: dict[str, Any] = {"exit_policy": "none", "keep_ratio": 1.0, "attention_window": None}
+MECHANISMS_OFF: dict[str, Any] = {"exit_policy": "none", "keep_ratio": 1.0, "attention_window": None,
+                                  "exit_depth": None}
 
 
 class KnobError(ValueError):
@@ -162,7 +167,14 @@ def validate_knobs(config: "EATConfig") -> None:
     """Check every knob of ``config``; raise :class:`KnobError` naming the first bad field."""
     layers = config.num_hidden_layers
     normalize_keep_schedule(config.keep_ratio, layers)
-    normalize_exit_layers(config.exit_layers, layers)
+    exit_layers = normalize_exit_layers(config.exit_layers, layers)
+    depth = config.exit_depth
+    if depth is not None:
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= layers:
+            raise KnobError(f"exit_depth: expected None or a layer in 1..{layers} (the model's depth), got {depth!r}")
+        if depth not in exit_layers:  # the rows still running there need a head to answer them
+            raise KnobError(f"exit_depth: layer {depth} has no exit head in exit_layers {config.exit_layers!r}; "
+                            f"name it in exit_layers (heads: {', '.join(map(str, exit_layers))})")
     _choice("prune_importance", config.prune_importance, PRUNE_IMPORTANCES)
     _choice("prune_mode", config.prune_mode, PRUNE_MODES)
     _choice("exit_policy", config.exit_policy, EXIT_POLICIES)
@@ -228,6 +240,7 @@ class EATConfig(BertConfig):
     attention_block_size: int | None = None
     attention_backend: str = "blocked"
     exit_layers: list[int] | str | None = None
+    exit_depth: int | None = None
     exit_policy: str = "none"
     exit_threshold: float = 0.9
     entropy_threshold: float = 0.1

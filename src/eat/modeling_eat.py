@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_eat import EATConfig
+from .configuration_eat import EATConfig, KnobError
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Pure functions
@@ -1032,10 +1032,11 @@ class EATModel(EATPreTrainedModel):
         plan = _ExitPlan.of(config, config.exit_layer_list if exit_head is not None else (), self.training,
                             disable_exit, output_exit_logits)
         run = _RowRun.start(input_ids, config.num_hidden_layers, plan, exit_head, on_exit, return_hidden)
+        depth = self._depth(plan, disable_exit)
 
-        for index, layer in enumerate(self.encoder.layer):
+        for index, layer in enumerate(self.encoder.layer[:depth]):
             layer_number = index + 1
-            last = layer_number == config.num_hidden_layers
+            last = layer_number == depth  # its head answers every row still running
             run.tokens_per_layer[state.rows, index] = state.lengths  # real tokens entering this layer
             hidden, q, k, scores = layer(hidden, state.attention_context(config))  # hidden (R, n, d)
             run.work.count_layer(hidden.shape[0] * hidden.shape[1], scores)
@@ -1053,6 +1054,14 @@ class EATModel(EATPreTrainedModel):
         return self._encoder_output(run, hidden.shape[-1])
 
     # --- helpers of the loop ----------------------------------------------------------------------------------
+    def _depth(self, plan: _ExitPlan, disable_exit: bool) -> int:
+        """The layers this pass runs: ``config.exit_depth`` when set and a head can answer there (inference with
+        exit heads), else every layer (training, ``disable_exit`` caches every head, a bare encoder)."""
+        depth = self.config.exit_depth
+        if depth is None or not plan.layers or self.training or disable_exit:
+            return self.config.num_hidden_layers
+        return depth
+
     def _exit_step(self, run: "_RowRun", layer_number: int, last: bool, hidden, state: _TokenState, q, k,
                    keep_qk: bool):
         """Early exit after ``layer_number``: evaluate its head on the rows still running (hidden (R, n, d)),
@@ -1066,8 +1075,9 @@ class EATModel(EATPreTrainedModel):
             slot = torch.full_like(state.rows, plan.layers.index(layer_number))
             run.exit_logits = _put_nan_filled(run.exit_logits, (run.batch, len(plan.layers), logits.shape[-1]),
                                               (state.rows, slot), logits)
-        if last:  # the last head answers every row still running
-            run.answer(layer_number, state.rows, logits, state.lengths, early=False)
+        if last:  # the last head run answers every row still running (early when exit_depth stopped the pass)
+            run.answer(layer_number, state.rows, logits, state.lengths,
+                       early=layer_number < config.num_hidden_layers)
             return hidden, q, k, state
         if not plan.early_exit:
             return hidden, q, k, state
@@ -1519,9 +1529,13 @@ class EATForTokenClassification(_ExitHeads, EATPreTrainedModel):
                 output_exit_logits: bool = False, disable_exit: bool = False, **unused) -> EATTokenClassifierOutput:
         """Label every token with per-token early exit. input_ids, attention_mask, token_type_ids, labels,
         word_mask: (B, n), right-padded; word_mask marks the tokens whose label is read (first subwords; all real
-        tokens when None). disable_exit: evaluate every head on every token but never stop a token early."""
+        tokens when None). disable_exit: evaluate every head on every token but never stop a token early.
+        ``exit_depth`` is refused: a token leaves by its own head's confidence, so a depth cap is not built here."""
         self._check_exit_heads()
         config = self.config
+        if config.exit_depth is not None and config.exit_depth != config.num_hidden_layers:
+            raise KnobError(f"exit_depth: {config.exit_depth} is for sequence models; a token model runs every "
+                            "layer a token needs (set exit_depth=None)")
         schedule = config.keep_schedule
         plan = _ExitPlan.of(config, config.exit_layer_list, self.training, disable_exit, output_exit_logits)
         run = self._start_run(input_ids, attention_mask, token_type_ids, word_mask)

@@ -36,7 +36,8 @@ class TuneRequest:
     ``latency_budget_ms``; ``batch_size`` > 1 ranks by throughput; ``certify`` bounds the drop at that confidence;
     ``keep_grid`` (None: the tuner's) the keep schedules searched; ``precision`` the tuned model's;
     ``reference_dir`` a run whose outputs the drop counts from (``reference`` as the user named it);
-    ``max_work`` (token tasks) the most token-layer work allowed."""
+    ``max_work`` (token tasks) the most token-layer work allowed; ``exit_depths`` the depth caps searched
+    ("all", None = no cap, or a list of layers: :func:`eat.bench.exit_depth_grid`)."""
 
     max_drop: float | None = None
     latency_budget_ms: float | None = None
@@ -49,6 +50,7 @@ class TuneRequest:
     max_work: float = 1.0
     device: str = "cpu"
     backend: str = "torch"  # "onnxruntime": tune the ONNX Runtime runner (sentence tasks)
+    exit_depths: list[int] | str | None = "all"
 
 
 @dataclass
@@ -624,7 +626,7 @@ class SequenceRunner(TaskRunner):
                       latency_budget_ms=request.latency_budget_ms, device=request.device,
                       pad_id=tokenizer.pad_token_id or 0, reference_checkpoint=request.reference_dir,
                       batch_size=request.batch_size, certify=request.certify, task=self.task,
-                      precision=request.precision, backend=request.backend,
+                      precision=request.precision, backend=request.backend, exit_depths=request.exit_depths,
                       **({"keep_grid": request.keep_grid} if request.keep_grid is not None else {}))
         deployed = (request.precision, request.backend) != ("fp32", "torch")
         reference_name = (str(request.reference) if request.reference is not None
@@ -787,6 +789,8 @@ class TokenRunner(TaskRunner):
             raise ValueError("--batch-size: token tasks are tuned for batch 1")
         if request.reference is not None:
             raise ValueError("--reference: a token task's drop counts from the same model with exits off")
+        if request.exit_depths not in (None, "all"):
+            raise ValueError("--exit-depths: a token model has no depth cap (its tokens leave one by one)")
 
     def tune(self, model, model_dir: Path, tokenizer, calibration, max_length: int,
              request: TuneRequest) -> TuneOutcome:

@@ -15,7 +15,9 @@ format; the graph depends on knobs that a tuned point changes, so it is built fo
   read after it (``layer_<i>`` where not), the exit rule on that head's logits (:func:`~eat.modeling_eat.
   exit_decision` itself, traced, with the policy's state, e.g. the streak of agreeing heads, passed on as
   tensors) as the (1,) condition of an ``If``: leave with these logits, or run the next layers, which live in
-  the ``else`` branch. The last layer's head answers whoever is still running.
+  the ``else`` branch. The last layer's head answers whoever is still running; under an ``exit_depth`` cap the
+  graph is built as if the model ended there: its layers stop after layer ``exit_depth``, whose exit head
+  answers whoever is still running (as the layer loop does; the layers after it are not in the graph).
 
 The graph takes ONE row (a batch of several fails to reshape the condition): with one row there is nothing to
 compact, so it computes exactly what the layer loop does; the runner uses it at batch 1 only.
@@ -25,7 +27,7 @@ compact, so it computes exactly what the layer loop does; the runner uses it at 
 segment, the pair features and the inlined ``exit_<i>`` head.
 Nodes whose outputs nothing reads (the `[CLS]` query and keys the fused segments return for pruning) are dropped.
 The exit threshold and entropy threshold are inputs, so a threshold sweep or a tuned tau needs no new graph; exit
-layers, policy and patience are baked in (the runner builds a new cascade when they change).
+layers, policy, patience and the depth cap are baked in (the runner builds a new cascade when they change).
 """
 
 from __future__ import annotations
@@ -46,11 +48,17 @@ STATELESS_POLICIES = ("confidence", "entropy")
 STATEFUL_POLICIES = ("patience", "agreement", "delta", "spread")
 
 
+def cascade_depth(config: EATConfig) -> int:
+    """The layers the cascade of ``config`` runs: ``exit_depth`` when set (the cascade always runs at inference
+    with exits on, where the cap applies), else every layer."""
+    return config.exit_depth or config.num_hidden_layers
+
+
 def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: str) -> str | None:
     """Why the cascade cannot compute this sentence model under ``config`` from the export (``manifest``) at
     ``precision``, or None when it can. It needs: exits on (a policy, exit layers), no pruning or merging (keep
     ratios 1.0), no attention window, and a fused ``layer_head`` segment with the right pooling after every
-    exit layer (`[CLS]` or mean pooling; pair heads have none)."""
+    exit layer up to :func:`cascade_depth` (`[CLS]` or mean pooling; pair heads have none)."""
     if config.exit_policy in (None, "none") or config.exit_layers is None:
         return "no early exit"
     if config.exit_policy not in STATELESS_POLICIES + STATEFUL_POLICIES:
@@ -65,6 +73,8 @@ def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: 
     fused = segments.get("layer_heads", {})
     pooling = manifest.get("fused_pooling", {})
     for layer in config.exit_layer_list:
+        if layer > cascade_depth(config):  # past the depth cap: not in the graph
+            continue
         if config.exit_pooling == "pair" and layer < config.num_hidden_layers:
             if str(layer) not in segments["exit_heads"]:  # pair features are built in the cascade, the head inlined
                 return f"no exit head segment after layer {layer}"
@@ -174,7 +184,8 @@ def _inline(scope: _Scope, model, prefix: str, feeds: dict[str, str]) -> dict[st
 
 def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, config: EATConfig) -> bytes:
     """The serialized cascade model (see the module docstring) of the export in ``folder`` at ``precision``
-    for ``config``'s exit layers, policy and patience. Raises ValueError when :func:`cascade_unsupported`."""
+    for ``config``'s exit layers, policy, patience and depth cap (layers 1..:func:`cascade_depth` only).
+    Raises ValueError when :func:`cascade_unsupported`."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -182,8 +193,9 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
     if reason is not None:
         raise ValueError(f"cascade: {reason}")
     folder, segments = Path(folder), manifest["segments"][precision]
-    L = config.num_hidden_layers
-    exits = set(config.exit_layer_list)  # always holds L
+    L = config.num_hidden_layers  # the final head (`[CLS]`) reads layer L; exit heads the others
+    depth = cascade_depth(config)  # the last layer in the graph: its head answers whoever is still running
+    exits = set(config.exit_layer_list)  # always holds L, and depth (validated: exit_depth is an exit layer)
     classes = config.num_labels
     stateful = config.exit_policy in STATEFUL_POLICIES
     pair = config.exit_pooling == "pair"  # then the graph also reads pair_weights (1, 2, n)
@@ -201,9 +213,9 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
     sources.extend(rules.values())
 
     def run_layers(scope: _Scope, start: int, hidden: str, state: tuple[str, str] | None) -> tuple[str, str]:
-        """Nodes into ``scope`` for layers ``start``..L on ``hidden``; returns the names of (logits, exit
+        """Nodes into ``scope`` for layers ``start``..depth on ``hidden``; returns the names of (logits, exit
         layer) that answer the input. state: the rule's (streak, previous) names after the last head read."""
-        for layer in range(start, L + 1):
+        for layer in range(start, depth + 1):
             tag = f"L{layer}/"
             if layer not in exits:
                 hidden = _inline(scope, load(segments["layers"][layer - 1]), tag,
@@ -218,7 +230,7 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
                 out = _inline(scope, load(segments["layer_heads"][str(layer)]), tag,
                               {"hidden": hidden, "key_bias": "key_bias"})
                 hidden, logits = out["hidden_out"], out["logits"]
-            if layer == L:  # the last head answers whoever is still running
+            if layer == depth:  # the last head in the graph answers whoever is still running
                 return logits, _constant(scope, tag + "exit_layer", layer)
             feeds = {"logits": logits, "tau": "exit_threshold", "entropy_threshold": "entropy_threshold"}
             if state is not None:
@@ -236,7 +248,7 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
                 then_branch=_branch_graph(leave_branch, tag + "leave", answer),
                 else_branch=_branch_graph(stay_branch, tag + "stay", stay)))
             return outputs[0], outputs[1]
-        raise AssertionError("unreachable: the last layer always answers")  # pragma: no cover
+        raise AssertionError("unreachable: the last layer in the graph always answers")  # pragma: no cover
 
     main = _Scope()
     hidden = _inline(main, load(segments["embeddings"]), "embeddings/",
@@ -366,4 +378,4 @@ def _branch_graph(scope: _Scope, name: str, outputs: tuple[str, str]):
                              initializer=scope.initializers)
 
 
-__all__ = ["ExitRuleStep", "build_cascade", "cascade_unsupported"]
+__all__ = ["ExitRuleStep", "build_cascade", "cascade_depth", "cascade_unsupported"]

@@ -92,11 +92,16 @@ def require_onnxruntime():
 
 def check_exportable(config: EATConfig, where: str = "this model", kind: str = "sequence") -> None:
     """:class:`ExportError` when a knob of ``config`` has no form in the ONNX segments of a ``kind`` model
-    ("sequence" or "token": token models prune by hidden-state norm only, so prune_importance is not theirs)."""
+    ("sequence" or "token": token models prune by hidden-state norm only, so prune_importance is not theirs, and
+    refuse an ``exit_depth`` cap, as their eager forward does)."""
     if config.attention_window is not None:
         raise ExportError(f"{where}: attention_window={config.attention_window} cannot be expressed by the ONNX "
                           "export (the blocked window kernel reads overlapping strided views); set "
                           "attention_window=None or use backend torch")
+    if kind == "token" and config.exit_depth not in (None, config.num_hidden_layers):
+        # refused here too, not only at the first call: a checkpoint is not exported for knobs it cannot run
+        raise ExportError(f"{where}: exit_depth={config.exit_depth} is for sequence models; a token model runs "
+                          "every layer a token needs (set exit_depth=None)")
     if kind == "sequence" and config.prune_importance == "mean_attention" and min(config.keep_schedule) < 1.0:
         raise ExportError(f"{where}: prune_importance='mean_attention' needs every query of a layer; the ONNX "
                           "segments return only the [CLS] query (use cls_attention or norm, or backend torch)")

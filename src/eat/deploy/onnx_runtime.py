@@ -11,12 +11,12 @@ A sentence model's layer followed by a `[CLS]`- or mean-pooled head runs as one 
 and the model's head reads them instead of calling the head's own session. Pair-pooled heads, and a pooling
 knob other than the exported one, use the separate head sessions.
 
-A sentence model's call in which nothing adaptive can happen (:func:`runs_static`: no row can leave early, every
-keep ratio 1.0, no window, no exit logits asked for) runs the export's whole-model graph (``model.onnx``, the
-static model as one session) instead of the segments, when the export has one and ``whole_graph=True`` (the
-default): the same function without a session call per layer. Decided per call from the config as it is then, so
-knobs set after loading and ``disable_exit`` are honoured. The whole session is opened when the model is built if
-its knobs are static then, else at the first static call.
+A sentence model's call in which nothing adaptive can happen (:func:`runs_static`: no row can leave early, no
+``exit_depth`` cap below the last layer, every keep ratio 1.0, no window, no exit logits asked for) runs the
+export's whole-model graph (``model.onnx``, the static model as one session) instead of the segments, when the
+export has one and ``whole_graph=True`` (the default): the same function without a session call per layer.
+Decided per call from the config as it is then, so knobs set after loading and ``disable_exit`` are honoured.
+The whole session is opened when the model is built if its knobs are static then, else at the first static call.
 
 Sessions: all graph optimisations, ``intra_op_num_threads`` = torch's thread count, one inter-op thread, and
 thread spinning off (``session.intra_op.allow_spinning = 0``): when ORT shares a process with PyTorch (the
@@ -244,12 +244,22 @@ class OrtWholeModel(_Segment):
     feeds its session numpy arrays directly (``OrtSequenceClassifier._static_forward``)."""
 
 
+def pass_depth(config: EATConfig, *, training: bool = False, disable_exit: bool = False) -> int:
+    """The layers a sentence model's pass under ``config`` runs (:meth:`~eat.modeling_eat.EATModel._depth`):
+    ``exit_depth`` at inference when set (the head after it answers every row still running), every layer in
+    training, with ``disable_exit`` (every head cached) or without the cap."""
+    if training or disable_exit or config.exit_depth is None:
+        return config.num_hidden_layers
+    return config.exit_depth
+
+
 def runs_static(config: EATConfig, *, training: bool = False, disable_exit: bool = False,
                 output_exit_logits: bool = False) -> bool:
     """Whether a sentence model's pass under ``config`` computes exactly the static model: no exit head's logits
     asked for (only the final head runs), no row can leave before the last layer (the model's own rule,
-    ``_early_exit_enabled``, or ``exit_layers=None``: no head but the final one), every keep ratio 1.0 (so no
-    pruning and no merging) and no attention window.
+    ``_early_exit_enabled``, or ``exit_layers=None``: no head but the final one; nor an ``exit_depth`` cap below
+    the last layer, which answers every row with an exit head), every keep ratio 1.0 (so no pruning and no
+    merging) and no attention window.
 
     Checked on every call of an ONNX Runtime runner that has a whole graph, the adaptive ones included: the
     tests are ordered so that an exiting model is told no after a few config reads."""
@@ -257,6 +267,8 @@ def runs_static(config: EATConfig, *, training: bool = False, disable_exit: bool
         return False
     if _early_exit_enabled(config, training, disable_exit) and config.exit_layers is not None:
         return False  # rows may leave early
+    if pass_depth(config, disable_exit=disable_exit) < config.num_hidden_layers:
+        return False  # every row leaves at exit_depth, by its exit head
     return config.attention_window is None and min(config.keep_schedule) == 1.0
 
 
@@ -281,7 +293,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         self.whole_graph_file: Path | None = None
         self.session_threads: int | None = None
         # the exit cascade: on or off, the export's manifest, and the sessions built so far by the knobs baked
-        # into them (exit layers, policy, patience, pooling); None where the knobs have no cascade
+        # into them (exit layers, policy, patience, pooling, depth cap); None where the knobs have no cascade
         self.cascade_enabled = False
         self.manifest: dict[str, Any] | None = None
         self.cascades: dict[tuple, OrtCascade | None] = {}
@@ -339,8 +351,11 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         knobs have one (batch-1 calls only)."""
         self._check_exit_heads()  # the segmented forward's check: exit_layers naming layers without a head
         config = self.config
-        plan = _FastPlan(layers=config.num_hidden_layers, exit_layers=config.exit_layer_list,
-                         prunes_after=tuple(ratio < 1.0 for ratio in config.keep_schedule),
+        depth = pass_depth(config, disable_exit=disable_exit)
+        # pruning never follows the last layer a pass runs (the layer loop skips it there): q, k not fetched
+        plan = _FastPlan(layers=config.num_hidden_layers, depth=depth, exit_layers=config.exit_layer_list,
+                         prunes_after=tuple(ratio < 1.0 and number < depth
+                                            for number, ratio in enumerate(config.keep_schedule, start=1)),
                          pair=config.exit_pooling == "pair",
                          max_positions=config.max_position_embeddings,
                          exit_threshold=np.array(config.exit_threshold, dtype=np.float32),
@@ -355,10 +370,11 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         return plan
 
     def _cascade_key(self) -> tuple:
-        """What a cascade graph bakes in from the config (the thresholds are its inputs)."""
+        """What a cascade graph bakes in from the config (the thresholds are its inputs); the depth cap as the
+        layers the graph runs (None and the model's depth build the same graph)."""
         config = self.config
         return (config.exit_layer_list, config.exit_policy, config.exit_patience, config.exit_pooling,
-                config.keep_schedule, config.attention_window)
+                config.keep_schedule, config.attention_window, config.exit_depth or config.num_hidden_layers)
 
     def open_cascade(self) -> OrtCascade | None:
         """The cascade session for the knobs as they are now, built on first use (None when the knobs have no
@@ -410,9 +426,10 @@ class OrtSequenceClassifier(EATForSequenceClassification):
 
     def _prepared_output(self, plan: "_FastPlan", B: int):
         """(output object, numpy views of its logits (B, C), exit_layer (B,) and tokens_per_layer (B, L)) for
-        a single-session call to fill in."""
+        a single-session call to fill in. exit_layer starts at the last layer the pass runs (``plan.depth``);
+        tokens_per_layer is as wide as the model (L layers), zeros in the layers a row skipped."""
         logits = torch.empty(B, self.num_labels)
-        exit_layer = torch.full((B,), plan.layers, dtype=torch.long)
+        exit_layer = torch.full((B,), plan.depth, dtype=torch.long)
         tokens_per_layer = torch.zeros(B, plan.layers, dtype=torch.long)
         output = _new_output(logits=logits, exit_layer=exit_layer, tokens_per_layer=tokens_per_layer,
                              exit_layers=plan.exit_layers)
@@ -439,7 +456,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         ran every layer with all its real tokens, only the final head ran. input_ids etc.: (B, n)."""
         ids, mask, types, lengths = _numpy_inputs(input_ids, attention_mask, token_type_ids, plan.max_positions)
         B, n = ids.shape
-        L = plan.layers
+        L = plan.layers  # == plan.depth: a pass capped below L is never static (runs_static)
         output, logits, _, tokens_per_layer = self._prepared_output(plan, B)  # exit layer: L, as prepared
         tokens_per_layer[:] = lengths[:, None]  # (B, L): no token left in any layer
         # the counters the layer loop keeps: L layers on (B, n) padded slots with B n^2 scores each, one head per row
@@ -522,7 +539,8 @@ class _FastPlan:
     session (when nothing adaptive can happen), or the cascade session (batch-1 calls with exits on), neither
     (the segments serve every call), and the config values those paths read."""
 
-    layers: int
+    layers: int  # the model's depth L (the width of tokens_per_layer)
+    depth: int  # the layers a pass runs: exit_depth when it applies, else L (pass_depth)
     exit_layers: tuple[int, ...]
     prunes_after: tuple[bool, ...]  # per layer: pruning or merging follows it (its q and k are read)
     pair: bool  # pair-pooled exit heads: the cascade reads pair_weights
@@ -582,7 +600,7 @@ def build_ort_model(folder: str | Path, *, knobs: dict[str, Any] | None = None, 
     (:func:`runs_static`) on the export's whole-model graph where it has one (exports made before it existed do
     not); False runs every call on the segments (e.g. to time both). cascade: run batch-1 calls with exits on
     as one graph (:mod:`eat.deploy.onnx_cascade`) where the knobs allow it; built now for the knobs given (not
-    in the first, maybe timed, call) and again when exit layers, policy or patience change."""
+    in the first, maybe timed, call) and again when exit layers, policy, patience or exit_depth change."""
     folder = Path(folder)
     threads = threads or torch.get_num_threads()  # fixed now: sessions opened later must not read a changed count
     manifest = read_manifest(folder)
@@ -708,4 +726,4 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
 
 
 __all__ = ["OrtCascade", "OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model",
-           "load_onnx_model", "make_session", "runs_static", "single_threaded_torch"]
+           "load_onnx_model", "make_session", "pass_depth", "runs_static", "single_threaded_torch"]
