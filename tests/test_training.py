@@ -174,12 +174,18 @@ def test_two_stage_heads_on_a_frozen_static_model(tmp_path, tiny_backbone, data_
                                          **other)
         with pytest.raises(ValueError, match="another calibration slice"):
             build_model(moved, ("negative", "positive"))
-    # heads trained on one pooling are not continued with another
+    # from an EAT run whose heads read another pooling: its backbone and final head, fresh heads of the new pooling
+    # (copies of the final head; its own heads, of another width for pair, are not loaded)
     other_pooling = "cls" if pooling == "mean" else "mean"
-    with pytest.raises(ValueError, match=f"exit heads read '{pooling}'"):
-        build_model(train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="eat",
-                                             init_from=str(tmp_path / "heads"), exit_pooling=other_pooling),
-                    ("negative", "positive"))
+    reheaded = build_model(train_config_from_preset("smoke", model=tiny_backbone, train_limit=96, variant="eat",
+                                                    init_from=str(tmp_path / "heads"), exit_pooling=other_pooling),
+                           ("negative", "positive"))
+    assert reheaded.config.exit_pooling == other_pooling and set(reheaded.exit_heads) == set(model.exit_heads)
+    fresh = reheaded.state_dict()
+    assert all(torch.equal(before[k], fresh[k]) for k in before)  # backbone and final head as trained
+    first = next(iter(reheaded.exit_heads))
+    assert torch.equal(fresh[f"exit_heads.{first}.classifier.weight"], before["classifier.weight"])
+    assert not torch.equal(fresh[f"exit_heads.{first}.classifier.weight"], after[f"exit_heads.{first}.classifier.weight"])
     # ... while a backbone folder (no train_config.json: it never saw this task) is fine
     assert build_model(train_config_from_preset("smoke", variant="eat", init_from=tiny_backbone),
                        ("negative", "positive")).exit_heads

@@ -214,9 +214,16 @@ def build_model(config: TrainConfig, label_names: tuple[str, ...]):
                      attention_window=config.train_attention_window)
         if runner.pooled_exits:
             knobs["exit_pooling"] = config.exit_pooling
-        if saved.get("exit_layers") and saved.get("exit_pooling", "cls") != config.exit_pooling:
-            raise ValueError(f"--init-from {source}: its exit heads read {saved.get('exit_pooling', 'cls')!r}, "
-                             f"not {config.exit_pooling!r}; start from a static run or keep its pooling")
+        saved_pooling = saved.get("exit_pooling", "cls")
+        if saved.get("exit_layers") and runner.pooled_exits and saved_pooling != config.exit_pooling:
+            # An EAT run whose heads read another pooling: its backbone and final head under fresh heads (copies
+            # of the final head) reading this one; its own heads are not loaded. E.g. heads trained jointly with
+            # the backbone as "pair", then cheaper "mean" heads fitted on that backbone frozen.
+            model = load_classifier(source, id2label=id2label, token_level=token_level,
+                                    knobs={**knobs, "exit_layers": None, "exit_pooling": saved_pooling})
+            model.config.set_knobs(exit_pooling=config.exit_pooling)
+            model.add_exit_heads(config.exit_layers if config.exit_layers is not None else "all")
+            return _mark_regression(model)
         return _mark_regression(load_classifier(source, id2label=id2label, knobs=knobs, token_level=token_level))
     if saved.get("exit_layers"):  # a static run trained further (e.g. as long as an EAT run was), never an EAT run
         raise ValueError(f"--init-from {source}: an EAT run with exit heads; a {config.variant} model starts "
