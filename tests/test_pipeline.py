@@ -29,6 +29,21 @@ def test_joint_recipe_trains_eat_from_the_backbone(tmp_path):
     assert eat.init_from is None and not eat.freeze_backbone and eat.exit_pooling == "cls"
 
 
+def test_refit_recipe_trains_eat_jointly_from_static_then_fits_mean_heads_on_it(tmp_path):
+    from eat.pipeline import JOINT_STAGE
+
+    configs = training_configs(RunConfig("stsb", "demo", recipe="refit"), tmp_path, {"epochs": 2.0})
+    assert list(configs) == ["static", "eat-joint", "eat", "half"]  # each stage after the one it starts from
+    joint, eat, static = configs["eat-joint"], configs["eat"], configs["static"]
+    assert joint.variant == "eat" and not joint.freeze_backbone and joint.exit_pooling == PAIR_POOLING
+    assert joint.init_from == joint.teacher == str(tmp_path / "stsb" / "static")
+    assert (joint.epochs, joint.learning_rate, joint.exit_loss_weights) == (
+        JOINT_STAGE["epochs"], JOINT_STAGE["learning_rate"], "uniform")
+    assert eat.init_from == str(tmp_path / "stsb" / "eat-joint") and eat.freeze_backbone and eat.exit_pooling == "mean"
+    assert static.epochs == 2.0 and configs["half"].variant == "half"
+    assert training_configs(RunConfig("sst2", "demo", recipe="refit"), tmp_path)["eat-joint"].exit_pooling == "mean"
+
+
 @pytest.mark.parametrize("field, value, message", [("recipe", "cascade", "unknown recipe 'cascade'"),
                                                    ("task", "colb", "unknown task 'colb'"),
                                                    ("certify", 1.5, "certify: a confidence strictly between"),

@@ -874,8 +874,9 @@ def run(
         help="accuracy points the tuned point may lose against static on the calibration split (default: the "
              "preset's)")] = None,
     recipe: Annotated[str, typer.Option(
-        help="two-stage (static model, then mean-pooled exit heads on it, frozen) or joint (EAT trained from the "
-             "backbone with the multi-exit loss)")] = "two-stage",
+        help="two-stage (static model, then mean-pooled exit heads on it, frozen), joint (EAT trained from the "
+             "backbone with the multi-exit loss) or refit (static, then EAT from it with the backbone unfrozen, "
+             "then mean-pooled heads on that backbone, frozen: STS-B's G2)")] = "two-stage",
     certify: Annotated[Optional[float], typer.Option(
         help="confidence (e.g. 0.9) at which the tuner must certify --max-drop (see eat tune --certify)")] = None,
     calibration_unit: Annotated[Optional[str], typer.Option(
