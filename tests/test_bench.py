@@ -632,7 +632,9 @@ def test_tune_searches_depth_caps_and_finds_a_middle_head_better_than_the_last(t
     monkeypatch.setattr(bench_module, "predict_encoded", predict)
     common = dict(max_drop=0.0, keep_grid=(1.0,), tau_grid=[0.5, 0.99], timing_rows=4, warmup=1,
                   policies=("confidence",))
-    capped = bench_module.tune(str(folder), encoded, **common)
+    default = bench_module.tune(str(folder), encoded, **common)  # a classifier: no caps unless asked
+    assert all(c.get("exit_depth") is None and not c.get("exit_heads") for c in default.candidates)
+    capped = bench_module.tune(str(folder), encoded, **common, exit_depths="all")
     assert capped.knobs.get("exit_depth") == 2 and capped.calibration_accuracy == 100.0
     assert capped.calibration_accuracy > capped.reference_accuracy
     uncapped = bench_module.tune(str(folder), encoded, **common, exit_depths=None, first_heads=(1,))

@@ -309,13 +309,13 @@ def _keep_grid(text: str | None):
 
 
 def _exit_depths(text: str) -> list[int] | str | None:
-    """'all' / 'none' / '3,4,5' -> the depth caps `eat tune` searches (TuneRequest.exit_depths)."""
-    if text.strip().lower() in ("all", "none"):
-        return None if text.strip().lower() == "none" else "all"
+    """'auto' / 'all' / 'none' / '3,4,5' -> the depth caps `eat tune` searches (TuneRequest.exit_depths)."""
+    if text.strip().lower() in ("auto", "all", "none"):
+        return None if text.strip().lower() == "none" else text.strip().lower()
     try:
         depths = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"--exit-depths: 'all', 'none' or a comma list of layers, got {text!r}") from None
+        raise ValueError(f"--exit-depths: 'auto', 'all', 'none' or a comma list of layers, got {text!r}") from None
     if not depths or min(depths) < 1:
         raise ValueError(f"--exit-depths: layers are numbered from 1, got {text!r}")
     return depths
@@ -766,7 +766,8 @@ def tune_command(
              "on; saved as tuned_<task>[_bN]_ort-<precision>.json, which eat bench's ort peers then run")] = "torch",
     exit_depths: Annotated[str, typer.Option(
         help="depth caps to search (the exit_depth knob: rows still running there leave with that layer's head, "
-             "later layers never run): all (every layer from 2), none, or a comma list; token tasks: none")] = "all",
+             "later layers never run): auto (regression models only: each cap is one more chance of a lucky "
+             "calibration dip), all (every layer from 2), none, or a comma list")] = "auto",
 ) -> None:
     """Choose tau, keep ratios and a depth cap on the calibration split held out of training, then report that point
     on dev."""

@@ -37,7 +37,7 @@ class TuneRequest:
     ``keep_grid`` (None: the tuner's) the keep schedules searched; ``precision`` the tuned model's;
     ``reference_dir`` a run whose outputs the drop counts from (``reference`` as the user named it);
     ``max_work`` (token tasks) the most token-layer work allowed; ``exit_depths`` the depth caps searched
-    ("all", None = no cap, or a list of layers: :func:`eat.bench.exit_depth_grid`)."""
+    ("auto", "all", None = no cap, or a list of layers: :func:`eat.bench.tune`)."""
 
     max_drop: float | None = None
     latency_budget_ms: float | None = None
@@ -50,7 +50,7 @@ class TuneRequest:
     max_work: float = 1.0
     device: str = "cpu"
     backend: str = "torch"  # "onnxruntime": tune the ONNX Runtime runner (sentence tasks)
-    exit_depths: list[int] | str | None = "all"
+    exit_depths: list[int] | str | None = "auto"
 
 
 @dataclass
@@ -789,7 +789,7 @@ class TokenRunner(TaskRunner):
             raise ValueError("--batch-size: token tasks are tuned for batch 1")
         if request.reference is not None:
             raise ValueError("--reference: a token task's drop counts from the same model with exits off")
-        if request.exit_depths not in (None, "all"):
+        if request.exit_depths not in (None, "all", "auto"):
             raise ValueError("--exit-depths: a token model has no depth cap (its tokens leave one by one)")
 
     def tune(self, model, model_dir: Path, tokenizer, calibration, max_length: int,
