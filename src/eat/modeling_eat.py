@@ -865,6 +865,16 @@ def _early_exit_enabled(config: EATConfig, training: bool, disable_exit: bool) -
             and not (config.exit_policy == "entropy" and config.entropy_threshold < 0.0))
 
 
+def pass_depth(config: EATConfig, *, training: bool = False, disable_exit: bool = False) -> int:
+    """The layers a pass of a model with exit heads runs under ``config``: ``exit_depth`` at inference when set
+    (the head after it answers every row still running), every layer in training, with ``disable_exit`` (every
+    head cached, the cache a sweep replays any cap from) or without the cap. Shared by the layer loop and the ONNX
+    Runtime runner and cascade, which must stop where it stops."""
+    if training or disable_exit or config.exit_depth is None:
+        return config.num_hidden_layers
+    return config.exit_depth
+
+
 @dataclass(frozen=True)
 class _ExitPlan:
     """Which heads one forward pass evaluates, shared by the sentence and the token layer loop.
@@ -1055,12 +1065,11 @@ class EATModel(EATPreTrainedModel):
 
     # --- helpers of the loop ----------------------------------------------------------------------------------
     def _depth(self, plan: _ExitPlan, disable_exit: bool) -> int:
-        """The layers this pass runs: ``config.exit_depth`` when set and a head can answer there (inference with
-        exit heads), else every layer (training, ``disable_exit`` caches every head, a bare encoder)."""
-        depth = self.config.exit_depth
-        if depth is None or not plan.layers or self.training or disable_exit:
+        """The layers this pass runs: :func:`pass_depth` when a head can answer there, every layer for a bare
+        encoder (no exit head)."""
+        if not plan.layers:
             return self.config.num_hidden_layers
-        return depth
+        return pass_depth(self.config, training=self.training, disable_exit=disable_exit)
 
     def _exit_step(self, run: "_RowRun", layer_number: int, last: bool, hidden, state: _TokenState, q, k,
                    keep_qk: bool):
@@ -1720,5 +1729,5 @@ __all__ = ["EATModel", "EATForSequenceClassification", "EATForTokenClassificatio
            "token_exit_decision", "token_exit_owner", "EATPreTrainedModel", "EATEncoderOutput",
            "EATSequenceClassifierOutput", "WorkCounters", "keep_layers", "half_depth_layers",
            "sliding_window_attention", "dense_attention", "bipartite_merge_plan", "compaction_index",
-           "exit_decision", "exit_head_input", "pair_pooling_weights", "cls_attention_importance",
+           "exit_decision", "pass_depth", "exit_head_input", "pair_pooling_weights", "cls_attention_importance",
            "mean_attention_importance"]

@@ -41,24 +41,18 @@ import torch
 from torch import nn
 
 from ..configuration_eat import EATConfig
-from ..modeling_eat import exit_decision
+from ..modeling_eat import exit_decision, pass_depth
 
 # policies whose rule reads only this head's logits (no state passes between heads)
 STATELESS_POLICIES = ("confidence", "entropy")
 STATEFUL_POLICIES = ("patience", "agreement", "delta", "spread")
 
 
-def cascade_depth(config: EATConfig) -> int:
-    """The layers the cascade of ``config`` runs: ``exit_depth`` when set (the cascade always runs at inference
-    with exits on, where the cap applies), else every layer."""
-    return config.exit_depth or config.num_hidden_layers
-
-
 def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: str) -> str | None:
     """Why the cascade cannot compute this sentence model under ``config`` from the export (``manifest``) at
     ``precision``, or None when it can. It needs: exits on (a policy, exit layers), no pruning or merging (keep
     ratios 1.0), no attention window, and a fused ``layer_head`` segment with the right pooling after every
-    exit layer up to :func:`cascade_depth` (`[CLS]` or mean pooling; pair heads have none)."""
+    exit layer up to :func:`~eat.modeling_eat.pass_depth` (`[CLS]` or mean pooling; pair heads have none)."""
     if config.exit_policy in (None, "none") or config.exit_layers is None:
         return "no early exit"
     if config.exit_policy not in STATELESS_POLICIES + STATEFUL_POLICIES:
@@ -73,7 +67,7 @@ def cascade_unsupported(config: EATConfig, manifest: dict[str, Any], precision: 
     fused = segments.get("layer_heads", {})
     pooling = manifest.get("fused_pooling", {})
     for layer in config.exit_layer_list:
-        if layer > cascade_depth(config):  # past the depth cap: not in the graph
+        if layer > pass_depth(config):  # past the depth cap: not in the graph
             continue
         if config.exit_pooling == "pair" and layer < config.num_hidden_layers:
             if str(layer) not in segments["exit_heads"]:  # pair features are built in the cascade, the head inlined
@@ -184,8 +178,8 @@ def _inline(scope: _Scope, model, prefix: str, feeds: dict[str, str]) -> dict[st
 
 def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, config: EATConfig) -> bytes:
     """The serialized cascade model (see the module docstring) of the export in ``folder`` at ``precision``
-    for ``config``'s exit layers, policy, patience and depth cap (layers 1..:func:`cascade_depth` only).
-    Raises ValueError when :func:`cascade_unsupported`."""
+    for ``config``'s exit layers, policy, patience and depth cap (layers 1 to
+    :func:`~eat.modeling_eat.pass_depth` only). Raises ValueError when :func:`cascade_unsupported`."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -194,7 +188,7 @@ def build_cascade(folder: str | Path, manifest: dict[str, Any], precision: str, 
         raise ValueError(f"cascade: {reason}")
     folder, segments = Path(folder), manifest["segments"][precision]
     L = config.num_hidden_layers  # the final head (`[CLS]`) reads layer L; exit heads the others
-    depth = cascade_depth(config)  # the last layer in the graph: its head answers whoever is still running
+    depth = pass_depth(config)  # the last layer in the graph: its head answers whoever is still running
     exits = set(config.exit_layer_list)  # always holds L, and depth (validated: exit_depth is an exit layer)
     classes = config.num_labels
     stateful = config.exit_policy in STATEFUL_POLICIES
@@ -378,4 +372,4 @@ def _branch_graph(scope: _Scope, name: str, outputs: tuple[str, str]):
                              initializer=scope.initializers)
 
 
-__all__ = ["ExitRuleStep", "build_cascade", "cascade_depth", "cascade_unsupported"]
+__all__ = ["ExitRuleStep", "build_cascade", "cascade_unsupported"]

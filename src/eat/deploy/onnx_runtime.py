@@ -41,7 +41,8 @@ from torch import nn
 
 from ..configuration_eat import KNOB_DEFAULTS, EATConfig
 from ..modeling_eat import (EATForSequenceClassification, EATForTokenClassification, EATSequenceClassifierOutput,
-                            EMPTY_ROW, NOT_RIGHT_PADDED, WorkCounters, _early_exit_enabled, exit_head_width)
+                            EMPTY_ROW, NOT_RIGHT_PADDED, WorkCounters, _early_exit_enabled, exit_head_width,
+                            pass_depth)
 from .onnx_export import ExportError, check_exportable, export_checkpoint, read_manifest, require_onnxruntime
 
 
@@ -244,15 +245,6 @@ class OrtWholeModel(_Segment):
     feeds its session numpy arrays directly (``OrtSequenceClassifier._static_forward``)."""
 
 
-def pass_depth(config: EATConfig, *, training: bool = False, disable_exit: bool = False) -> int:
-    """The layers a sentence model's pass under ``config`` runs (:meth:`~eat.modeling_eat.EATModel._depth`):
-    ``exit_depth`` at inference when set (the head after it answers every row still running), every layer in
-    training, with ``disable_exit`` (every head cached) or without the cap."""
-    if training or disable_exit or config.exit_depth is None:
-        return config.num_hidden_layers
-    return config.exit_depth
-
-
 def runs_static(config: EATConfig, *, training: bool = False, disable_exit: bool = False,
                 output_exit_logits: bool = False) -> bool:
     """Whether a sentence model's pass under ``config`` computes exactly the static model: no exit head's logits
@@ -374,7 +366,7 @@ class OrtSequenceClassifier(EATForSequenceClassification):
         layers the graph runs (None and the model's depth build the same graph)."""
         config = self.config
         return (config.exit_layer_list, config.exit_policy, config.exit_patience, config.exit_pooling,
-                config.keep_schedule, config.attention_window, config.exit_depth or config.num_hidden_layers)
+                config.keep_schedule, config.attention_window, pass_depth(config))
 
     def open_cascade(self) -> OrtCascade | None:
         """The cascade session for the knobs as they are now, built on first use (None when the knobs have no
@@ -726,4 +718,4 @@ def load_onnx_model(path: str | Path, *, knobs: dict[str, Any] | None = None, pr
 
 
 __all__ = ["OrtCascade", "OrtSequenceClassifier", "OrtTokenClassifier", "OrtWholeModel", "build_ort_model",
-           "load_onnx_model", "make_session", "pass_depth", "runs_static", "single_threaded_torch"]
+           "load_onnx_model", "make_session", "runs_static", "single_threaded_torch"]
