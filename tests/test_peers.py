@@ -354,6 +354,9 @@ def test_token_tuner_at_int8_runs_the_int8_model_and_counts_the_drop_from_fp32(t
         runner.check_tune(TuneRequest(max_drop=1.0, precision="bf16"))
     with pytest.raises(ValueError, match="tuned in PyTorch"):
         runner.check_tune(TuneRequest(max_drop=1.0, precision="int8", backend="onnxruntime"))
+    for asked in ("all", [3, 4]):  # a depth cap a token tuner would silently ignore
+        with pytest.raises(ValueError, match="--exit-depths: a token model has no depth cap"):
+            runner.check_tune(TuneRequest(max_drop=1.0, exit_depths=asked))
     grid = [{"exit_policy": "confidence", "exit_threshold": 0.5}]
     quantized = torch.ao.nn.quantized.dynamic.Linear
     int8 = quantize_int8(model)

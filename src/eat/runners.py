@@ -789,7 +789,7 @@ class TokenRunner(TaskRunner):
             raise ValueError("--batch-size: token tasks are tuned for batch 1")
         if request.reference is not None:
             raise ValueError("--reference: a token task's drop counts from the same model with exits off")
-        if request.exit_depths not in (None, "all", "auto"):
+        if request.exit_depths not in (None, "auto"):  # "all" would be ignored: refused instead
             raise ValueError("--exit-depths: a token model has no depth cap (its tokens leave one by one)")
 
     def tune(self, model, model_dir: Path, tokenizer, calibration, max_length: int,
