@@ -73,6 +73,11 @@ def test_cli_bad_input_is_one_clear_line(trained_tiny, tmp_path):
     assert result.exit_code == 2 and "unknown recipe 'three-stage'" in result.output and not (tmp_path / "never").exists()
     result = _invoke("report", "--results", str(tmp_path / "empty"))
     assert result.exit_code == 2 and "no results" in result.output
+    for depths, message in (("four", "'auto', 'all', 'none' or a comma list"), ("0,3", "numbered from 1"),
+                            ("2,99", "exit_depths: layers within 1..")):
+        result = _invoke("tune", "--checkpoint", str(trained_tiny), "--max-drop", "1", "--exit-depths", depths,
+                         "--results", str(tmp_path / "tuned-never"))
+        assert result.exit_code == 2 and message in result.output and not (tmp_path / "tuned-never").exists()
     empty_input = tmp_path / "blank.txt"
     empty_input.write_text("\n\n")
     result = _invoke("predict", "--checkpoint", str(trained_tiny), "--file", str(empty_input))
